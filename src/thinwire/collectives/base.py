@@ -1,0 +1,309 @@
+"""The communicator protocol, its handles, the byte ledger and the error hierarchy.
+
+Every engine (``torch.distributed``, hivemind, in-process) implements :class:`Communicator`; every
+optimizer and the RL layer talk only to it. Bytes are counted by the algorithm each op uses, as
+``specs/collectives_wan_bench.md`` §2.4 defines them (application payload, not TCP frames), so a
+test can check the ledger against closed forms and a report can trust it.
+
+This module holds types only; the byte formulas live in :mod:`thinwire.collectives.accounting`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+__all__ = [
+    "CommError",
+    "CommTimeout",
+    "PeerLost",
+    "GroupTooSmall",
+    "RoundMismatch",
+    "OrderMismatch",
+    "PeerInfo",
+    "OpRecord",
+    "ByteLedger",
+    "Handle",
+    "WireCodec",
+    "Communicator",
+    "ReduceOpName",
+]
+
+T = TypeVar("T")
+ReduceOpName = Literal["mean", "sum"]
+
+
+class CommError(RuntimeError):
+    """Base class of every communication failure raised by a thinwire communicator."""
+
+
+class CommTimeout(CommError):
+    """An op did not complete within the communicator's timeout."""
+
+
+class PeerLost(CommError):
+    """A peer disappeared (process died, connection closed) during an op."""
+
+
+class GroupTooSmall(CommError):
+    """No group of the required size formed within the timeout (hivemind matchmaking)."""
+
+
+class RoundMismatch(CommError):
+    """Peers matched for one op disagree on the round id or tag; local tensors are untouched."""
+
+
+class OrderMismatch(CommError):
+    """Ranks issued collectives in different orders (detected by ``debug_checks=True``)."""
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """One member of the communicator's group as this rank last saw it."""
+
+    rank: int
+    peer_id: str
+    address: str = ""
+    alive: bool = True
+
+
+@dataclass
+class OpRecord:
+    """What one collective moved, from this rank's point of view (spec §2.4).
+
+    ``sent``/``recv`` are payload bytes as the algorithm defines them (padding, codec headers,
+    scales, indices and 8-byte length headers included); ``control_*`` are bytes thinwire itself
+    sends for coordination (debug signatures, virtual-clock issue times). ``sizes`` are the
+    per-rank payload lengths (bytes) where they differ by rank, so the WAN model can time a
+    ``direct`` phase; ``numel``/``itemsize`` describe a dense tensor op.
+    """
+
+    op: str
+    algorithm: str
+    engine: str
+    tag: str = ""
+    step: int = 0
+    P: int = 1
+    rank: int = 0
+    payload_bytes: int = 0
+    sent: int = 0
+    recv: int = 0
+    control_sent: int = 0
+    control_recv: int = 0
+    numel: int = 0
+    itemsize: int = 0
+    sizes: tuple[int, ...] = ()
+    src: int = 0
+    t_real_s: float = 0.0
+    t_model_s: float = 0.0
+
+
+class ByteLedger:
+    """Per-rank record of every op, with totals per tag and per training step.
+
+    Thread-safe: async ops complete on background threads. ``mark_step(k)`` stamps later records
+    with step ``k`` so reports can give bytes per step.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: list[OpRecord] = []
+        self.step = 0
+
+    def add(self, record: OpRecord) -> OpRecord:
+        """Append ``record`` (stamped with the current step) and return it."""
+        with self._lock:
+            record.step = self.step
+            self.records.append(record)
+        return record
+
+    def mark_step(self, step: int) -> None:
+        """Stamp every later record with training step ``step``."""
+        self.step = int(step)
+
+    def totals(self, tag: str | None = None) -> dict[str, int]:
+        """Sum of sent/recv/control bytes over all records, or those whose tag starts with ``tag``."""
+        out = {"sent": 0, "recv": 0, "control_sent": 0, "control_recv": 0, "ops": 0}
+        with self._lock:
+            for r in self.records:
+                if tag is not None and not r.tag.startswith(tag):
+                    continue
+                out["sent"] += r.sent
+                out["recv"] += r.recv
+                out["control_sent"] += r.control_sent
+                out["control_recv"] += r.control_recv
+                out["ops"] += 1
+        return out
+
+    def by_tag(self) -> dict[str, dict[str, int]]:
+        """Totals keyed by exact tag."""
+        acc: dict[str, dict[str, int]] = defaultdict(
+            lambda: {"sent": 0, "recv": 0, "control_sent": 0, "control_recv": 0, "ops": 0}
+        )
+        with self._lock:
+            for r in self.records:
+                d = acc[r.tag]
+                d["sent"] += r.sent
+                d["recv"] += r.recv
+                d["control_sent"] += r.control_sent
+                d["control_recv"] += r.control_recv
+                d["ops"] += 1
+        return dict(acc)
+
+    def per_step(self) -> dict[int, dict[str, int]]:
+        """Payload totals keyed by training step."""
+        acc: dict[int, dict[str, int]] = defaultdict(lambda: {"sent": 0, "recv": 0})
+        with self._lock:
+            for r in self.records:
+                acc[r.step]["sent"] += r.sent
+                acc[r.step]["recv"] += r.recv
+        return dict(acc)
+
+    def reset(self) -> None:
+        """Forget every record (the step counter is kept)."""
+        with self._lock:
+            self.records.clear()
+
+
+class Handle(Generic[T]):
+    """Result of a collective issued with ``async_op=True`` (and, completed, of a blocking one).
+
+    ``wait()`` runs the op's post-processing (divide for mean, unpad, decode) exactly once and
+    caches the value; a second ``wait()`` returns the same object. An exception raised by the op
+    is re-raised by every ``wait()``. ``group``/``missing`` name the peers that took part and
+    those that did not (hivemind); ``t_done_virtual`` is set by the WAN wrapper.
+    """
+
+    def __init__(
+        self,
+        record: OpRecord,
+        wait_fn: Callable[[float | None], T],
+        done_fn: Callable[[], bool] | None = None,
+        group: tuple[str, ...] = (),
+        missing: tuple[str, ...] = (),
+    ) -> None:
+        self.record = record
+        self.group = group
+        self.missing = missing
+        self.t_done_virtual: float | None = None
+        self._wait_fn = wait_fn
+        self._done_fn = done_fn
+        self._lock = threading.Lock()
+        self._finished = False
+        self._value: T | None = None
+        self._exc: BaseException | None = None
+        self._callbacks: list[Callable[[Handle[T]], None]] = []
+
+    @classmethod
+    def completed(cls, record: OpRecord, value: T, **kw: Any) -> Handle[T]:
+        """A handle that is already done with ``value``."""
+        h: Handle[T] = cls(record, lambda _t: value, lambda: True, **kw)
+        h.wait()
+        return h
+
+    def wait(self, timeout: float | None = None) -> T:
+        """Block until the op completes; return its value or raise its error."""
+        with self._lock:
+            if not self._finished:
+                try:
+                    self._value = self._wait_fn(timeout)
+                except BaseException as exc:  # re-raised below and on every later wait()
+                    self._exc = exc
+                self._finished = True
+                callbacks, self._callbacks = self._callbacks, []
+            else:
+                callbacks = []
+        for cb in callbacks:
+            cb(self)
+        if self._exc is not None:
+            raise self._exc
+        return self._value  # type: ignore[return-value]
+
+    def done(self) -> bool:
+        """True once the op has completed (successfully or not); never blocks."""
+        if self._finished:
+            return True
+        return bool(self._done_fn()) if self._done_fn is not None else False
+
+    def exception(self) -> BaseException | None:
+        """The op's error after ``wait()``, else None."""
+        return self._exc
+
+    def add_done_callback(self, fn: Callable[[Handle[T]], None]) -> None:
+        """Call ``fn(handle)`` when ``wait()`` completes (at once if it already has)."""
+        with self._lock:
+            if not self._finished:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+
+@runtime_checkable
+class WireCodec(Protocol):
+    """Codec a communicator may apply to a dense all-reduce (spec §2.1 rule 5).
+
+    Collectives never import ``thinwire.compression``; any object with these three methods works.
+    """
+
+    def encode(self, x: torch.Tensor) -> bytes: ...
+
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor: ...
+
+    def wire_bytes(self, numel: int) -> int: ...
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """One API over every engine (spec §2.1). Collective: every rank must call each op, in the
+    same order and with the same ``tag``."""
+
+    rank: int
+    world_size: int
+    engine: str
+    epoch: int
+    ledger: ByteLedger
+
+    def peers(self) -> list[PeerInfo]: ...
+
+    def all_reduce(
+        self,
+        t: torch.Tensor,
+        op: ReduceOpName = "mean",
+        *,
+        codec: WireCodec | None = None,
+        async_op: bool = False,
+        tag: str = "",
+    ) -> Handle[torch.Tensor] | torch.Tensor: ...
+
+    def all_gather_bytes(
+        self,
+        payload: bytes | memoryview | torch.Tensor,
+        *,
+        algorithm: str = "auto",
+        async_op: bool = False,
+        tag: str = "",
+    ) -> Handle[list[bytes | None]] | list[bytes | None]: ...
+
+    def broadcast(
+        self, t: torch.Tensor, src: int = 0, *, async_op: bool = False, tag: str = ""
+    ) -> Handle[torch.Tensor] | torch.Tensor: ...
+
+    def broadcast_bytes(
+        self, payload: bytes | None, src: int = 0, *, async_op: bool = False, tag: str = ""
+    ) -> Handle[bytes] | bytes: ...
+
+    def control_max(self, values: list[float], *, tag: str = "") -> list[float]:
+        """Element-wise MAX of a few float64 values across ranks, counted as control bytes.
+
+        Used by the WAN wrapper's virtual clock (spec §3.3) to agree on issue times.
+        """
+        ...
+
+    def barrier(self, timeout: float | None = None) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,133 @@
+"""Compression toolkit: one implementation of every piece that crosses the wire.
+
+Every thinwire optimizer is "transform -> select -> quantize -> pack -> send -> unpack ->
+aggregate"; this package holds each step once (``specs/demo_sparseloco.md`` §1-4,
+``specs/diloco.md`` §1.6 and §3):
+
+* geometry and transform: :class:`ChunkGeometry` / :func:`split`, the orthonormal DCT
+  (:func:`dct_basis`, :func:`dct_tiles`, :func:`idct_tiles`);
+* selection: :func:`topk_chunks` (ties go to the lower index), :func:`scatter_chunks`;
+* quantizers: int8 / int4 absmax, SparseLoCo's 2-bit centroids, sign, fp8, FP4 E3M0, fp16/bf16;
+* packing: :func:`pack_bits`, :func:`pack_uint`, index coders (fixed width and Elias-Fano);
+* error feedback: :class:`ErrorFeedback`;
+* wire format: :class:`DenseCodec`, :class:`SparseCodec`, :func:`build_codec`, :class:`PayloadError`;
+* aggregation: :func:`aggregate_sparse` (deterministic, bit-identical on every rank).
+"""
+
+from __future__ import annotations
+
+from thinwire.compression.aggregate import AGGREGATE_MODES, SparseMessage, aggregate_sparse, densify
+from thinwire.compression.base import Codec
+from thinwire.compression.bitpack import (
+    pack12_pairs,
+    pack_bits,
+    pack_uint,
+    packed_nbytes,
+    uint_nbytes,
+    unpack12_pairs,
+    unpack_bits,
+    unpack_uint,
+)
+from thinwire.compression.chunk import ChunkGeometry, split
+from thinwire.compression.dct import dct_basis, dct_chunks, dct_tiles, idct_chunks, idct_tiles
+from thinwire.compression.error_feedback import (
+    ErrorFeedback,
+    error_feedback_subtract,
+    error_feedback_update,
+)
+from thinwire.compression.index_coding import (
+    INDEX_CODERS,
+    EliasFanoIndexCoder,
+    FixedIndexCoder,
+    IndexCodingError,
+    log2_binom,
+)
+from thinwire.compression.payload import PayloadError
+from thinwire.compression.pipeline import (
+    VALUE_FORMATS,
+    DenseCodec,
+    SparseCodec,
+    SparseEncoding,
+    ValueFormat,
+    build_codec,
+)
+from thinwire.compression.quant import (
+    QUANTIZERS,
+    QuantResult,
+    code_bits,
+    dequantize_2bit_centroid,
+    dequantize_cast,
+    dequantize_fp4_e3m0,
+    dequantize_fp8,
+    dequantize_int4,
+    dequantize_int8,
+    dequantize_sign,
+    quantize_2bit_centroid,
+    quantize_cast,
+    quantize_fp4_e3m0,
+    quantize_fp8,
+    quantize_int4,
+    quantize_int8,
+    quantize_sign,
+    side_len,
+)
+from thinwire.compression.topk import k_for_chunk, scatter_chunks, topk_chunks
+
+__all__ = [
+    "AGGREGATE_MODES",
+    "ChunkGeometry",
+    "Codec",
+    "DenseCodec",
+    "EliasFanoIndexCoder",
+    "ErrorFeedback",
+    "FixedIndexCoder",
+    "INDEX_CODERS",
+    "IndexCodingError",
+    "PayloadError",
+    "QUANTIZERS",
+    "QuantResult",
+    "SparseCodec",
+    "SparseEncoding",
+    "SparseMessage",
+    "VALUE_FORMATS",
+    "ValueFormat",
+    "aggregate_sparse",
+    "build_codec",
+    "code_bits",
+    "dct_basis",
+    "dct_chunks",
+    "dct_tiles",
+    "densify",
+    "dequantize_2bit_centroid",
+    "dequantize_cast",
+    "dequantize_fp4_e3m0",
+    "dequantize_fp8",
+    "dequantize_int4",
+    "dequantize_int8",
+    "dequantize_sign",
+    "error_feedback_subtract",
+    "error_feedback_update",
+    "idct_chunks",
+    "idct_tiles",
+    "k_for_chunk",
+    "log2_binom",
+    "pack12_pairs",
+    "pack_bits",
+    "pack_uint",
+    "packed_nbytes",
+    "quantize_2bit_centroid",
+    "quantize_cast",
+    "quantize_fp4_e3m0",
+    "quantize_fp8",
+    "quantize_int4",
+    "quantize_int8",
+    "quantize_sign",
+    "scatter_chunks",
+    "side_len",
+    "split",
+    "topk_chunks",
+    "uint_nbytes",
+    "unpack12_pairs",
+    "unpack_bits",
+    "unpack_uint",
+]
