@@ -1,1 +1,73 @@
-"""(being written)"""
+"""Collectives: one communicator API over real engines, an exact byte ledger and a WAN model.
+
+Engines (``specs/collectives_wan_bench.md`` §2): :class:`TorchDistCommunicator` (gloo on CPU,
+NCCL on GPU, launched by ``torchrun``), :class:`HivemindCommunicator` (peers join and leave over a
+DHT; hivemind is imported only when one is created) and :class:`InprocCommunicator` (ranks as
+threads in one process, for fast tests; not a network engine). Every op records what it moved in
+the communicator's :class:`ByteLedger`, by the formulas of §2.4. :class:`WanCommunicator` wraps any
+of them with the WAN model of §3 (virtual clock or real sleeps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from thinwire.collectives.base import (
+    ByteLedger,
+    CommError,
+    CommTimeout,
+    Communicator,
+    GroupTooSmall,
+    Handle,
+    OpRecord,
+    OrderMismatch,
+    PeerInfo,
+    PeerLost,
+    RoundMismatch,
+    WireCodec,
+)
+from thinwire.collectives.inproc import InprocCommunicator
+from thinwire.collectives.torch_dist import TorchDistCommunicator
+from thinwire.collectives.wan import (
+    PRESETS,
+    NodeLink,
+    Preset,
+    WanCommunicator,
+    WanConfig,
+    WanModel,
+    suggest_timeout,
+)
+
+__all__ = [
+    "ByteLedger",
+    "CommError",
+    "CommTimeout",
+    "Communicator",
+    "GroupTooSmall",
+    "Handle",
+    "HivemindCommunicator",
+    "InprocCommunicator",
+    "NodeLink",
+    "OpRecord",
+    "OrderMismatch",
+    "PRESETS",
+    "PeerInfo",
+    "PeerLost",
+    "Preset",
+    "RoundMismatch",
+    "TorchDistCommunicator",
+    "WanCommunicator",
+    "WanConfig",
+    "WanModel",
+    "WireCodec",
+    "suggest_timeout",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # hivemind is heavy and optional: load its engine module on first use only.
+    if name == "HivemindCommunicator":
+        from thinwire.collectives.hivemind import HivemindCommunicator
+
+        return HivemindCommunicator
+    raise AttributeError(f"module 'thinwire.collectives' has no attribute {name!r}")

@@ -1,1 +1,16 @@
-"""(being written)"""
+"""Drop-in low-communication optimizers, used exactly like ``torch.optim`` optimizers.
+
+* :class:`DiLoCo` (arXiv:2311.08105) and :class:`LocalSGD` — inner optimizer for H steps, then an
+  outer step on the averaged pseudo-gradient;
+* :class:`StreamingDiLoCo` (arXiv:2501.18512) — fragments synced in turn, overlapped with training.
+
+Every one takes a ``comm`` (:mod:`thinwire.collectives`) and an optional ``compressor`` setting
+(:func:`thinwire.compression.build_codec`).
+"""
+
+from __future__ import annotations
+
+from thinwire.optim.diloco import DiLoCo, LocalSGD
+from thinwire.optim.streaming import StreamingDiLoCo
+
+__all__ = ["DiLoCo", "LocalSGD", "StreamingDiLoCo"]

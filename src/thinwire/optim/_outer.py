@@ -1,0 +1,521 @@
+"""Shared machinery of the DiLoCo family: anchors, pseudo-gradients, fragments and the schedule.
+
+One implementation serves DiLoCo (one fragment, no overlap), LocalSGD (outer SGD lr 1, momentum 0)
+and Streaming DiLoCo (P fragments, overlap τ, mixing α); the subclasses only choose settings
+(STYLE.md §3, "one implementation per concept").
+
+Schedule (``specs/diloco.md`` §1.6, normative): ``K = H / P``; sync event ``j`` serves fragment
+``j mod P`` and completes after inner step ``(j + 1) K``. With overlap ``τ`` its pseudo-gradient
+``Δ = θ_g − θ_i`` is formed and the reduction launched after inner step ``(j + 1) K − τ``; after
+step ``(j + 1) K`` the averaged ``Δ̄`` is awaited, the outer optimizer steps the fragment's float32
+global copy ``θ_g`` and the local fragment becomes ``(1 − α) θ_g + α θ_i``. The event counter is
+derived from the inner-step counter, which every worker advances identically and which
+``state_dict`` saves — never from a clock (torchft PR #206).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from thinwire._validate import check_choice, check_float, check_int, check_type
+from thinwire.collectives import Communicator
+from thinwire.compression import Codec, build_codec
+from thinwire.optim._reduce import PendingReduce, start_reduce
+
+__all__: list[str] = []
+
+logger = logging.getLogger(__name__)
+
+InnerFactory = Callable[[list[dict[str, Any]]], Optimizer]
+_FORMAT = 1
+_FP32_STATE_KEYS = ("anchor", "residual", "inflight")
+
+
+@dataclass
+class _Inflight:
+    """A sync event between launch and apply."""
+
+    fragment: int
+    apply_at: int
+    contributed: bool
+    # One (group index, params, pending reduction) per bucket of the fragment.
+    buckets: list[tuple[int, list[torch.Tensor], PendingReduce | None]] = field(default_factory=list)
+
+
+def _anchor_of(p: torch.Tensor) -> torch.Tensor:
+    """θ_g for ``p``: float32 for fp32/bf16/fp16 params (spec §1.3), float64 for float64 ones."""
+    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    return p.detach().to(dtype, copy=True)
+
+
+def check_compressor(name: str, value: Any) -> Codec | None:
+    """Build (and so validate) a compressor setting: None, a pipeline string or a mapping."""
+    if value is None:
+        return None
+    if isinstance(value, Codec):
+        raise TypeError(
+            f"{name} must be None, a pipeline string or a mapping of settings (codec objects "
+            f"do not pickle into param_groups), got {type(value).__name__}"
+        )
+    check_type(name, value, (str, Mapping))
+    return build_codec(value if isinstance(value, str) else dict(value))
+
+
+class DiLoCoBase(Optimizer):
+    """Base of :class:`~thinwire.optim.DiLoCo`, ``LocalSGD`` and ``StreamingDiLoCo``.
+
+    Not public: see the subclasses for the documented constructors.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        inner: InnerFactory,
+        *,
+        outer_lr: float,
+        outer_momentum: float,
+        nesterov: bool,
+        sync_every: int,
+        comm: Communicator | None,
+        compressor: str | Mapping[str, Any] | None,
+        error_feedback: bool,
+        ef_decay: float,
+        outer: Callable[[list[dict[str, Any]]], Optimizer] | None,
+        on_nonfinite: str,
+        fragments: int | list[list[torch.Tensor]],
+        fragment_pattern: str,
+        overlap_steps: int,
+        mix_alpha: float,
+        tag: str,
+    ) -> None:
+        if not callable(inner):
+            raise TypeError(f"inner must be a callable param_groups -> Optimizer, got {inner!r}")
+        if outer is not None and not callable(outer):
+            raise TypeError(f"outer must be None or a callable param_groups -> Optimizer, got {outer!r}")
+        self.sync_every = check_int("sync_every", sync_every, 1)
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
+        self.fragment_pattern = check_choice(
+            "fragment_pattern", fragment_pattern, ("strided", "sequential")
+        )
+        self.mix_alpha = check_float("mix_alpha", mix_alpha, 0.0, 1.0)
+        self.comm = comm
+        self.tag = tag
+        self._codecs: dict[str, Codec | None] = {}
+        self._inner_ready = False
+        defaults = dict(
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            nesterov=nesterov,
+            compressor=compressor,
+            error_feedback=error_feedback,
+            ef_decay=ef_decay,
+        )
+        super().__init__(params, defaults)
+        self.inner = inner(self.param_groups)
+        if not isinstance(self.inner, Optimizer):
+            raise TypeError(f"inner must return a torch.optim.Optimizer, got {type(self.inner).__name__}")
+        inner_params = [p for g in self.inner.param_groups for p in g["params"]]
+        own = [p for g in self.param_groups for p in g["params"]]
+        if len(inner_params) != len(own) or any(a is not b for a, b in zip(inner_params, own, strict=True)):
+            raise ValueError("inner must build its optimizer on the param_groups it is given")
+        # One list of group dicts: LR schedulers, clipping and users see the inner optimizer's groups.
+        self.param_groups = self.inner.param_groups
+        self._inner_ready = True
+
+        all_params = own
+        self._fragments = self._build_fragments(fragments, all_params)
+        P = len(self._fragments)
+        if self.sync_every % P:
+            raise ValueError(f"sync_every must be a multiple of fragments={P}, got {self.sync_every}")
+        K = self.sync_every // P
+        self.overlap_steps = check_int("overlap_steps", overlap_steps, 0, K - 1)
+
+        for p in all_params:  # θ_g starts at the initial parameters, in float32 (spec §1.3)
+            self.state[p]["anchor"] = _anchor_of(p)
+        self._outer_factory = outer
+        self.outer = self._build_outer()
+        self.inner_step = 0
+        self.outer_step = 0
+        self._inflight: _Inflight | None = None
+        self.last_sync: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- construction helpers
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated like the constructor's arguments) to the inner and outer optimizers."""
+        if not getattr(self, "_inner_ready", False):
+            super().add_param_group(param_group)
+            self._validate_group(self.param_groups[-1])
+            return
+        if self._inflight is not None:
+            raise RuntimeError("cannot add a param group while a sync is in flight")
+        for k, v in self.defaults.items():
+            param_group.setdefault(k, v)
+        self._validate_group(param_group)
+        self.inner.add_param_group(param_group)  # appends to the shared list
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            self.state[p]["anchor"] = _anchor_of(p)
+        self._fragments[-1].extend(group["params"])
+        self.outer = self._build_outer(keep_state=True)
+
+    def _validate_group(self, g: dict[str, Any]) -> None:
+        check_float("outer_lr", g["outer_lr"], 0.0)
+        check_float("outer_momentum", g["outer_momentum"], 0.0, 1.0, hi_open=True)
+        check_type("nesterov", g["nesterov"], bool)
+        check_type("error_feedback", g["error_feedback"], bool)
+        check_float("ef_decay", g["ef_decay"], 0.0, 1.0)
+        self._codec_of(g)
+        for p in g["params"]:
+            if not p.is_floating_point():
+                raise TypeError(f"params must be floating point, got {p.dtype}")
+
+    def _codec_of(self, g: Mapping[str, Any]) -> Codec | None:
+        spec = g["compressor"]
+        key = repr(spec)
+        if key not in self._codecs:
+            self._codecs[key] = check_compressor("compressor", spec)
+        return self._codecs[key]
+
+    def _build_fragments(
+        self, fragments: int | list[list[torch.Tensor]], params: list[torch.Tensor]
+    ) -> list[list[torch.Tensor]]:
+        if isinstance(fragments, int) and not isinstance(fragments, bool):
+            P = check_int("fragments", fragments, 1, max(1, len(params)))
+            if self.fragment_pattern == "strided":
+                return [params[i::P] for i in range(P)]
+            bounds = [round(i * len(params) / P) for i in range(P + 1)]
+            return [params[bounds[i] : bounds[i + 1]] for i in range(P)]
+        check_type("fragments", fragments, list)
+        ids = {id(p): p for p in params}
+        seen: set[int] = set()
+        out = []
+        for i, frag in enumerate(fragments):
+            frag = list(frag)
+            if not frag:
+                raise ValueError(f"fragments[{i}] must hold at least one parameter, got none")
+            for p in frag:
+                if id(p) not in ids:
+                    raise ValueError(f"fragments[{i}] holds a tensor that is not an optimized parameter")
+                if id(p) in seen:
+                    raise ValueError(f"fragments[{i}] repeats a parameter already in another fragment")
+                seen.add(id(p))
+            out.append(frag)
+        if len(seen) != len(ids):
+            raise ValueError(
+                f"fragments must cover every parameter exactly once, got {len(seen)} of {len(ids)}"
+            )
+        return out
+
+    def _outer_groups(self) -> list[dict[str, Any]]:
+        groups = []
+        for g in self.param_groups:
+            anchors = [self.state[p]["anchor"] for p in g["params"]]
+            if self._outer_factory is not None:
+                groups.append({"params": anchors})
+            else:
+                mom = g["outer_momentum"]
+                groups.append(
+                    {"params": anchors, "lr": g["outer_lr"], "momentum": mom, "nesterov": g["nesterov"] and mom > 0}
+                )
+        return groups
+
+    def _build_outer(self, keep_state: bool = False) -> Optimizer:
+        old = getattr(self, "outer", None)
+        if self._outer_factory is not None:
+            outer = self._outer_factory(self._outer_groups())
+        else:
+            outer = torch.optim.SGD(self._outer_groups(), lr=self.defaults["outer_lr"])
+        if keep_state and old is not None:
+            for a, st in old.state.items():
+                outer.state[a] = st
+        return outer
+
+    # ---------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One inner step, then whatever sync the schedule requires.
+
+        Collective: every rank must call this once per inner step.
+        """
+        if closure is not None:
+            with torch.enable_grad():
+                loss = self.inner.step(closure)
+        else:
+            loss = self.inner.step()
+        self.inner_step += 1
+        self._after_inner_step()
+        return loss
+
+    def _after_inner_step(self) -> None:
+        s = self.inner_step
+        K = self.sync_every // len(self._fragments)
+        if self._inflight is not None and self._inflight.apply_at == s:
+            self._apply()
+        if (s + self.overlap_steps) % K == 0:
+            event = (s + self.overlap_steps) // K - 1
+            self._launch(event % len(self._fragments), apply_at=s + self.overlap_steps)
+            if self.overlap_steps == 0:
+                self._apply()
+
+    def _buckets(self, fragment: int) -> list[tuple[int, list[torch.Tensor]]]:
+        members = {id(p) for p in self._fragments[fragment]}
+        out = []
+        for gi, g in enumerate(self.param_groups):
+            ps = [p for p in g["params"] if id(p) in members]
+            if ps:
+                out.append((gi, ps))
+        return out
+
+    def _launch(self, fragment: int, apply_at: int) -> None:
+        buckets = self._buckets(fragment)
+        deltas = [
+            [self.state[p]["anchor"] - p.detach().to(self.state[p]["anchor"].dtype) for p in ps]
+            for _, ps in buckets
+        ]
+        flat_all = [d for ds in deltas for d in ds]
+        finite = bool(torch.stack([torch.isfinite(d).all() for d in flat_all]).all()) if flat_all else True
+        if not finite:
+            gi, pi = next(
+                (gi, next(j for j, q in enumerate(self.param_groups[gi]["params"]) if q is p))
+                for (gi, ps), ds in zip(buckets, deltas, strict=True)
+                for p, d in zip(ps, ds, strict=True)
+                if not bool(torch.isfinite(d).all())
+            )
+            msg = (
+                f"pseudo-gradient of group {gi}, param {pi} is non-finite at inner step "
+                f"{self.inner_step} (fragment {fragment}); nothing was sent"
+            )
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(msg)
+            logger.warning("%s; this worker contributes weight 0 to the round", msg)
+        weighted = self.on_nonfinite == "skip"
+        inflight = _Inflight(fragment, apply_at, contributed=finite)
+        for (gi, ps), ds in zip(buckets, deltas, strict=True):
+            g = self.param_groups[gi]
+            codec = self._codec_of(g)
+            vec = torch.cat([d.reshape(-1) for d in ds])
+            if not finite:
+                vec = torch.zeros_like(vec)  # weight-0 contribution: nothing non-finite is sent
+            if finite and g["error_feedback"]:
+                res = torch.cat([self._residual(p).reshape(-1) for p in ps])
+                vec = res.mul_(g["ef_decay"]).add_(vec)
+            pend, sent = start_reduce(
+                self.comm,
+                vec,
+                codec=codec,
+                contribute=finite,
+                weighted=weighted,
+                async_op=self.overlap_steps > 0,
+                tag=f"{self.tag}/sync/f{fragment}/g{gi}",
+            )
+            if finite and g["error_feedback"]:
+                self._scatter(ps, vec - sent, "residual")
+            inflight.buckets.append((gi, ps, pend))
+        self._inflight = inflight
+
+    def _residual(self, p: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        if "residual" not in st:
+            st["residual"] = torch.zeros_like(st["anchor"])
+        return st["residual"]
+
+    def _scatter(self, ps: list[torch.Tensor], vec: torch.Tensor, key: str) -> None:
+        off = 0
+        for p in ps:
+            n = p.numel()
+            self.state[p][key] = vec[off : off + n].reshape(p.shape).clone()
+            off += n
+
+    def _resolve(self) -> None:
+        """Wait for the in-flight reduction and keep its result in state (``inflight``)."""
+        inf = self._inflight
+        if inf is None:
+            return
+        for i, (gi, ps, pend) in enumerate(inf.buckets):
+            if pend is None:
+                continue
+            vec, weight = pend.result()
+            self._scatter(ps, vec, "inflight")
+            for p in ps:
+                self.state[p]["inflight_weight"] = torch.tensor(weight, dtype=torch.float64)
+            inf.buckets[i] = (gi, ps, None)
+
+    def _apply(self) -> None:
+        inf = self._inflight
+        assert inf is not None  # internal invariant: _apply follows _launch
+        self._resolve()
+        stepped = False
+        total_weight = 0.0
+        for gi, ps, _ in inf.buckets:
+            weight = float(self.state[ps[0]].pop("inflight_weight"))
+            total_weight = max(total_weight, weight)
+            outer_group = self.outer.param_groups[gi]
+            if self._outer_factory is None:  # per-group settings may have changed since
+                g = self.param_groups[gi]
+                outer_group["lr"] = g["outer_lr"]
+                outer_group["momentum"] = g["outer_momentum"]
+                outer_group["nesterov"] = g["nesterov"] and g["outer_momentum"] > 0
+            for p in ps:
+                delta = self.state[p].pop("inflight")
+                if weight > 0:
+                    self.state[p]["anchor"].grad = delta
+                    stepped = True
+        if stepped:
+            self.outer.step()
+        for _, ps, _ in inf.buckets:
+            for p in ps:
+                anchor = self.state[p]["anchor"]
+                anchor.grad = None
+                if inf.contributed and self.mix_alpha > 0:
+                    p.copy_(torch.lerp(anchor, p.detach().to(anchor.dtype), self.mix_alpha))
+                else:
+                    p.copy_(anchor)
+        self._inflight = None
+        self.outer_step += 1
+        self.last_sync = {
+            "fragment": inf.fragment,
+            "inner_step": self.inner_step,
+            "weight": total_weight,
+            "contributed": inf.contributed,
+        }
+
+    # ---------------------------------------------------------------- user helpers
+    @torch.no_grad()
+    def sync_now(self) -> None:
+        """Finish any in-flight event, then sync every fragment at once without overlap.
+
+        Collective: every rank must call this at the same point.
+        """
+        if self._inflight is not None:
+            self._apply()
+        for f in range(len(self._fragments)):
+            self._launch(f, apply_at=self.inner_step)
+            self._apply()
+
+    @contextmanager
+    def global_params(self) -> Iterator[None]:
+        """Swap the float32 global copy θ_g into the model (evaluation, export); restore after."""
+        saved = []
+        with torch.no_grad():
+            for g in self.param_groups:
+                for p in g["params"]:
+                    saved.append((p, p.detach().clone()))
+                    p.copy_(self.state[p]["anchor"])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in saved:
+                    p.copy_(v)
+
+    def consistency_digest(self) -> str:
+        """SHA-256 of θ_g and the outer optimizer state: equal on every worker after each sync."""
+        h = hashlib.sha256()
+        for g in self.param_groups:
+            for p in g["params"]:
+                h.update(self.state[p]["anchor"].contiguous().numpy().tobytes())
+        for a in [a for og in self.outer.param_groups for a in og["params"]]:
+            for k, v in sorted(self.outer.state.get(a, {}).items()):
+                h.update(k.encode())
+                if isinstance(v, torch.Tensor):
+                    h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forward to the inner optimizer."""
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state with ``inner``, ``outer`` and ``thinwire`` keys; waits for an in-flight sync.
+
+        An in-flight reduction is completed (not dropped): its averaged result is saved in the
+        per-param ``inflight`` state and applied after the recorded step on resume.
+        """
+        self._resolve()
+        sd = super().state_dict()
+        sd["inner"] = self.inner.state_dict()
+        sd["outer"] = self.outer.state_dict()
+        inf = self._inflight
+        sd["thinwire"] = {
+            "format": _FORMAT,
+            "inner_step": self.inner_step,
+            "outer_step": self.outer_step,
+            "sync_every": self.sync_every,
+            "fragments": len(self._fragments),
+            "overlap_steps": self.overlap_steps,
+            "inflight": None
+            if inf is None
+            else {
+                "fragment": inf.fragment,
+                "apply_at": inf.apply_at,
+                "contributed": inf.contributed,
+                "buckets": [(gi, [self._index_of(p) for p in ps]) for gi, ps, _ in inf.buckets],
+            },
+        }
+        return sd
+
+    def _ordered_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _index_of(self, p: torch.Tensor) -> int:
+        for i, q in enumerate(self._ordered_params()):
+            if q is p:
+                return i
+        raise KeyError("parameter not in this optimizer")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; float32 outer state stays float32 for bf16/fp16 params."""
+        sd = dict(state_dict)
+        tw = sd.pop("thinwire", None)
+        if not isinstance(tw, dict):
+            raise ValueError("state_dict must hold a 'thinwire' entry (saved by a thinwire optimizer)")
+        for key in ("format", "inner_step", "outer_step", "sync_every", "fragments", "overlap_steps", "inflight"):
+            if key not in tw:
+                raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
+        if tw["format"] != _FORMAT:
+            raise ValueError(f"state_dict format must be {_FORMAT}, got {tw['format']}")
+        mine = (self.sync_every, len(self._fragments), self.overlap_steps)
+        theirs = (tw["sync_every"], tw["fragments"], tw["overlap_steps"])
+        if mine != theirs:
+            raise ValueError(
+                f"state_dict (sync_every, fragments, overlap_steps) must be {mine}, got {theirs}"
+            )
+        inner_sd = sd.pop("inner")
+        outer_sd = sd.pop("outer")
+        params = self._ordered_params()
+        anchors = [self.state[p]["anchor"] for p in params]
+        saved32 = {
+            i: {k: v for k, v in st.items() if k in _FP32_STATE_KEYS}
+            for i, st in sd["state"].items()
+        }
+        super().load_state_dict(sd)
+        self.inner.load_state_dict(inner_sd)
+        self.param_groups = self.inner.param_groups
+        for i, p in enumerate(params):
+            st = self.state[p]
+            for k, v in saved32.get(i, {}).items():
+                st[k] = v.detach().to(anchors[i].dtype, copy=True)
+            anchors[i].copy_(st["anchor"])  # the outer optimizer holds these very tensors
+            st["anchor"] = anchors[i]
+        self.outer.load_state_dict(outer_sd)
+        self.inner_step = int(tw["inner_step"])
+        self.outer_step = int(tw["outer_step"])
+        inf = tw["inflight"]
+        if inf is None:
+            self._inflight = None
+        else:
+            self._inflight = _Inflight(
+                inf["fragment"],
+                inf["apply_at"],
+                inf["contributed"],
+                [(gi, [params[j] for j in idxs], None) for gi, idxs in inf["buckets"]],
+            )
