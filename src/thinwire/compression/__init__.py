@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from thinwire.compression.aggregate import AGGREGATE_MODES, SparseMessage, aggregate_sparse, densify
 from thinwire.compression.base import Codec
+from thinwire.compression.bundle import bundle_nbytes, pack_bundle, unpack_bundle
 from thinwire.compression.bitpack import (
     pack12_pairs,
     pack_bits,
@@ -93,6 +94,9 @@ __all__ = [
     "ValueFormat",
     "aggregate_sparse",
     "build_codec",
+    "bundle_nbytes",
+    "pack_bundle",
+    "unpack_bundle",
     "code_bits",
     "dct_basis",
     "dct_chunks",

@@ -95,6 +95,8 @@ class DiLoCoBase(Optimizer):
         overlap_steps: int,
         mix_alpha: float,
         tag: str,
+        aggregate: str = "index_mean",
+        ef_scale_by_lr: bool = False,
     ) -> None:
         if not callable(inner):
             raise TypeError(f"inner must be a callable param_groups -> Optimizer, got {inner!r}")
@@ -108,6 +110,8 @@ class DiLoCoBase(Optimizer):
         self.mix_alpha = check_float("mix_alpha", mix_alpha, 0.0, 1.0)
         self.comm = comm
         self.tag = tag
+        self.aggregate = check_choice("aggregate", aggregate, ("index_mean", "global_mean"))
+        self.ef_scale_by_lr = check_type("ef_scale_by_lr", ef_scale_by_lr, bool)
         self._codecs: dict[str, Codec | None] = {}
         self._inner_ready = False
         defaults = dict(
@@ -300,24 +304,25 @@ class DiLoCoBase(Optimizer):
         inflight = _Inflight(fragment, apply_at, contributed=finite)
         for (gi, ps), ds in zip(buckets, deltas, strict=True):
             g = self.param_groups[gi]
-            codec = self._codec_of(g)
-            vec = torch.cat([d.reshape(-1) for d in ds])
+            ef = finite and g["error_feedback"]
             if not finite:
-                vec = torch.zeros_like(vec)  # weight-0 contribution: nothing non-finite is sent
-            if finite and g["error_feedback"]:
-                res = torch.cat([self._residual(p).reshape(-1) for p in ps])
-                vec = res.mul_(g["ef_decay"]).add_(vec)
-            pend, sent = start_reduce(
+                ds = [torch.zeros_like(d) for d in ds]  # weight 0: nothing non-finite is sent
+            elif ef:
+                scale = g["outer_lr"] if self.ef_scale_by_lr else 1.0
+                ds = [self._residual(p).mul(g["ef_decay"]).add_(d, alpha=scale) for p, d in zip(ps, ds, strict=True)]
+            pend, contrib = start_reduce(
                 self.comm,
-                vec,
-                codec=codec,
+                ds,
+                codec=self._codec_of(g),
                 contribute=finite,
                 weighted=weighted,
+                aggregate=self.aggregate,
                 async_op=self.overlap_steps > 0,
                 tag=f"{self.tag}/sync/f{fragment}/g{gi}",
             )
-            if finite and g["error_feedback"]:
-                self._scatter(ps, vec - sent, "residual")
+            if ef:
+                for p, d, sent in zip(ps, ds, contrib.sent, strict=True):
+                    self.state[p]["residual"] = d - sent.to(d.dtype)
             inflight.buckets.append((gi, ps, pend))
         self._inflight = inflight
 
@@ -327,13 +332,6 @@ class DiLoCoBase(Optimizer):
             st["residual"] = torch.zeros_like(st["anchor"])
         return st["residual"]
 
-    def _scatter(self, ps: list[torch.Tensor], vec: torch.Tensor, key: str) -> None:
-        off = 0
-        for p in ps:
-            n = p.numel()
-            self.state[p][key] = vec[off : off + n].reshape(p.shape).clone()
-            off += n
-
     def _resolve(self) -> None:
         """Wait for the in-flight reduction and keep its result in state (``inflight``)."""
         inf = self._inflight
@@ -342,8 +340,9 @@ class DiLoCoBase(Optimizer):
         for i, (gi, ps, pend) in enumerate(inf.buckets):
             if pend is None:
                 continue
-            vec, weight = pend.result()
-            self._scatter(ps, vec, "inflight")
+            vecs, weight = pend.result()
+            for p, v in zip(ps, vecs, strict=True):
+                self.state[p]["inflight"] = v.to(self.state[p]["anchor"].dtype, copy=True)
             for p in ps:
                 self.state[p]["inflight_weight"] = torch.tensor(weight, dtype=torch.float64)
             inf.buckets[i] = (gi, ps, None)

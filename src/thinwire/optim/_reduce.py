@@ -1,125 +1,231 @@
-"""How optimizers average a flat float32 vector across workers, dense or compressed.
+"""How optimizers average a list of tensors across workers: dense, quantized or sparse.
 
-One function for every optimizer of the DiLoCo family:
+One function serves every optimizer (STYLE.md §3, "one implementation per concept"):
 
-* no codec: a ring ``all_reduce`` (SUM, then divide locally; spec ``collectives_wan_bench.md``
-  §2.3) — bytes ``2(M-1)/M * 4N`` per worker;
-* a codec: each worker encodes its vector once, the payloads are all-gathered, and every worker
-  decodes them and sums in rank order in float32 — bytes ``(M-1) * wire_bytes(N)`` per worker
-  (``specs/diloco.md`` §3, "all-gather of compressed Δ_i, local fp32 reduce"). Every worker
-  decodes the same bytes in the same order, so the result is bit-identical everywhere, and error
-  feedback knows exactly what this worker transmitted.
+* no codec — the tensors are flattened into one vector and ring all-reduced (SUM, then divide
+  locally; ``collectives_wan_bench.md`` §2.3): ``2(M-1) ceil(N/M) 4`` bytes per worker;
+* a dense codec (fp16, int8, int4, FP4, ...) — each worker encodes the flat vector once, payloads
+  are all-gathered and every worker decodes them and averages in float32 in rank order:
+  ``(M-1)(8 + wire_bytes(N))`` bytes per worker (``specs/diloco.md`` §3, all-gather row);
+* a sparse codec (chunk -> DCT -> top-k -> quantize) — each tensor is encoded with its own chunk
+  geometry, the payloads travel as one bundle, and every worker folds all peers' messages with
+  :func:`thinwire.compression.aggregate_sparse` (``specs/demo_sparseloco.md`` §1.4).
 
-With ``weighted=True`` a worker may contribute weight 0 (non-finite pseudo-gradient, ``"skip"``
-policy): the dense path appends the weight to the vector (4 extra bytes), the gathered path sends
-an empty payload; the mean divides by the total weight of the contributors.
+Every worker decodes the same bytes in the same order, so the result is bit-identical everywhere,
+and the caller learns exactly what it transmitted (error feedback subtracts that). A worker may
+contribute nothing (non-finite input, ``"skip"`` policy): it sends an empty payload (gathered
+paths) or weight 0 appended to the vector (dense path, ``weighted=True``), and means divide by the
+number of contributors. A payload that fails to decode is dropped with a logged reason naming the
+peer; it is never half-applied.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from thinwire.collectives import Communicator, Handle
-from thinwire.compression import Codec
+from thinwire.compression import (
+    Codec,
+    PayloadError,
+    SparseCodec,
+    SparseMessage,
+    aggregate_sparse,
+    densify,
+    pack_bundle,
+    unpack_bundle,
+)
 
 __all__: list[str] = []
+
+logger = logging.getLogger(__name__)
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+
+
+def _split(vec: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, off = [], 0
+    for t in like:
+        out.append(vec[off : off + t.numel()].reshape(t.shape))
+        off += t.numel()
+    return out
+
+
+@dataclass
+class Contribution:
+    """What this worker put on the wire, decoded as every receiver decodes it.
+
+    ``sent`` is the transmitted value (dequantized); ``unquantized`` is, for sparse codecs, the
+    selected components before value quantization (DeMo's Psyche variant subtracts these).
+    """
+
+    sent: list[torch.Tensor]
+    unquantized: list[torch.Tensor]
 
 
 @dataclass
 class PendingReduce:
-    """An issued (possibly asynchronous) reduction; ``result()`` waits and finishes it."""
+    """An issued reduction; ``result()`` waits for it once and caches the mean."""
 
-    numel: int
+    like: list[torch.Tensor]
     codec: Codec | None
     weighted: bool
-    handle: Handle | None = None
-    local: torch.Tensor | None = None  # single-worker result, no communication
+    aggregate: str
     world: int = 1
-    _value: tuple[torch.Tensor, float] | None = None
+    handle: Handle | None = None
+    _value: tuple[list[torch.Tensor], float] | None = field(default=None, repr=False)
 
     def done(self) -> bool:
         return self._value is not None or self.handle is None or self.handle.done()
 
-    def result(self) -> tuple[torch.Tensor, float]:
-        """The averaged vector (float32) and the total weight that contributed (0: nobody)."""
+    def result(self) -> tuple[list[torch.Tensor], float]:
+        """The averaged tensors and the number (or total weight) of contributors (0: nobody)."""
         if self._value is not None:
             return self._value
-        if self.handle is None:  # one worker: its own contribution is the mean
-            self._value = (self.local, 1.0)  # type: ignore[assignment]
-            return self._value
+        if self.handle is None:
+            raise RuntimeError("internal error: a local reduction has no value")
         out = self.handle.wait()
         if self.codec is None:
-            buf = out
             if self.weighted:
-                total = float(buf[-1])
-                vec = buf[:-1] / total if total > 0 else torch.zeros_like(buf[:-1])
-                self._value = (vec, total)
+                total = float(out[-1])
+                vec = out[:-1] / total if total > 0 else torch.zeros_like(out[:-1])
             else:
-                self._value = (buf, float(self.world))
-            return self._value
-        acc = torch.zeros(self.numel, dtype=torch.float32)
-        count = 0
-        for payload in out:  # rank order: identical fold on every worker
-            if payload is None or len(payload) == 0:
+                total, vec = float(self.world), out
+            self._value = (_split(vec, self.like), total)
+        elif isinstance(self.codec, SparseCodec):
+            self._value = self._sparse(out)
+        else:
+            self._value = self._dense_codec(out)
+        return self._value
+
+    def _payloads(self, out: list[bytes | None], count: int) -> list[list[bytes] | None]:
+        peers: list[list[bytes] | None] = []
+        for rank, blob in enumerate(out):
+            if blob is None or len(blob) == 0:
+                peers.append(None)
                 continue
-            acc += self.codec.decode(payload, self.numel)
+            try:
+                peers.append(unpack_bundle(blob, count))
+            except PayloadError as exc:
+                logger.warning("dropping the payload of peer %d: %s", rank, exc)
+                peers.append(None)
+        return peers
+
+    def _dense_codec(self, out: list[bytes | None]) -> tuple[list[torch.Tensor], float]:
+        n = sum(t.numel() for t in self.like)
+        acc = torch.zeros(n, dtype=torch.float32)
+        count = 0
+        for rank, blob in enumerate(out):  # rank order: the same fold on every worker
+            if blob is None or len(blob) == 0:
+                continue
+            try:
+                dec = self.codec.decode(blob, n)  # type: ignore[union-attr]
+            except PayloadError as exc:
+                logger.warning("dropping the payload of peer %d: %s", rank, exc)
+                continue
+            acc += dec
             count += 1
         if count:
             acc /= count
-        self._value = (acc, float(count))
-        return self._value
+        return _split(acc, self.like), float(count)
+
+    def _sparse(self, out: list[bytes | None]) -> tuple[list[torch.Tensor], float]:
+        codec = self.codec
+        assert isinstance(codec, SparseCodec)  # internal invariant: chosen by the caller
+        decoded: list[list[SparseMessage] | None] = []
+        for rank, parts in enumerate(self._payloads(out, len(self.like))):
+            if parts is None:
+                decoded.append(None)
+                continue
+            try:
+                msgs = [codec.decode_sparse(pl, t.numel()) for pl, t in zip(parts, self.like, strict=True)]
+                for m, t in zip(msgs, self.like, strict=True):
+                    if m.geometry != codec.geometry(tuple(t.shape)):
+                        raise PayloadError(f"payload shape {m.geometry.shape} must be {tuple(t.shape)}")
+            except PayloadError as exc:
+                logger.warning("dropping the payload of peer %d: %s", rank, exc)
+                decoded.append(None)
+                continue
+            decoded.append(msgs)
+        present = [d for d in decoded if d is not None]
+        if not present:
+            return [torch.zeros(t.shape, dtype=torch.float32) for t in self.like], 0.0
+        result = []
+        for i, t in enumerate(self.like):
+            agg = aggregate_sparse([d[i] for d in present], mode=self.aggregate)
+            result.append(agg.reshape(t.shape))
+        return result, float(len(present))
 
 
 def start_reduce(
     comm: Communicator | None,
-    flat: torch.Tensor,
+    tensors: list[torch.Tensor],
     *,
     codec: Codec | None,
     contribute: bool = True,
     weighted: bool = False,
+    aggregate: str = "index_mean",
     async_op: bool = False,
     tag: str = "",
-) -> tuple[PendingReduce, torch.Tensor]:
-    """Issue the mean of ``flat`` (float32, 1-D) over workers.
+) -> tuple[PendingReduce, Contribution]:
+    """Issue the mean of ``tensors`` over workers.
 
     Collective: every rank must call this, in the same order, with the same ``tag``.
 
+    Args:
+        comm: the communicator, or None for a single worker.
+        tensors: float tensors (any shapes); they are not modified.
+        codec: None (dense fp32/fp64 all-reduce), a dense codec or a :class:`SparseCodec`.
+        contribute: False sends nothing from this worker (weight 0).
+        weighted: dense path only: carry the contributor count (needed when any worker may skip).
+        aggregate: sparse path: ``"index_mean"`` or ``"global_mean"``.
+        async_op: return before the collective completes.
+        tag: ledger tag.
+
     Returns:
-        The pending reduction, and what this worker transmitted (its decoded payload; ``flat``
-        itself without a codec; zeros when it does not contribute) — error feedback subtracts it.
+        The pending reduction and this worker's contribution as receivers decode it.
     """
-    n = flat.numel()
-    if codec is not None:
-        if contribute:
-            payload, sent = codec.roundtrip(flat.to(torch.float32))
-            sent = sent.reshape(-1).to(flat.dtype)
+    single = comm is None or comm.world_size == 1
+    pend = PendingReduce(list(tensors), codec, weighted, aggregate, 1 if single else comm.world_size)
+    zeros = [torch.zeros(t.shape, dtype=torch.float32) for t in tensors]
+    if codec is None:
+        sent = [t.detach().clone() for t in tensors] if contribute else [torch.zeros_like(t) for t in tensors]
+        contrib = Contribution(sent, sent)
+        if single:
+            pend._value = (sent if contribute else [torch.zeros_like(t) for t in tensors], 1.0 if contribute else 0.0)
+            return pend, contrib
+        vec = _flat(sent)
+        if weighted:
+            vec = torch.cat([vec, torch.full((1,), 1.0 if contribute else 0.0, dtype=vec.dtype)])
+            handle = comm.all_reduce(vec, "sum", async_op=True, tag=tag)
         else:
-            payload, sent = b"", torch.zeros_like(flat)
-        if comm is None or comm.world_size == 1:
-            pend = PendingReduce(n, codec, weighted, local=sent.clone())
-            if not contribute:
-                pend._value = (torch.zeros_like(flat), 0.0)
-            return pend, sent
-        handle = comm.all_gather_bytes(payload, async_op=True, tag=tag)
-        pend = PendingReduce(n, codec, weighted, handle=handle)
-        if not async_op:
-            pend.result()
-        return pend, sent
-    sent = flat if contribute else torch.zeros_like(flat)
-    if comm is None or comm.world_size == 1:
-        pend = PendingReduce(n, None, weighted, local=sent.clone())
-        if not contribute:
-            pend._value = (torch.zeros_like(flat), 0.0)
-        return pend, sent
-    if weighted:
-        buf = torch.cat([sent, torch.full((1,), 1.0 if contribute else 0.0, dtype=sent.dtype)])
-        handle = comm.all_reduce(buf, "sum", async_op=True, tag=tag)
+            handle = comm.all_reduce(vec, "mean", async_op=True, tag=tag)
     else:
-        buf = sent.clone()
-        handle = comm.all_reduce(buf, "mean", async_op=True, tag=tag)
-    pend = PendingReduce(n, None, weighted, handle=handle, world=comm.world_size)
+        if not contribute:
+            blob, contrib = b"", Contribution(zeros, zeros)
+        elif isinstance(codec, SparseCodec):
+            encs = [codec.encode_sparse(t.detach().to(torch.float32)) for t in tensors]
+            blob = pack_bundle([e.payload for e in encs])
+            sent = [densify(e.message).reshape(t.shape) for e, t in zip(encs, tensors, strict=True)]
+            raw = [
+                densify(SparseMessage(e.message.geometry, e.message.transform, e.message.idx, e.raw_val)).reshape(t.shape)
+                for e, t in zip(encs, tensors, strict=True)
+            ]
+            contrib = Contribution(sent, raw)
+        else:
+            # One dense payload needs no bundle: its header already delimits it.
+            blob, dec = codec.roundtrip(_flat(tensors).to(torch.float32))
+            sent = _split(dec.reshape(-1), tensors)
+            contrib = Contribution(sent, sent)
+        if single:
+            pend._value = (contrib.sent if contribute else zeros, 1.0 if contribute else 0.0)
+            return pend, contrib
+        handle = comm.all_gather_bytes(blob, async_op=True, tag=tag)
+    pend.handle = handle
     if not async_op:
         pend.result()
-    return pend, sent
+    return pend, contrib
