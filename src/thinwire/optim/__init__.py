@@ -2,7 +2,8 @@
 
 * :class:`DiLoCo` (arXiv:2311.08105) and :class:`LocalSGD` — inner optimizer for H steps, then an
   outer step on the averaged pseudo-gradient;
-* :class:`StreamingDiLoCo` (arXiv:2501.18512) — fragments synced in turn, overlapped with training.
+* :class:`StreamingDiLoCo` (arXiv:2501.18512) — fragments synced in turn, overlapped with training;
+* :class:`SparseLoCo` (arXiv:2508.15706) — top-k of an error-feedback buffer, 2-bit values.
 
 Every one takes a ``comm`` (:mod:`thinwire.collectives`) and an optional ``compressor`` setting
 (:func:`thinwire.compression.build_codec`).
@@ -11,6 +12,7 @@ Every one takes a ``comm`` (:mod:`thinwire.collectives`) and an optional ``compr
 from __future__ import annotations
 
 from thinwire.optim.diloco import DiLoCo, LocalSGD
+from thinwire.optim.sparseloco import SparseLoCo, sparseloco_compressor
 from thinwire.optim.streaming import StreamingDiLoCo
 
-__all__ = ["DiLoCo", "LocalSGD", "StreamingDiLoCo"]
+__all__ = ["DiLoCo", "LocalSGD", "SparseLoCo", "StreamingDiLoCo", "sparseloco_compressor"]

@@ -29,6 +29,7 @@ from thinwire._validate import check_choice, check_float, check_int, check_type
 from thinwire.collectives import Communicator
 from thinwire.compression import Codec, build_codec
 from thinwire.optim._reduce import PendingReduce, start_reduce
+from thinwire.optim._state import load_keeping_width
 
 __all__: list[str] = []
 
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 InnerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 _FORMAT = 1
-_FP32_STATE_KEYS = ("anchor", "residual", "inflight")
+_WIDE_STATE_KEYS = ("anchor", "residual", "inflight", "inflight_weight")  # fp32/fp64 whatever the param dtype
 
 
 @dataclass
@@ -491,20 +492,9 @@ class DiLoCoBase(Optimizer):
         inner_sd = sd.pop("inner")
         outer_sd = sd.pop("outer")
         params = self._ordered_params()
-        anchors = [self.state[p]["anchor"] for p in params]
-        saved32 = {
-            i: {k: v for k, v in st.items() if k in _FP32_STATE_KEYS}
-            for i, st in sd["state"].items()
-        }
-        super().load_state_dict(sd)
+        load_keeping_width(self, super().load_state_dict, sd, params, _WIDE_STATE_KEYS)
         self.inner.load_state_dict(inner_sd)
         self.param_groups = self.inner.param_groups
-        for i, p in enumerate(params):
-            st = self.state[p]
-            for k, v in saved32.get(i, {}).items():
-                st[k] = v.detach().to(anchors[i].dtype, copy=True)
-            anchors[i].copy_(st["anchor"])  # the outer optimizer holds these very tensors
-            st["anchor"] = anchors[i]
         self.outer.load_state_dict(outer_sd)
         self.inner_step = int(tw["inner_step"])
         self.outer_step = int(tw["outer_step"])
