@@ -3,7 +3,9 @@
 * :class:`DiLoCo` (arXiv:2311.08105) and :class:`LocalSGD` — inner optimizer for H steps, then an
   outer step on the averaged pseudo-gradient;
 * :class:`StreamingDiLoCo` (arXiv:2501.18512) — fragments synced in turn, overlapped with training;
-* :class:`SparseLoCo` (arXiv:2508.15706) — top-k of an error-feedback buffer, 2-bit values.
+* :class:`SparseLoCo` (arXiv:2508.15706) — top-k of an error-feedback buffer, 2-bit values;
+* :class:`DeMo` (arXiv:2411.19870) — only the fast DCT components of momentum cross the wire
+  (``values="sign"`` is Psyche's 1-bit DisTrO).
 
 Every one takes a ``comm`` (:mod:`thinwire.collectives`) and an optional ``compressor`` setting
 (:func:`thinwire.compression.build_codec`).
@@ -11,8 +13,17 @@ Every one takes a ``comm`` (:mod:`thinwire.collectives`) and an optional ``compr
 
 from __future__ import annotations
 
+from thinwire.optim.demo import DeMo, demo_compressor
 from thinwire.optim.diloco import DiLoCo, LocalSGD
 from thinwire.optim.sparseloco import SparseLoCo, sparseloco_compressor
 from thinwire.optim.streaming import StreamingDiLoCo
 
-__all__ = ["DiLoCo", "LocalSGD", "SparseLoCo", "StreamingDiLoCo", "sparseloco_compressor"]
+__all__ = [
+    "DeMo",
+    "DiLoCo",
+    "LocalSGD",
+    "SparseLoCo",
+    "StreamingDiLoCo",
+    "demo_compressor",
+    "sparseloco_compressor",
+]

@@ -1,0 +1,261 @@
+"""DeMo (Decoupled Momentum) and its Psyche "DisTrO" 1-bit production variant.
+
+Peng, Quesnelle, Kingma, "DeMo: Decoupled Momentum Optimization", arXiv:2411.19870v1,
+Algorithm 1, with the released code (bloc97/DeMo ``demo.py``) as the numerical reference;
+Psyche's variant (PsycheFoundation/psyche ``distro.rs``) sends one sign bit per kept coefficient
+(``specs/demo_sparseloco.md`` §2). Each step only the fast DCT components of the momentum cross
+the wire; what was sent is subtracted from the momentum, the rest keeps accumulating.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from thinwire._validate import check_choice, check_float, check_int, check_type
+from thinwire.collectives import Communicator
+from thinwire.compression import SparseCodec
+from thinwire.optim._reduce import PendingReduce, start_reduce
+from thinwire.optim._state import load_keeping_width
+
+__all__ = ["DeMo", "demo_compressor"]
+
+logger = logging.getLogger(__name__)
+_FORMAT = 1
+
+
+def demo_compressor(
+    *, topk: int = 32, chunk: int = 64, values: str = "float", index_coding: str = "entropy"
+) -> SparseCodec:
+    """DeMo's wire codec: chunked DCT, ``topk`` coefficients per chunk, float32 or sign values.
+
+    ``values="sign"`` sends the sign bit only (``signbit``: 1 is negative) and receivers expand
+    to ±1 (Psyche, spec §2.4); ``"float"`` sends float32 values (A1).
+    """
+    check_choice("values", values, ("float", "sign"))
+    vals: dict[str, Any] = {"values": "fp32"} if values == "float" else {"values": "sign", "scale": False}
+    return SparseCodec(
+        chunk=chunk, topk=topk, transform="dct", topk_rule="per_chunk", index_coding=index_coding, **vals
+    )
+
+
+class DeMo(Optimizer):
+    r"""Decoupled Momentum optimization (arXiv:2411.19870v1, Algorithm 1; code A1 ``demo.py``).
+
+    .. code-block:: text
+
+        per parameter, every step:
+            p      ← p (1 − lr·wd)                     decoupled weight decay
+            δ      ← β δ + lr·g                        momentum, lr folded in (A1)
+            (i, v) = top-k per chunk of DCT(δ)         fast components
+            δ      ← δ − IDCT(scatter(i, v))           what is sent leaves the momentum
+            U      = IDCT(index-mean over workers of scatter(i_r, v_r))
+            p      ← p − lr·sign(U)
+
+    Args:
+        params: parameters or param-group dicts (per-group keys: ``lr``, ``momentum_decay``,
+            ``topk``, ``chunk``, ``values``, ``weight_decay``, ``index_coding``, ``compress``;
+            ``compress=False`` sends that group's momentum dense, e.g. for 1-D params).
+        lr: learning rate (A1 OLMo: 4e-4 with cosine decay), range (0, inf).
+        momentum_decay: β (default: 0.999, A1), range [0, 1).
+        topk: coefficients kept per chunk (default: 32, A1; Psyche 8, or 4 at 40B), range [1, inf).
+        chunk: chunk side s (default: 64); 2-D tensors use s x s tiles, 1-D tensors chunks of s.
+        values: ``"float"`` (A1, float32 values) or ``"sign"`` (Psyche, 1 bit per value).
+        weight_decay: decoupled weight decay (default: 0.0, A1 OLMo DeMo runs), range [0, inf).
+        comm: communicator; ``None`` is a single worker.
+        index_coding: ``"entropy"`` (Elias-Fano) or ``"fixed"`` (``ceil(log2 chunk_len)`` bits).
+        subtract: what leaves the momentum when values are quantized: ``"unquantized"`` (Psyche:
+            the selected coefficients themselves) or ``"quantized"`` (what receivers decode, as
+            SparseLoCo does). Identical for ``values="float"``. Default ``"unquantized"``.
+        overlap: apply each step's aggregate one step late, so the all-gather overlaps the next
+            forward/backward (Psyche's overlapped apply, without its lookahead point).
+        aggregate: ``"index_mean"`` (reference) or ``"global_mean"``.
+        on_nonfinite: ``"raise"`` or ``"skip"`` (this worker sends nothing that step and its
+            momentum is reset to zero).
+
+    State (per parameter): ``delta`` (momentum, float32), ``pending`` (with ``overlap``, the
+    aggregate to apply next step). ``state_dict()`` adds ``thinwire`` (step, pending lr).
+
+    Deviations: momentum is kept in float32 for bf16/fp16 params (A1 keeps param dtype); indices
+    are Elias-Fano coded by default (A1 sends int64, Psyche u16).
+
+    Tuning: if loss is noisy, lower ``lr`` (sign updates move every coordinate by lr); if the
+    link is the bottleneck, use ``values="sign"`` and ``topk=8``.
+
+    Limitations: the framework's own gradient all-reduce must be off (no DDP wrapper); every
+    rank must produce gradients for the same parameters.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        *,
+        momentum_decay: float = 0.999,
+        topk: int = 32,
+        chunk: int = 64,
+        values: str = "float",
+        weight_decay: float = 0.0,
+        comm: Communicator | None = None,
+        index_coding: str = "entropy",
+        subtract: str = "unquantized",
+        overlap: bool = False,
+        aggregate: str = "index_mean",
+        on_nonfinite: str = "raise",
+    ) -> None:
+        self.comm = comm
+        self.subtract = check_choice("subtract", subtract, ("unquantized", "quantized"))
+        self.overlap = check_type("overlap", overlap, bool)
+        self.aggregate = check_choice("aggregate", aggregate, ("index_mean", "global_mean"))
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
+        self._codecs: dict[tuple, SparseCodec] = {}
+        defaults = dict(
+            lr=lr,
+            momentum_decay=momentum_decay,
+            topk=topk,
+            chunk=chunk,
+            values=values,
+            weight_decay=weight_decay,
+            index_coding=index_coding,
+            compress=True,
+        )
+        super().__init__(params, defaults)
+        self.step_count = 0
+        self._pending: list[tuple[int, list[torch.Tensor], PendingReduce | None, float]] = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, validated like the constructor's arguments."""
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        check_float("lr", g["lr"], 0.0, lo_open=True)
+        check_float("momentum_decay", g["momentum_decay"], 0.0, 1.0, hi_open=True)
+        check_float("weight_decay", g["weight_decay"], 0.0)
+        check_type("compress", g["compress"], bool)
+        self._codec_of(g)
+
+    def _codec_of(self, g: dict[str, Any]) -> SparseCodec | None:
+        if not g["compress"]:
+            return None
+        key = (g["topk"], g["chunk"], g["values"], g["index_coding"])
+        if key not in self._codecs:
+            check_int("topk", g["topk"], 1)
+            self._codecs[key] = demo_compressor(
+                topk=g["topk"], chunk=g["chunk"], values=g["values"], index_coding=g["index_coding"]
+            )
+        return self._codecs[key]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One DeMo step: momentum, select, exchange, sign update.
+
+        Collective: every rank must call this once per step.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.step_count += 1
+        groups = []
+        for gi, g in enumerate(self.param_groups):
+            ps = [p for p in g["params"] if p.grad is not None]
+            if not ps:
+                continue
+            deltas = []
+            for p in ps:
+                st = self.state[p]
+                if "delta" not in st:
+                    st["delta"] = torch.zeros_like(p, dtype=torch.float32)
+                if g["weight_decay"]:
+                    p.mul_(1.0 - g["lr"] * g["weight_decay"])
+                st["delta"].mul_(g["momentum_decay"]).add_(p.grad.to(torch.float32), alpha=g["lr"])
+                deltas.append(st["delta"])
+            groups.append((gi, ps, deltas))
+        all_d = [d for _, _, ds in groups for d in ds]
+        finite = bool(torch.stack([torch.isfinite(d).all() for d in all_d]).all()) if all_d else True
+        if not finite:
+            gi, pi = next(
+                (gi, next(j for j, q in enumerate(self.param_groups[gi]["params"]) if q is p))
+                for gi, ps, ds in groups
+                for p, d in zip(ps, ds, strict=True)
+                if not bool(torch.isfinite(d).all())
+            )
+            msg = f"momentum of group {gi}, param {pi} is non-finite at step {self.step_count}; nothing was sent"
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(msg)
+            logger.warning("%s; this worker contributes nothing and resets its momentum", msg)
+            for _, _, ds in groups:
+                for d in ds:
+                    d.zero_()
+        launched = []
+        for gi, ps, ds in groups:
+            g = self.param_groups[gi]
+            pend, contrib = start_reduce(
+                self.comm,
+                ds,
+                codec=self._codec_of(g),
+                contribute=finite,
+                weighted=self.on_nonfinite == "skip",
+                aggregate=self.aggregate,
+                async_op=self.overlap,
+                tag=f"demo/g{gi}",
+            )
+            if finite:
+                taken = contrib.unquantized if self.subtract == "unquantized" else contrib.sent
+                for d, t in zip(ds, taken, strict=True):
+                    d.sub_(t.to(d.dtype))
+            launched.append((gi, ps, pend, g["lr"]))
+        if self.overlap:
+            previous, self._pending = self._pending, launched
+            self._apply(previous)
+        else:
+            self._apply(launched)
+        return loss
+
+    def _apply(self, launched: list[tuple[int, list[torch.Tensor], PendingReduce | None, float]]) -> None:
+        for _, ps, pend, lr in launched:
+            if pend is None:
+                updates = [self.state[p].pop("pending") for p in ps]
+            else:
+                updates, _weight = pend.result()
+            for p, u in zip(ps, updates, strict=True):
+                p.add_(torch.sign(u).to(p.dtype), alpha=-lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """State with a ``thinwire`` entry; a pending overlapped aggregate is saved, never dropped."""
+        resolved = []
+        for gi, ps, pend, lr in self._pending:
+            if pend is not None:
+                updates, _ = pend.result()
+                for p, u in zip(ps, updates, strict=True):
+                    self.state[p]["pending"] = u.to(torch.float32).clone()
+            resolved.append((gi, ps, None, lr))
+        self._pending = resolved
+        sd = super().state_dict()
+        order = [p for g in self.param_groups for p in g["params"]]
+        ids = {id(p): i for i, p in enumerate(order)}
+        sd["thinwire"] = {
+            "format": _FORMAT,
+            "step": self.step_count,
+            "pending": [(gi, [ids[id(p)] for p in ps], lr) for gi, ps, _, lr in resolved],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; the float32 momentum stays float32 for bf16 params."""
+        sd = dict(state_dict)
+        tw = sd.pop("thinwire", None)
+        if not isinstance(tw, dict):
+            raise ValueError("state_dict must hold a 'thinwire' entry (saved by a thinwire optimizer)")
+        for key in ("format", "step", "pending"):
+            if key not in tw:
+                raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
+        if tw["format"] != _FORMAT:
+            raise ValueError(f"state_dict format must be {_FORMAT}, got {tw['format']}")
+        order = [p for g in self.param_groups for p in g["params"]]
+        load_keeping_width(self, super().load_state_dict, sd, order, ("delta", "pending"))
+        self.step_count = int(tw["step"])
+        self._pending = [(gi, [order[i] for i in idxs], None, lr) for gi, idxs, lr in tw["pending"]]
