@@ -14,6 +14,7 @@ them. Every payload carries the codec's canonical settings; the byte count is ex
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Mapping
@@ -27,7 +28,14 @@ from thinwire._validate import check_choice, check_int, check_type
 from thinwire.compression import quant as _quant
 from thinwire.compression.aggregate import SparseMessage, densify
 from thinwire.compression.base import Codec, as_shape
-from thinwire.compression.bitpack import pack_bits, packed_nbytes, unpack_bits
+from thinwire.compression.bitpack import (
+    pack_bits,
+    pack_uint,
+    packed_nbytes,
+    uint_nbytes,
+    unpack_bits,
+    unpack_uint,
+)
 from thinwire.compression.chunk import ChunkGeometry
 from thinwire.compression.dct import dct_tiles
 from thinwire.compression.index_coding import INDEX_CODERS
@@ -75,9 +83,22 @@ class ValueFormat:
         self.params = dict(params)
         if name == "fp32" and params:
             raise ValueError(f"values 'fp32' takes no settings, got {sorted(params)}")
+        # FIX (helper, issue 2 tests): only quantizers with a `generator` keyword get one (the
+        # others raised TypeError on any encode(generator=...)), and the dequantizer gets only
+        # the keywords it takes (`stochastic=True` reached it and raised TypeError on decode).
+        self._takes_generator = False
+        self._deq_params: dict[str, Any] = {}
         if name != "fp32":
+            qfn, dfn = _quant.QUANTIZERS[name]
+            self._takes_generator = "generator" in inspect.signature(qfn).parameters
+            dkeys = inspect.signature(dfn).parameters
+            self._deq_params = {k: v for k, v in self.params.items() if k in dkeys}
             # Validate the settings once, on an empty vector, so a bad value fails at construction.
-            _quant.QUANTIZERS[name][0](torch.zeros(0), **self.params)
+            # FIX: stochastic=True needs a generator to pass this check; a throwaway one suffices.
+            probe = dict(self.params)
+            if probe.get("stochastic") is True and self._takes_generator:
+                probe.setdefault("generator", torch.Generator())
+            qfn(torch.zeros(0), **probe)
         self.bits = 32 if name == "fp32" else _quant.code_bits(name, **self.params)
 
     @property
@@ -87,6 +108,10 @@ class ValueFormat:
     def _codes_nbytes(self, n: int) -> int:
         if self.bits in (1, 2, 4, 8):
             return packed_nbytes(n, self.bits)
+        if self.bits < 8:
+            # FIX: 3/5/6/7-bit codes (2bit with n_bins 8, 32, 64, 128) were sent one per byte
+            # while counted as n*bits//8; they are now packed as fixed-width fields.
+            return uint_nbytes(n, self.bits)
         return n * self.bits // 8  # 16-bit casts and raw fp32: whole bytes per element
 
     def nbytes(self, n: int) -> int:
@@ -105,13 +130,26 @@ class ValueFormat:
                 raise ValueError(f"x must be finite, got {int((~torch.isfinite(v32)).sum())} non-finite values")
             return v32.numpy().tobytes(), v32.clone()
         kw = dict(self.params)
-        if generator is not None:
+        if generator is not None and self._takes_generator:
             kw["generator"] = generator
         q = _quant.QUANTIZERS[self.name][0](v.detach().cpu(), **kw)
-        codes = pack_bits(q.codes, self.bits) if self.bits in (1, 2, 4, 8) else q.codes
+        if self.bits in (1, 2, 4, 8):
+            codes = pack_bits(q.codes, self.bits)
+        elif self.bits < 8:
+            codes = pack_uint(q.codes, self.bits)  # FIX: see _codes_nbytes
+        else:
+            codes = q.codes
         side = q.side.to(torch.float32).contiguous()
+        deq = _quant.QUANTIZERS[self.name][1](q.codes, side, n, **self._deq_params)
+        # FIX: finite inputs near the float32 limit can overflow a quantizer's side data (sign's
+        # mean |x|, 2bit's mean/centroids give inf/NaN); such a payload would be rejected by every
+        # receiver, so refuse it here instead of sending it.
+        if not (bool(torch.isfinite(side).all()) and bool(torch.isfinite(deq).all())):
+            raise ValueError(
+                f"x must quantize to finite values with {self.name!r}, got non-finite side "
+                "data or dequantized values (|x| too close to the float32 limit)"
+            )
         body = codes.contiguous().numpy().tobytes() + side.numpy().tobytes()
-        deq = _quant.QUANTIZERS[self.name][1](q.codes, side, n, **self.params)
         return body, deq.to(torch.float32)
 
     def decode(self, body: bytes, start: int, n: int) -> torch.Tensor:
@@ -123,9 +161,12 @@ class ValueFormat:
         codes = body_tensor(body, start, cn)
         if self.bits in (1, 2, 4, 8):
             codes = unpack_bits(codes, self.bits, n)
+        elif self.bits < 8:
+            codes = unpack_uint(codes, self.bits, n).to(torch.uint8)  # FIX: see _codes_nbytes
         n_side = _quant.side_len(self.name, n, **self.params)
         side = torch.from_numpy(np.frombuffer(body, dtype="<f4", count=n_side, offset=start + cn).copy())
-        return _quant.QUANTIZERS[self.name][1](codes, side, n, **self.params).to(torch.float32)
+        deq = _quant.QUANTIZERS[self.name][1](codes, side, n, **self._deq_params)
+        return deq.to(torch.float32)
 
 
 def _finite_or_raise(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -228,6 +269,9 @@ class SparseCodec(Codec):
         self.topk = check_int("topk", topk, 1, 2**31 - 1)
         self.transform = check_choice("transform", transform, ("dct", "none"))
         self.topk_rule = check_choice("topk_rule", topk_rule, ("per_chunk", "density"))
+        if self.topk_rule == "density":
+            # FIX: k_for_chunk needs topk <= chunk**2; check it here, not at the first encode.
+            check_int("topk", topk, 1, self.chunk * self.chunk)
         self.index_coding = check_choice("index_coding", index_coding, tuple(INDEX_CODERS))
         self.values = ValueFormat(values, **params)
         self._coder = INDEX_CODERS[index_coding]
@@ -312,6 +356,9 @@ class SparseCodec(Codec):
 
     def decode(self, payload, numel: int | None = None) -> torch.Tensor:
         out = densify(self.decode_sparse(payload, numel))
+        # FIX: finite DCT coefficients near the float32 limit can overflow in the inverse DCT;
+        # a payload that decodes to inf must be rejected, not returned.
+        _finite_or_raise(out, "elements after the inverse transform")
         return out.reshape(-1) if numel is not None else out
 
 
