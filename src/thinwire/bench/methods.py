@@ -1,0 +1,102 @@
+"""The methods the benchmark compares, with their tuned settings for the built-in task.
+
+Each method is a name, a kind and a factory of its optimizer. ``ddp`` is the baseline: inner
+AdamW with the gradients flattened into one fp32 buffer and ring all-reduced every step. The
+settings below were chosen by ``benchmarks/sweep.py`` on the built-in task (its table is in
+``benchmarks/RESULTS.md``); the same settings are used for every preset, seed and engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from thinwire.collectives import Communicator
+from thinwire.optim import DeMo, DiLoCo, SparseLoCo, StreamingDiLoCo
+
+__all__ = ["Method", "METHODS", "DEFAULT_METHODS", "build_optimizer", "inner_adamw"]
+
+# Inner AdamW of every method (and DDP's optimizer): betas and weight decay of the DiLoCo /
+# SparseLoCo references (specs/diloco.md §1.2); lr from the sweep on the built-in task.
+INNER_LR = 3e-3
+INNER_BETAS = (0.9, 0.95)
+INNER_WD = 0.1
+
+
+def inner_adamw(lr: float = INNER_LR) -> Callable[..., torch.optim.Optimizer]:
+    """Factory of the inner AdamW every method uses."""
+    return partial(torch.optim.AdamW, lr=lr, betas=INNER_BETAS, weight_decay=INNER_WD)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmark entry: ``kind`` is ``"ddp"``, ``"outer"`` (DiLoCo family) or ``"demo"``."""
+
+    name: str
+    kind: str
+    description: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ddp", "ddp", "AdamW, fp32 gradients ring all-reduced every step"),
+        Method("diloco-fp32", "outer", "DiLoCo, fp32 pseudo-gradients (ring all-reduce)", {"compressor": None}),
+        Method(
+            "diloco-int8",
+            "outer",
+            "DiLoCo, int8 blockwise (256) pseudo-gradients, error feedback",
+            {"compressor": "quant(int8, block=256)", "error_feedback": True},
+        ),
+        Method(
+            "diloco-int4",
+            "outer",
+            "DiLoCo, int4 blockwise (128) pseudo-gradients, error feedback",
+            {"compressor": "quant(int4, block=128)", "error_feedback": True},
+        ),
+        Method(
+            "streaming-diloco",
+            "outer",
+            "Streaming DiLoCo, 4 fragments, overlap 1, alpha 0.5, int4",
+            {
+                "streaming": True,
+                "compressor": "quant(int4, block=128)",
+                "error_feedback": True,
+                "fragments": 4,
+                "overlap_steps": 1,
+                "mix_alpha": 0.5,
+            },
+        ),
+        Method("demo", "demo", "DeMo, k=32/4096 DCT, fp32 values", {"values": "float", "topk": 32, "lr": 1e-3}),
+        Method("demo-sign", "demo", "DeMo/DisTrO, k=8/4096 DCT, 1-bit values", {"values": "sign", "topk": 8, "lr": 1e-3}),
+        Method(
+            "sparseloco",
+            "outer",
+            "SparseLoCo, k=64/4096, 2-bit values, error feedback 0.95",
+            {"sparseloco": True, "topk": 64},
+        ),
+    )
+}
+DEFAULT_METHODS = tuple(METHODS)
+
+
+def build_optimizer(
+    method: Method, model: torch.nn.Module, comm: Communicator | None, *, inner_steps: int
+) -> torch.optim.Optimizer:
+    """The optimizer of ``method`` on ``model``'s parameters, syncing every ``inner_steps``."""
+    s = dict(method.settings)
+    params = list(model.parameters())
+    if method.kind == "ddp":
+        return inner_adamw()(params)
+    if method.kind == "demo":
+        return DeMo(params, s.pop("lr"), comm=comm, **s)
+    if s.pop("sparseloco", False):
+        return SparseLoCo(params, inner_adamw(), sync_every=inner_steps, comm=comm, **s)
+    if s.pop("streaming", False):
+        return StreamingDiLoCo(params, inner_adamw(), sync_every=inner_steps, comm=comm, **s)
+    return DiLoCo(params, inner_adamw(), sync_every=inner_steps, comm=comm, **s)

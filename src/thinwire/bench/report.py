@@ -1,0 +1,222 @@
+"""Benchmark reports: the summary per method, ``results.json``, ``curves.csv``, the PNG and the table.
+
+Definitions (``specs/collectives_wan_bench.md`` §5): bytes are payload bytes sent per rank (max
+over ranks) from the ledger; reduction vs DDP = DDP bytes / method bytes; compression ratio per
+sync = dense fp32 bytes of the synced tensors / wire bytes this rank put in its payloads; loss at
+equal bytes (equal simulated time) interpolates each eval-loss curve, in log-bytes (linearly in
+time), at the smallest final total among the methods.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import thinwire
+from thinwire.bench.methods import METHODS
+from thinwire.collectives import PRESETS
+
+__all__ = ["SCHEMA", "summarize", "write_outputs", "table_rows", "TABLE_HEADERS", "NOTE"]
+
+SCHEMA = "thinwire.bench/v1"
+NOTE = "CPU, tiny model: trends, not absolute speedups"
+
+
+def _interp(curve: list[dict[str, Any]], key: str, at: float, log: bool) -> float:
+    """Eval loss of a curve at ``at`` bytes (log-linear) or seconds (linear).
+
+    Before the curve's first positive point the model is still the initial one: the step-0 loss.
+    """
+    pts = [(float(c[key]), float(c["eval_loss"])) for c in curve if math.isfinite(c["eval_loss"])]
+    if not pts or not math.isfinite(at):
+        return math.nan
+    pos = [(x, y) for x, y in pts if x > 0]
+    if not pos or at < pos[0][0]:
+        return pts[0][1]
+    xs = np.array([x for x, _ in pos])
+    ys = np.array([y for _, y in pos])
+    if log:
+        return float(np.interp(math.log(at), np.log(xs), ys))
+    return float(np.interp(at, xs, ys))
+
+
+def summarize(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Fold the per-rank results into one summary per method (mean and std over seeds)."""
+    by_key: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for rank_results in per_rank:
+        for r in rank_results:
+            by_key[(r["method"], r["seed"])].append(r)
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (method, seed), rs in by_key.items():
+        rs = sorted(rs, key=lambda r: r["rank"])
+        r0 = rs[0]
+        dense = r0["n_params"] * 4
+        run = {
+            "method": method,
+            "seed": seed,
+            "bytes_sent_per_rank": max(r["sent"] for r in rs),
+            "bytes_recv_per_rank": max(r["recv"] for r in rs),
+            "bytes_sent_by_rank": [r["sent"] for r in rs],
+            "control_bytes_per_rank": max(r["control_sent"] for r in rs),
+            "ops": r0["ops"],
+            "compression_ratio_per_sync": (dense * r0["ops"] / r0["wire_payload_bytes"]) if r0["wire_payload_bytes"] else math.nan,
+            "sim_time_s": max(r["sim_time_s"] for r in rs),
+            "compute_s": max(r["compute_s"] for r in rs),
+            "comm_s": max(r["comm_s"] for r in rs),
+            "exposed_comm_s": max(r["exposed_comm_s"] for r in rs),
+            "real_time_s": max(r["real_time_s"] for r in rs),
+            "final_eval_loss": r0["curve"][-1]["eval_loss"],
+            "loss_floor": r0["loss_floor"],
+            "tokens": r0["curve"][-1]["tokens"],
+            "init_hash": r0["init_hash"],
+            "algorithms": r0["algorithms"],
+            "curve": [
+                dict(c, bytes_sent_cum=max(r["curve"][i]["bytes_sent_cum"] for r in rs),
+                     sim_time_s=max(r["curve"][i]["sim_time_s"] for r in rs))
+                for i, c in enumerate(r0["curve"])
+            ],
+        }
+        runs[method].append(run)
+    # equal-bytes / equal-time points per seed
+    seeds = sorted({s for (_, s) in by_key})
+    for seed in seeds:
+        these = [r for rs in runs.values() for r in rs if r["seed"] == seed]
+        min_bytes = min((r["curve"][-1]["bytes_sent_cum"] for r in these if r["curve"][-1]["bytes_sent_cum"] > 0), default=math.nan)
+        min_time = min(r["curve"][-1]["sim_time_s"] for r in these)
+        for r in these:
+            r["loss_at_equal_bytes"] = _interp(r["curve"], "bytes_sent_cum", min_bytes, log=True)
+            r["loss_at_equal_time"] = _interp(r["curve"], "sim_time_s", min_time, log=False)
+            r["equal_bytes_point"] = min_bytes
+            r["equal_time_point_s"] = min_time
+    ddp = runs.get("ddp")
+    summary: dict[str, Any] = {}
+    for method, rs in runs.items():
+        def agg(key: str) -> dict[str, float]:
+            vals = [float(r[key]) for r in rs]
+            return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
+
+        s = {k: agg(k) for k in (
+            "bytes_sent_per_rank", "bytes_recv_per_rank", "sim_time_s", "compute_s", "comm_s",
+            "exposed_comm_s", "real_time_s", "final_eval_loss", "loss_at_equal_bytes",
+            "loss_at_equal_time", "compression_ratio_per_sync",
+        )}
+        s["loss_floor"] = rs[0]["loss_floor"]
+        s["tokens"] = rs[0]["tokens"]
+        s["description"] = METHODS[method].description
+        if ddp:
+            s["reduction_vs_ddp"] = statistics.fmean(r["bytes_sent_per_rank"] for r in ddp) / max(1.0, s["bytes_sent_per_rank"]["mean"])
+        s["runs"] = rs
+        summary[method] = s
+    hashes = {r["init_hash"] for rs in runs.values() for r in rs if r["seed"] == seeds[0]}
+    if len(hashes) != 1:
+        raise RuntimeError("methods started from different initial parameters")
+    return summary
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n:,.0f} B"
+        n /= 1000
+    return f"{n:.1f}"
+
+
+def _pm(d: dict[str, float], fmt: str) -> str:
+    if not math.isfinite(d["mean"]):
+        return "nan"
+    return format(d["mean"], fmt) + (f" ± {format(d['std'], fmt)}" if d["std"] else "")
+
+
+TABLE_HEADERS = [
+    "method", "sent/rank", "vs DDP", "ratio/sync", "sim time (compute + exposed)",
+    "eval @steps", "@bytes", "@time", "gap to floor",
+]
+
+
+def table_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """One row per method, in the order the methods were given."""
+    rows = []
+    for method, s in summary.items():
+        floor = s["loss_floor"]
+        gap = s["final_eval_loss"]["mean"] - floor if math.isfinite(floor) else math.nan
+        rows.append([
+            method,
+            _fmt_bytes(s["bytes_sent_per_rank"]["mean"]),
+            f"{s.get('reduction_vs_ddp', math.nan):,.0f}x",
+            f"{s['compression_ratio_per_sync']['mean']:,.1f}x",
+            f"{s['sim_time_s']['mean']:,.1f} s ({s['compute_s']['mean']:,.1f} + {s['exposed_comm_s']['mean']:,.1f})",
+            _pm(s["final_eval_loss"], ".4f"),
+            _pm(s["loss_at_equal_bytes"], ".4f"),
+            _pm(s["loss_at_equal_time"], ".4f"),
+            f"{gap:+.4f}" if math.isfinite(gap) else "n/a",
+        ])
+    return rows
+
+
+def write_outputs(summary: dict[str, Any], cfg: dict[str, Any], out: Path, *, plot: bool = True) -> dict[str, Path]:
+    """Write ``results.json``, ``curves.csv`` and (with ``plot``) ``bench_<preset>.png`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    preset = cfg.get("preset", "none")
+    results = {
+        "schema": SCHEMA,
+        "note": NOTE,
+        "config": cfg,
+        "preset": {"name": preset, "basis": PRESETS[preset].basis if preset in PRESETS else None},
+        "versions": {
+            "thinwire": thinwire.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "engine": cfg.get("engine"),
+        },
+        "methods": {m: {k: v for k, v in s.items() if k != "runs"} | {"runs": [
+            {k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in s["runs"]
+        ]} for m, s in summary.items()},
+    }
+    paths = {"json": out / "results.json", "csv": out / "curves.csv"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=float))
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seed", "step", "tokens", "bytes_sent_cum", "sim_time_s", "train_loss", "eval_loss"])
+        for m, s in summary.items():
+            for r in s["runs"]:
+                for c in r["curve"]:
+                    w.writerow([m, r["seed"], c["step"], c["tokens"], c["bytes_sent_cum"], f"{c['sim_time_s']:.6f}",
+                                f"{c['train_loss']:.6f}", f"{c['eval_loss']:.6f}"])
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for m, s in summary.items():
+            r = s["runs"][0]
+            xs = [max(c["bytes_sent_cum"], 1) for c in r["curve"]]
+            ys = [c["eval_loss"] for c in r["curve"]]
+            a.plot(xs, ys, marker="o", ms=3, label=m)
+            b.plot([c["sim_time_s"] for c in r["curve"]], ys, marker="o", ms=3, label=m)
+        floor = next(iter(summary.values()))["loss_floor"]
+        for ax in (a, b):
+            if math.isfinite(floor):
+                ax.axhline(floor, color="k", ls=":", lw=1, label="entropy floor")
+            ax.set_ylabel("eval loss (nats/token)")
+            ax.grid(alpha=0.3)
+        a.set_xscale("log")
+        a.set_xlabel("bytes sent per rank")
+        b.set_xlabel(f"simulated time (s), preset {preset}")
+        a.legend(fontsize=8)
+        fig.suptitle(f"thinwire bench — {NOTE}")
+        fig.tight_layout()
+        paths["png"] = out / f"bench_{preset}.png"
+        fig.savefig(paths["png"], dpi=110)
+        plt.close(fig)
+    return paths
