@@ -20,7 +20,7 @@ TORCH_PIN := torch==2.13.0
 	touch $@
 
 bench: .venv-bench/ok
-	.venv-bench/bin/thinwire demo
+	.venv-bench/bin/thinwire bench --out bench_out
 
 test: .venv/ok
 	TRITON_INTERPRET=1 .venv/bin/python -m pytest -q
