@@ -118,7 +118,7 @@ class DiLoCoBase(Optimizer):
         defaults = dict(
             outer_lr=outer_lr,
             outer_momentum=outer_momentum,
-            nesterov=nesterov,
+            outer_nesterov=nesterov,  # not "nesterov": the group dicts are the inner optimizer's too
             compressor=compressor,
             error_feedback=error_feedback,
             ef_decay=ef_decay,
@@ -174,7 +174,7 @@ class DiLoCoBase(Optimizer):
     def _validate_group(self, g: dict[str, Any]) -> None:
         check_float("outer_lr", g["outer_lr"], 0.0)
         check_float("outer_momentum", g["outer_momentum"], 0.0, 1.0, hi_open=True)
-        check_type("nesterov", g["nesterov"], bool)
+        check_type("outer_nesterov", g["outer_nesterov"], bool)
         check_type("error_feedback", g["error_feedback"], bool)
         check_float("ef_decay", g["ef_decay"], 0.0, 1.0)
         self._codec_of(g)
@@ -228,7 +228,7 @@ class DiLoCoBase(Optimizer):
             else:
                 mom = g["outer_momentum"]
                 groups.append(
-                    {"params": anchors, "lr": g["outer_lr"], "momentum": mom, "nesterov": g["nesterov"] and mom > 0}
+                    {"params": anchors, "lr": g["outer_lr"], "momentum": mom, "nesterov": g["outer_nesterov"] and mom > 0}
                 )
         return groups
 
@@ -362,7 +362,7 @@ class DiLoCoBase(Optimizer):
                 g = self.param_groups[gi]
                 outer_group["lr"] = g["outer_lr"]
                 outer_group["momentum"] = g["outer_momentum"]
-                outer_group["nesterov"] = g["nesterov"] and g["outer_momentum"] > 0
+                outer_group["nesterov"] = g["outer_nesterov"] and g["outer_momentum"] > 0
             for p in ps:
                 delta = self.state[p].pop("inflight")
                 if weight > 0:

@@ -34,7 +34,8 @@ class DiLoCo(DiLoCoBase):
 
     Args:
         params: parameters or param-group dicts (per-group keys: ``outer_lr``, ``outer_momentum``,
-            ``nesterov``, ``compressor``, ``error_feedback``, ``ef_decay``).
+            ``outer_nesterov``, ``compressor``, ``error_feedback``, ``ef_decay``; the dicts are
+            shared with the inner optimizer, so outer keys never reuse an inner key's name).
         inner: factory ``param_groups -> torch.optim.Optimizer``, e.g.
             ``functools.partial(torch.optim.AdamW, lr=4e-4, weight_decay=0.1)``. Its
             ``param_groups`` are this optimizer's, so LR schedulers work unchanged.
