@@ -373,13 +373,8 @@ def test_reference_harness_reproduces_torchft_fixtures(case):
     assert history == case["history"]
 
 
-# BUG (found by test_diloco_matches_torchft[sgd_momentum-nesterov-*]; src/ is the lead's): the
-# outer setting is stored in each param group under the key "nesterov", and those very group
-# dicts are handed to the inner optimizer, so torch.optim.SGD reads DiLoCo's *outer* nesterov
-# flag as its own: DiLoCo(..., inner=SGD(momentum=0.9)) runs a Nesterov inner SGD (outer default
-# True), and LocalSGD forces nesterov=False on an inner SGD(nesterov=True). Fix: store the outer
-# flag under a key no torch optimizer uses ("outer_nesterov", the spec §2 name) in _outer.py
-# (defaults, _validate_group, _outer_groups, _apply). These two tests fail until then.
+# Regression: the outer flag once sat in the shared param-group dicts under "nesterov", so an
+# inner torch.optim.SGD read DiLoCo's outer setting as its own; it is now "outer_nesterov".
 @pytest.mark.parametrize("cls, inner_nesterov", [(DiLoCo, False), (LocalSGD, True)])
 def test_inner_sgd_keeps_its_own_nesterov(cls, inner_nesterov):
     """Before the first sync a DiLoCo-family optimizer is exactly its inner optimizer (spec §2)."""
