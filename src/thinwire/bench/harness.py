@@ -51,6 +51,7 @@ class BenchConfig:
     eval_sequences: int = 64
     data: str | None = None
     timeout_s: float = 600.0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> settings
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -131,7 +132,9 @@ def _run_method(
     wan = WanCommunicator(comm, wan_cfg, measure_compute=False) if wan_cfg is not None else None
     ocomm: Communicator = wan if wan is not None else comm  # type: ignore[assignment]
     start = len(comm.ledger.records)
-    opt = build_optimizer(method, model, ocomm, inner_steps=cfg.inner_steps)
+    opt = build_optimizer(
+        method, model, ocomm, inner_steps=cfg.inner_steps, overrides=cfg.overrides.get(name)
+    )
     stream = data.stream(rank, world, seed, cfg.batch)
     params = list(model.parameters())
     curve: list[dict[str, Any]] = []

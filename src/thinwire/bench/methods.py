@@ -86,17 +86,27 @@ DEFAULT_METHODS = tuple(METHODS)
 
 
 def build_optimizer(
-    method: Method, model: torch.nn.Module, comm: Communicator | None, *, inner_steps: int
+    method: Method,
+    model: torch.nn.Module,
+    comm: Communicator | None,
+    *,
+    inner_steps: int,
+    overrides: dict[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimizer of ``method`` on ``model``'s parameters, syncing every ``inner_steps``."""
-    s = dict(method.settings)
+    """The optimizer of ``method`` on ``model``'s parameters, syncing every ``inner_steps``.
+
+    ``overrides`` replaces entries of the method's settings (the sweep uses it); the key
+    ``inner_lr`` sets the inner AdamW learning rate (DDP's learning rate for ``ddp``).
+    """
+    s = dict(method.settings) | dict(overrides or {})
+    inner = inner_adamw(s.pop("inner_lr", INNER_LR))
     params = list(model.parameters())
     if method.kind == "ddp":
-        return inner_adamw()(params)
+        return inner(params)
     if method.kind == "demo":
         return DeMo(params, s.pop("lr"), comm=comm, **s)
     if s.pop("sparseloco", False):
-        return SparseLoCo(params, inner_adamw(), sync_every=inner_steps, comm=comm, **s)
+        return SparseLoCo(params, inner, sync_every=inner_steps, comm=comm, **s)
     if s.pop("streaming", False):
-        return StreamingDiLoCo(params, inner_adamw(), sync_every=inner_steps, comm=comm, **s)
-    return DiLoCo(params, inner_adamw(), sync_every=inner_steps, comm=comm, **s)
+        return StreamingDiLoCo(params, inner, sync_every=inner_steps, comm=comm, **s)
+    return DiLoCo(params, inner, sync_every=inner_steps, comm=comm, **s)
