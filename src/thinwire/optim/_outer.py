@@ -67,7 +67,10 @@ def check_compressor(name: str, value: Any) -> Codec | None:
             f"do not pickle into param_groups), got {type(value).__name__}"
         )
     check_type(name, value, (str, Mapping))
-    return build_codec(value if isinstance(value, str) else dict(value))
+    try:
+        return build_codec(value if isinstance(value, str) else dict(value))
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{name} {value!r}: {exc}") from exc
 
 
 class DiLoCoBase(Optimizer):
@@ -103,6 +106,7 @@ class DiLoCoBase(Optimizer):
             raise TypeError(f"inner must be a callable param_groups -> Optimizer, got {inner!r}")
         if outer is not None and not callable(outer):
             raise TypeError(f"outer must be None or a callable param_groups -> Optimizer, got {outer!r}")
+        check_type("nesterov", nesterov, bool)
         self.sync_every = check_int("sync_every", sync_every, 1)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
         self.fragment_pattern = check_choice(
@@ -161,6 +165,13 @@ class DiLoCoBase(Optimizer):
             return
         if self._inflight is not None:
             raise RuntimeError("cannot add a param group while a sync is in flight")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            param_group["params"] = [params]
+        elif isinstance(params, set):
+            raise TypeError("params must be an ordered iterable of tensors, got a set")
+        else:
+            param_group["params"] = list(params)  # a generator would be used up by validation
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
         self._validate_group(param_group)
