@@ -11,7 +11,8 @@ aggregate"; this package holds each step once (``specs/demo_sparseloco.md`` §1-
 * packing: :func:`pack_bits`, :func:`pack_uint`, index coders (fixed width and Elias-Fano);
 * error feedback: :class:`ErrorFeedback`;
 * wire format: :class:`DenseCodec`, :class:`SparseCodec`, :func:`build_codec`, :class:`PayloadError`;
-* aggregation: :func:`aggregate_sparse` (deterministic, bit-identical on every rank).
+* aggregation: :func:`aggregate_sparse` (deterministic, bit-identical on every rank) and the
+  robust rules of :func:`robust_mean` (norm clipping, trimmed mean, median).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from thinwire.compression.quant import (
     quantize_sign,
     side_len,
 )
+from thinwire.compression.robust import ROBUST_RULES, clip_scales, clip_to_norm, robust_mean
 from thinwire.compression.topk import k_for_chunk, scatter_chunks, topk_chunks
 
 __all__ = [
@@ -87,6 +89,7 @@ __all__ = [
     "PayloadError",
     "QUANTIZERS",
     "QuantResult",
+    "ROBUST_RULES",
     "SparseCodec",
     "SparseEncoding",
     "SparseMessage",
@@ -97,6 +100,8 @@ __all__ = [
     "bundle_nbytes",
     "pack_bundle",
     "unpack_bundle",
+    "clip_scales",
+    "clip_to_norm",
     "code_bits",
     "dct_basis",
     "dct_chunks",
@@ -126,6 +131,7 @@ __all__ = [
     "quantize_int4",
     "quantize_int8",
     "quantize_sign",
+    "robust_mean",
     "scatter_chunks",
     "side_len",
     "split",

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from thinwire._validate import check_choice, check_float, check_int, check_type
 from thinwire.collectives import Communicator
-from thinwire.compression import Codec, build_codec
+from thinwire.compression import ROBUST_RULES, Codec, SparseCodec, build_codec
 from thinwire.optim._reduce import PendingReduce, start_reduce
 from thinwire.optim._state import load_keeping_width
 
@@ -101,6 +101,7 @@ class DiLoCoBase(Optimizer):
         tag: str,
         aggregate: str = "index_mean",
         ef_scale_by_lr: bool = False,
+        robust: str = "mean",
     ) -> None:
         if not callable(inner):
             raise TypeError(f"inner must be a callable param_groups -> Optimizer, got {inner!r}")
@@ -117,6 +118,7 @@ class DiLoCoBase(Optimizer):
         self.tag = tag
         self.aggregate = check_choice("aggregate", aggregate, ("index_mean", "global_mean"))
         self.ef_scale_by_lr = check_type("ef_scale_by_lr", ef_scale_by_lr, bool)
+        self.robust = check_choice("robust", robust, ROBUST_RULES)
         self._codecs: dict[str, Codec | None] = {}
         self._inner_ready = False
         defaults = dict(
@@ -188,7 +190,9 @@ class DiLoCoBase(Optimizer):
         check_type("outer_nesterov", g["outer_nesterov"], bool)
         check_type("error_feedback", g["error_feedback"], bool)
         check_float("ef_decay", g["ef_decay"], 0.0, 1.0)
-        self._codec_of(g)
+        codec = self._codec_of(g)
+        if isinstance(codec, SparseCodec) and self.robust not in ("mean", "clip"):
+            raise ValueError(f"robust must be in {{'mean', 'clip'}} with a sparse compressor, got {self.robust!r}")
         for p in g["params"]:
             if not p.is_floating_point():
                 raise TypeError(f"params must be floating point, got {p.dtype}")
@@ -331,6 +335,7 @@ class DiLoCoBase(Optimizer):
                 aggregate=self.aggregate,
                 async_op=self.overlap_steps > 0,
                 tag=f"{self.tag}/sync/f{fragment}/g{gi}",
+                robust=self.robust,
             )
             if ef:
                 for p, d, sent in zip(ps, ds, contrib.sent, strict=True):

@@ -29,12 +29,15 @@ import torch
 from thinwire.collectives import Communicator, Handle
 from thinwire.compression import (
     Codec,
+    DenseCodec,
     PayloadError,
     SparseCodec,
     SparseMessage,
     aggregate_sparse,
+    clip_scales,
     densify,
     pack_bundle,
+    robust_mean,
     unpack_bundle,
 )
 
@@ -76,6 +79,7 @@ class PendingReduce:
     weighted: bool
     aggregate: str
     world: int = 1
+    robust: str = "mean"
     handle: Handle | None = None
     _value: tuple[list[torch.Tensor], float] | None = field(default=None, repr=False)
 
@@ -117,21 +121,17 @@ class PendingReduce:
 
     def _dense_codec(self, out: list[bytes | None]) -> tuple[list[torch.Tensor], float]:
         n = sum(t.numel() for t in self.like)
-        acc = torch.zeros(n, dtype=torch.float32)
-        count = 0
+        decoded = []
         for rank, blob in enumerate(out):  # rank order: the same fold on every worker
             if blob is None or len(blob) == 0:
                 continue
             try:
-                dec = self.codec.decode(blob, n)  # type: ignore[union-attr]
+                decoded.append(self.codec.decode(blob, n))  # type: ignore[union-attr]
             except PayloadError as exc:
                 logger.warning("dropping the payload of peer %d: %s", rank, exc)
-                continue
-            acc += dec
-            count += 1
-        if count:
-            acc /= count
-        return _split(acc, self.like), float(count)
+        if not decoded:
+            return _split(torch.zeros(n, dtype=torch.float32), self.like), 0.0
+        return _split(robust_mean(decoded, self.robust), self.like), float(len(decoded))
 
     def _sparse(self, out: list[bytes | None]) -> tuple[list[torch.Tensor], float]:
         codec = self.codec
@@ -152,6 +152,14 @@ class PendingReduce:
                 continue
             decoded.append(msgs)
         present = [d for d in decoded if d is not None]
+        if self.robust == "clip" and present:
+            # Clip each peer's whole contribution to the median norm (orthonormal DCT: the norm
+            # of the values is the norm of the decoded update), then aggregate as usual.
+            norms = [float(sum(float(m.val.double().pow(2).sum()) for m in msgs)) ** 0.5 for msgs in present]
+            present = [
+                [SparseMessage(m.geometry, m.transform, m.idx, m.val * scale) for m in msgs] if scale != 1.0 else msgs
+                for msgs, scale in zip(present, clip_scales(norms), strict=True)
+            ]
         if not present:
             return [torch.zeros(t.shape, dtype=torch.float32) for t in self.like], 0.0
         result = []
@@ -171,6 +179,7 @@ def start_reduce(
     aggregate: str = "index_mean",
     async_op: bool = False,
     tag: str = "",
+    robust: str = "mean",
 ) -> tuple[PendingReduce, Contribution]:
     """Issue the mean of ``tensors`` over workers.
 
@@ -185,12 +194,19 @@ def start_reduce(
         aggregate: sparse path: ``"index_mean"`` or ``"global_mean"``.
         async_op: return before the collective completes.
         tag: ledger tag.
+        robust: aggregation rule (:data:`thinwire.compression.ROBUST_RULES`). Anything but
+            ``"mean"`` needs every peer's contribution, so dense vectors travel as gathered fp32
+            payloads instead of a ring all-reduce; sparse codecs accept ``"mean"`` and ``"clip"``.
 
     Returns:
         The pending reduction and this worker's contribution as receivers decode it.
     """
     single = comm is None or comm.world_size == 1
-    pend = PendingReduce(list(tensors), codec, weighted, aggregate, 1 if single else comm.world_size)
+    if isinstance(codec, SparseCodec) and robust not in ("mean", "clip"):
+        raise ValueError(f"robust must be in {{'mean', 'clip'}} for sparse codecs, got {robust!r}")
+    if codec is None and robust != "mean" and not single:
+        codec = DenseCodec("fp32")  # robust rules need each peer's vector, not a ring sum
+    pend = PendingReduce(list(tensors), codec, weighted, aggregate, 1 if single else comm.world_size, robust)
     zeros = [torch.zeros(t.shape, dtype=torch.float32) for t in tensors]
     if codec is None:
         sent = [t.detach().clone() for t in tensors] if contribute else [torch.zeros_like(t) for t in tensors]

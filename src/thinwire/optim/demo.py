@@ -76,6 +76,8 @@ class DeMo(Optimizer):
         aggregate: ``"index_mean"`` (reference) or ``"global_mean"``.
         on_nonfinite: ``"raise"`` or ``"skip"`` (this worker sends nothing that step and its
             momentum is reset to zero).
+        robust: ``"mean"`` (default) or ``"clip"``: each peer's sparse contribution is scaled to
+            at most the median norm of all peers' before aggregation.
 
     State (per parameter): ``delta`` (momentum, float32), ``pending`` (with ``overlap``, the
     aggregate to apply next step). ``state_dict()`` adds ``thinwire`` (step, pending lr).
@@ -106,8 +108,10 @@ class DeMo(Optimizer):
         overlap: bool = False,
         aggregate: str = "index_mean",
         on_nonfinite: str = "raise",
+        robust: str = "mean",
     ) -> None:
         self.comm = comm
+        self.robust = check_choice("robust", robust, ("mean", "clip"))
         self.subtract = check_choice("subtract", subtract, ("unquantized", "quantized"))
         self.overlap = check_type("overlap", overlap, bool)
         self.aggregate = check_choice("aggregate", aggregate, ("index_mean", "global_mean"))
@@ -202,6 +206,7 @@ class DeMo(Optimizer):
                 aggregate=self.aggregate,
                 async_op=self.overlap,
                 tag=f"demo/g{gi}",
+                robust=self.robust,
             )
             if finite:
                 taken = contrib.unquantized if self.subtract == "unquantized" else contrib.sent

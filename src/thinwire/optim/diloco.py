@@ -53,6 +53,11 @@ class DiLoCo(DiLoCoBase):
             copies, replacing the default Nesterov SGD (then the three outer settings are unused).
         on_nonfinite: ``"raise"`` (default) raises before anything is sent when Δ is NaN/inf;
             ``"skip"`` makes this worker contribute weight 0 and restart from the new θ_g.
+        robust: aggregation rule against faulty or hostile peers (default ``"mean"``): ``"clip"``
+            (each peer's Δ scaled to at most the median norm), ``"trimmed_mean"`` or ``"median"``
+            (per coordinate; dense and quantized compressors only). Anything but ``"mean"``
+            all-gathers every peer's payload instead of a ring all-reduce
+            (``(M-1)(8 + wire bytes)`` per worker instead of ``2(M-1)/M * 4N``).
 
     State (per parameter): ``anchor`` (θ_g, fp32), ``residual`` (error feedback, fp32),
     ``inflight`` (a reduced Δ̄ awaiting its apply step). ``state_dict()`` adds ``inner``,
@@ -90,6 +95,7 @@ class DiLoCo(DiLoCoBase):
         ef_decay: float = 1.0,
         outer: Callable[[list[dict[str, Any]]], Optimizer] | None = None,
         on_nonfinite: str = "raise",
+        robust: str = "mean",
     ) -> None:
         super().__init__(
             params,
@@ -104,6 +110,7 @@ class DiLoCo(DiLoCoBase):
             ef_decay=ef_decay,
             outer=outer,
             on_nonfinite=on_nonfinite,
+            robust=robust,
             fragments=1,
             fragment_pattern="strided",
             overlap_steps=0,
@@ -130,6 +137,7 @@ class LocalSGD(DiLoCo):
         error_feedback: bool = False,
         ef_decay: float = 1.0,
         on_nonfinite: str = "raise",
+        robust: str = "mean",
     ) -> None:
         super().__init__(
             params,
@@ -143,4 +151,5 @@ class LocalSGD(DiLoCo):
             error_feedback=error_feedback,
             ef_decay=ef_decay,
             on_nonfinite=on_nonfinite,
+            robust=robust,
         )

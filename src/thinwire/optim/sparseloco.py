@@ -76,6 +76,7 @@ class SparseLoCo(DiLoCoBase):
         aggregate: ``"index_mean"`` (reference) or ``"global_mean"``.
         ef_scale_by_lr: scale Δ by α inside the buffer as A5 does (default: True).
         on_nonfinite: ``"raise"`` or ``"skip"`` (as DiLoCo).
+        robust: ``"mean"`` (default) or ``"clip"`` (each peer clipped to the median norm).
 
     State: as DiLoCo, with ``residual`` the error buffer e.
 
@@ -99,6 +100,7 @@ class SparseLoCo(DiLoCoBase):
         aggregate: str = "index_mean",
         ef_scale_by_lr: bool = True,
         on_nonfinite: str = "raise",
+        robust: str = "mean",
     ) -> None:
         super().__init__(
             params,
@@ -113,6 +115,7 @@ class SparseLoCo(DiLoCoBase):
             ef_decay=error_decay,
             outer=None,
             on_nonfinite=on_nonfinite,
+            robust=robust,
             fragments=1,
             fragment_pattern="strided",
             overlap_steps=0,

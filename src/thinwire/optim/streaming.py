@@ -33,7 +33,7 @@ class StreamingDiLoCo(DiLoCoBase):
 
     Args:
         params, inner, outer_lr, outer_momentum, nesterov, sync_every, comm, compressor,
-            error_feedback, ef_decay, outer, on_nonfinite: as :class:`~thinwire.optim.DiLoCo`
+            error_feedback, ef_decay, outer, on_nonfinite, robust: as :class:`~thinwire.optim.DiLoCo`
             (``sync_every`` is each fragment's period *H*; it must be a multiple of P).
         fragments: P (an int, params split by ``fragment_pattern``) or an explicit list of
             parameter lists covering every parameter once (place embeddings and head there).
@@ -67,6 +67,7 @@ class StreamingDiLoCo(DiLoCoBase):
         ef_decay: float = 1.0,
         outer: Callable[[list[dict[str, Any]]], Optimizer] | None = None,
         on_nonfinite: str = "raise",
+        robust: str = "mean",
     ) -> None:
         super().__init__(
             params,
@@ -81,6 +82,7 @@ class StreamingDiLoCo(DiLoCoBase):
             ef_decay=ef_decay,
             outer=outer,
             on_nonfinite=on_nonfinite,
+            robust=robust,
             fragments=fragments,
             fragment_pattern=fragment_pattern,
             overlap_steps=overlap_steps,
