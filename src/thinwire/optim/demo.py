@@ -162,22 +162,18 @@ class DeMo(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.step_count += 1
         groups = []
         for gi, g in enumerate(self.param_groups):
             ps = [p for p in g["params"] if p.grad is not None]
             if not ps:
                 continue
-            deltas = []
+            # New momentum out of place: a non-finite one must leave the optimizer untouched.
+            news = []
             for p in ps:
                 st = self.state[p]
-                if "delta" not in st:
-                    st["delta"] = torch.zeros_like(p, dtype=torch.float32)
-                if g["weight_decay"]:
-                    p.mul_(1.0 - g["lr"] * g["weight_decay"])
-                st["delta"].mul_(g["momentum_decay"]).add_(p.grad.to(torch.float32), alpha=g["lr"])
-                deltas.append(st["delta"])
-            groups.append((gi, ps, deltas))
+                old = st["delta"] if "delta" in st else torch.zeros_like(p, dtype=torch.float32)
+                news.append(old.mul(g["momentum_decay"]).add_(p.grad.to(torch.float32), alpha=g["lr"]))
+            groups.append((gi, ps, news))
         all_d = [d for _, _, ds in groups for d in ds]
         finite = bool(torch.stack([torch.isfinite(d).all() for d in all_d]).all()) if all_d else True
         if not finite:
@@ -187,13 +183,20 @@ class DeMo(Optimizer):
                 for p, d in zip(ps, ds, strict=True)
                 if not bool(torch.isfinite(d).all())
             )
-            msg = f"momentum of group {gi}, param {pi} is non-finite at step {self.step_count}; nothing was sent"
+            msg = f"momentum of group {gi}, param {pi} is non-finite at step {self.step_count + 1}; nothing was sent"
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(msg)
             logger.warning("%s; this worker contributes nothing and resets its momentum", msg)
             for _, _, ds in groups:
                 for d in ds:
                     d.zero_()
+        self.step_count += 1
+        for gi, ps, ds in groups:
+            g = self.param_groups[gi]
+            for p, d in zip(ps, ds, strict=True):
+                self.state[p]["delta"] = d
+                if g["weight_decay"]:
+                    p.mul_(1.0 - g["lr"] * g["weight_decay"])
         launched = []
         for gi, ps, ds in groups:
             g = self.param_groups[gi]

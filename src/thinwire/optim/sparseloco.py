@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from thinwire._validate import check_int
+from thinwire._validate import check_float, check_int
 from thinwire.collectives import Communicator
 from thinwire.optim._outer import DiLoCoBase, InnerFactory
 
@@ -30,8 +30,8 @@ def sparseloco_compressor(
     ``topk`` entries per ``chunk x chunk`` elements (1-D chunks keep the same density), values on
     a ``2**bits``-bin centroid grid over ±3σ (6σ range, A5/A6); ``bits=32`` sends float32 values.
     """
-    check_int("topk", topk, 1, chunk * chunk)
     check_int("chunk", chunk, 1, 65535)
+    check_int("topk", topk, 1, chunk * chunk)
     if bits == 32:
         values: dict[str, Any] = {"values": "fp32"}
     else:
@@ -78,6 +78,9 @@ class SparseLoCo(DiLoCoBase):
         on_nonfinite: ``"raise"`` or ``"skip"`` (as DiLoCo).
         robust: ``"mean"`` (default) or ``"clip"`` (each peer clipped to the median norm).
 
+    Param-group keys: ``outer_lr``, ``ef_decay`` (β), ``compressor`` (a settings mapping or
+    None), ``error_feedback``; the constructor's ``error_decay`` fills ``ef_decay``.
+
     State: as DiLoCo, with ``residual`` the error buffer e.
 
     Deviations: indices are Elias-Fano coded by default (A5/A6 ship int64/12-bit); values are
@@ -102,6 +105,7 @@ class SparseLoCo(DiLoCoBase):
         on_nonfinite: str = "raise",
         robust: str = "mean",
     ) -> None:
+        check_float("error_decay", error_decay, 0.0, 1.0)
         super().__init__(
             params,
             inner,
