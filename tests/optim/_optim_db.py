@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from thinwire.collectives import InprocCommunicator
 from thinwire.compression import DenseCodec
-from thinwire.optim import DiLoCo, LocalSGD, StreamingDiLoCo
+from thinwire.optim import DeMo, SparseLoCo, DiLoCo, LocalSGD, StreamingDiLoCo
 
 __all__ = [
     "ErrorCase",
@@ -87,7 +87,8 @@ class OptimInfo:
         period: steps of one communication period for a configuration (save points span two).
         no_sync_kwargs: a configuration that does not communicate during the first few steps.
         bare_inner: ``params -> Optimizer`` whose trajectory equals ``make(params,
-            **no_sync_kwargs)`` until the first sync (scheduler and closure tests).
+            **no_sync_kwargs)`` until the first sync (scheduler and closure tests); None for an
+            optimizer without an inner one (DeMo), which has its own tests of those.
         fp32_state_keys: per-param state that must stay float32 for bf16 params.
         saved_inflight: ``state_dict -> bool``: the checkpoint holds a communication in flight.
         overlaps: ``kwargs -> bool``: that configuration keeps a communication in flight across
@@ -103,7 +104,7 @@ class OptimInfo:
     group_overrides: tuple[dict[str, Any], dict[str, Any]]
     period: Callable[[Mapping[str, Any]], int]
     no_sync_kwargs: dict[str, Any]
-    bare_inner: Callable[[Any], Optimizer]
+    bare_inner: Callable[[Any], Optimizer] | None
     fp32_state_keys: tuple[str, ...] = ()
     saved_inflight: Callable[[Mapping[str, Any]], bool] = lambda sd: False
     overlaps: Callable[[Mapping[str, Any]], bool] = lambda kw: False
@@ -529,5 +530,111 @@ OPTIM_DB: list[OptimInfo] = [
         fp32_state_keys=_FP32_KEYS,
         saved_inflight=lambda sd: sd["thinwire"]["inflight"] is not None,
         overlaps=lambda kw: kw.get("overlap_steps", 1) > 0,
+    ),
+]
+
+# ------------------------------------------------------------------------------ DeMo, SparseLoCo
+def _demo_make(params: Any, **kw: Any) -> Optimizer:
+    return DeMo(params, **kw)
+
+
+def _demo_valid() -> list[dict[str, Any]]:
+    return [
+        {"lr": 1e-2, "topk": 4, "chunk": 4},
+        {"lr": 1e-2, "topk": 4, "chunk": 4, "values": "sign", "subtract": "quantized", "index_coding": "fixed"},
+        {"lr": 1e-2, "topk": 2, "chunk": 4, "values": "sign", "overlap": True, "weight_decay": 0.01},
+        {"lr": 1e-2, "momentum_decay": 0.9, "aggregate": "global_mean", "on_nonfinite": "skip"},
+    ]
+
+
+_DEMO_LR = {"lr": 1e-2}
+_DEMO_INVALID = (
+    ErrorCase({"lr": 0.0}, ValueError, r"lr must be in \(0\.0, inf\), got 0\.0"),
+    ErrorCase({"lr": float("nan")}, ValueError, r"lr must be in \(0\.0, inf\), got nan"),
+    ErrorCase({**_DEMO_LR, "momentum_decay": 1.0}, ValueError, r"momentum_decay must be in \[0\.0, 1\.0\), got 1\.0"),
+    ErrorCase({**_DEMO_LR, "topk": 0}, ValueError, r"topk must be in \[1, inf\), got 0"),
+    ErrorCase({**_DEMO_LR, "topk": 2.5}, TypeError, r"topk must be int in \[1, inf\), got 2\.5"),
+    ErrorCase({**_DEMO_LR, "chunk": 0}, ValueError, r"chunk must be in \[1, 65535\], got 0"),
+    ErrorCase({**_DEMO_LR, "values": "bf16"}, ValueError, r"values must be in \{'float', 'sign'\}, got 'bf16'"),
+    ErrorCase({**_DEMO_LR, "weight_decay": -1.0}, ValueError, r"weight_decay must be in \[0\.0, inf\), got -1\.0"),
+    ErrorCase({**_DEMO_LR, "index_coding": "pack12"}, ValueError, r"index_coding must be in \{'fixed', 'entropy'\}, got 'pack12'"),
+    ErrorCase({**_DEMO_LR, "subtract": "both"}, ValueError, r"subtract must be in \{'unquantized', 'quantized'\}, got 'both'"),
+    ErrorCase({**_DEMO_LR, "overlap": 1}, TypeError, r"overlap must be bool, got int"),
+    ErrorCase({**_DEMO_LR, "aggregate": "sum"}, ValueError, r"aggregate must be in \{'index_mean', 'global_mean'\}, got 'sum'"),
+    ErrorCase({**_DEMO_LR, "on_nonfinite": "ignore"}, ValueError, r"on_nonfinite must be in \{'raise', 'skip'\}, got 'ignore'"),
+    ErrorCase({**_DEMO_LR, "robust": "median"}, ValueError, r"robust must be in \{'mean', 'clip'\}, got 'median'"),
+)
+_DEMO_GROUP_INVALID = (
+    ErrorCase({"lr": 0.0}, ValueError, r"lr must be in \(0\.0, inf\), got 0\.0"),
+    ErrorCase({"momentum_decay": 1.0}, ValueError, r"momentum_decay must be in \[0\.0, 1\.0\), got 1\.0"),
+    ErrorCase({"weight_decay": -1.0}, ValueError, r"weight_decay must be in \[0\.0, inf\), got -1\.0"),
+    ErrorCase({"topk": 0}, ValueError, r"topk must be in \[1, inf\), got 0"),
+    ErrorCase({"chunk": 0}, ValueError, r"chunk must be in \[1, 65535\], got 0"),
+    ErrorCase({"values": "int8"}, ValueError, r"values must be in \{'float', 'sign'\}, got 'int8'"),
+    ErrorCase({"index_coding": "x"}, ValueError, r"index_coding must be in \{'fixed', 'entropy'\}, got 'x'"),
+    ErrorCase({"compress": 1}, TypeError, r"compress must be bool, got int"),
+)
+
+
+def _sparseloco_valid() -> list[dict[str, Any]]:
+    return [
+        {"sync_every": 3, "topk": 4, "chunk": 4},
+        {"sync_every": 2, "topk": 8, "chunk": 4, "bits": 32, "index_coding": "fixed", "aggregate": "global_mean"},
+        {"sync_every": 3, "outer_lr": 0.8, "error_decay": 0.9, "topk": 2, "chunk": 4, "ef_scale_by_lr": False},
+    ]
+
+
+_SPARSELOCO_INVALID = (
+    ErrorCase({"outer_lr": -0.1}, ValueError, r"outer_lr must be in \[0\.0, inf\), got -0\.1"),
+    ErrorCase({"sync_every": 0}, ValueError, r"sync_every must be in \[1, inf\), got 0"),
+    ErrorCase({"error_decay": 1.5}, ValueError, r"error_decay must be in \[0\.0, 1\.0\], got 1\.5"),
+    ErrorCase({"topk": 0}, ValueError, r"topk must be in \[1, 4096\], got 0"),
+    ErrorCase({"topk": 4097}, ValueError, r"topk must be in \[1, 4096\], got 4097"),
+    ErrorCase({"topk": 2.5}, TypeError, r"topk must be int in \[1, 4096\], got 2\.5"),
+    ErrorCase({"chunk": 0}, ValueError, r"chunk must be in \[1, 65535\], got 0"),
+    ErrorCase({"bits": 0}, ValueError, r"bits must be in \[1, 8\], got 0"),
+    ErrorCase({"bits": 16}, ValueError, r"bits must be in \[1, 8\], got 16"),
+    ErrorCase({"index_coding": "pack12"}, ValueError, r"index_coding must be in \{'fixed', 'entropy'\}, got 'pack12'"),
+    ErrorCase({"aggregate": "sum"}, ValueError, r"aggregate must be in \{'index_mean', 'global_mean'\}, got 'sum'"),
+    ErrorCase({"ef_scale_by_lr": 1}, TypeError, r"ef_scale_by_lr must be bool, got int"),
+    ErrorCase({"on_nonfinite": "ignore"}, ValueError, r"on_nonfinite must be in \{'raise', 'skip'\}, got 'ignore'"),
+    ErrorCase({"robust": "median"}, ValueError, r"robust must be in \{'mean', 'clip'\} with a sparse compressor, got 'median'"),
+)
+_SPARSELOCO_GROUP_INVALID = (
+    ErrorCase({"outer_lr": -1.0}, ValueError, r"outer_lr must be in \[0\.0, inf\), got -1\.0"),
+    ErrorCase({"ef_decay": -0.1}, ValueError, r"ef_decay must be in \[0\.0, 1\.0\], got -0\.1"),
+    ErrorCase({"error_feedback": 1}, TypeError, r"error_feedback must be bool, got int"),
+    ErrorCase({"compressor": 7}, TypeError, r"compressor must be str or Mapping, got int"),
+    ErrorCase({"compressor": {"chunk": 8, "topk": 65, "topk_rule": "density"}}, ValueError, r"topk must be in \[1, 64\], got 65"),
+)
+
+OPTIM_DB += [
+    OptimInfo(
+        name="SparseLoCo",
+        make=_make(SparseLoCo),
+        valid_kwargs=_sparseloco_valid,
+        invalid_kwargs=_SPARSELOCO_INVALID,
+        invalid_group=_SPARSELOCO_GROUP_INVALID,
+        group_kwargs={"sync_every": 3, "topk": 4, "chunk": 4},
+        group_overrides=({"compressor": None}, {"outer_lr": 0.8, "ef_decay": 0.9}),
+        period=_sync_period,
+        no_sync_kwargs={"sync_every": 1000},
+        bare_inner=DEFAULT_INNER,
+        fp32_state_keys=_FP32_KEYS,
+    ),
+    OptimInfo(
+        name="DeMo",
+        make=_demo_make,
+        valid_kwargs=_demo_valid,
+        invalid_kwargs=_DEMO_INVALID,
+        invalid_group=_DEMO_GROUP_INVALID,
+        group_kwargs={"lr": 1e-2, "topk": 4, "chunk": 4},
+        group_overrides=({"compress": False, "lr": 5e-3}, {"topk": 2, "values": "sign", "momentum_decay": 0.9}),
+        period=lambda kw: 1,  # DeMo communicates every step
+        no_sync_kwargs={"lr": 1e-2, "topk": 4, "chunk": 4},
+        bare_inner=None,
+        fp32_state_keys=("delta", "pending"),
+        saved_inflight=lambda sd: bool(sd["thinwire"]["pending"]),
+        overlaps=lambda kw: kw.get("overlap", False),
     ),
 ]

@@ -48,6 +48,9 @@ def _configs() -> list[Any]:
 
 
 BY_NAME = [pytest.param(info, id=info.name) for info in OPTIM_DB]
+# Optimizers that wrap an inner torch optimizer (all but DeMo): the closure and scheduler tests
+# compare them with that bare inner optimizer before the first sync.
+WITH_INNER = [pytest.param(info, id=info.name) for info in OPTIM_DB if info.bare_inner is not None]
 
 
 # ------------------------------------------------------------------------------ validation
@@ -190,9 +193,11 @@ def test_param_groups_equal_one_optimizer_per_group(info: OptimInfo) -> None:
     together = info.make([{"params": p1[:2], **a}, {"params": p1[2:], **b}], **info.group_kwargs)
     for key, value in b.items():
         assert together.param_groups[1][key] == value
+    # Each separate optimizer gets its setting as a one-group dict (not every per-group key is
+    # also a constructor argument, e.g. DeMo's compress or SparseLoCo's compressor).
     apart = [
-        info.make(p2[:2], **{**info.group_kwargs, **a}),
-        info.make(p2[2:], **{**info.group_kwargs, **b}),
+        info.make([{"params": p2[:2], **a}], **info.group_kwargs),
+        info.make([{"params": p2[2:], **b}], **info.group_kwargs),
     ]
     steps = 3 * info.period(info.group_kwargs) + 1
     _lockstep([m1, m2], [[together], apart], steps)
@@ -214,17 +219,19 @@ def test_add_param_group_equals_one_optimizer_per_group(info: OptimInfo) -> None
     m1 = tiny_model()
     m2 = copy.deepcopy(m1)
     p1, p2 = list(m1.parameters()), list(m2.parameters())
-    kw_a = {**info.group_kwargs, **a}
-    grown = info.make(p1[:2], **kw_a)
-    grown.add_param_group({"params": p1[2:], **b})
-    apart = [info.make(p2[:2], **kw_a), info.make(p2[2:], **{**kw_a, **b})]
+    grown = info.make([{"params": p1[:2], **a}], **info.group_kwargs)
+    grown.add_param_group({"params": p1[2:], **a, **b})
+    apart = [
+        info.make([{"params": p2[:2], **a}], **info.group_kwargs),
+        info.make([{"params": p2[2:], **a, **b}], **info.group_kwargs),
+    ]
     _lockstep([m1, m2], [[grown], apart], 3 * info.period(info.group_kwargs) + 1)
     for x, y in zip(p1, p2, strict=True):
         assert torch.equal(x, y)
 
 
 # ------------------------------------------------------------------------------ step API
-@pytest.mark.parametrize("info", BY_NAME)
+@pytest.mark.parametrize("info", WITH_INNER)
 def test_step_closure_returns_the_loss(info: OptimInfo) -> None:
     model = tiny_model()
     ref_model = copy.deepcopy(model)
@@ -277,7 +284,7 @@ def test_zero_grad(info: OptimInfo) -> None:
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
-@pytest.mark.parametrize("info", BY_NAME)
+@pytest.mark.parametrize("info", WITH_INNER)
 def test_lr_scheduler_drives_the_inner_lr(info: OptimInfo) -> None:
     model = tiny_model()
     ref_model = copy.deepcopy(model)
@@ -297,3 +304,52 @@ def test_lr_scheduler_drives_the_inner_lr(info: OptimInfo) -> None:
         assert opt.param_groups[0]["lr"] == base_lr * 0.5 ** ((i + 1) // 2)
         for x, y in zip(model.parameters(), ref_model.parameters(), strict=True):
             assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------------------------ DeMo (no inner)
+DEMO = next(info for info in OPTIM_DB if info.name == "DeMo")
+
+
+def test_demo_closure_equals_a_step_after_backward() -> None:
+    """``step(closure)`` returns the closure's loss and moves params exactly as backward + step."""
+    model = tiny_model()
+    ref_model = copy.deepcopy(model)
+    opt = DEMO.make(model.parameters(), **DEMO.group_kwargs)
+    ref = DEMO.make(ref_model.parameters(), **DEMO.group_kwargs)
+    for batch in batches(4, seed=1):
+
+        def closure(batch: Any = batch) -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn(model, batch)
+            loss.backward()
+            return loss
+
+        ref.zero_grad()
+        expected = loss_fn(ref_model, batch)
+        expected.backward()
+        ref.step()
+        got = opt.step(closure)
+        assert got.item() == expected.item()
+        for x, y in zip(model.parameters(), ref_model.parameters(), strict=True):
+            assert torch.equal(x, y)
+
+
+def test_demo_lr_scheduler_sets_the_step_size() -> None:
+    """A StepLR on DeMo equals setting the halved lr by hand before each step."""
+    model = tiny_model()
+    ref_model = copy.deepcopy(model)
+    opt = DEMO.make(model.parameters(), **DEMO.group_kwargs)
+    ref = DEMO.make(ref_model.parameters(), **DEMO.group_kwargs)
+    base_lr = opt.param_groups[0]["lr"]
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for i, batch in enumerate(batches(6, seed=4)):
+        for g in ref.param_groups:
+            g["lr"] = base_lr * 0.5 ** (i // 2)
+        for o, m in ((opt, model), (ref, ref_model)):
+            o.zero_grad()
+            loss_fn(m, batch).backward()
+            o.step()
+        sched.step()
+        for x, y in zip(model.parameters(), ref_model.parameters(), strict=True):
+            assert torch.equal(x, y)
+    assert opt.param_groups[0]["lr"] == base_lr * 0.5**3

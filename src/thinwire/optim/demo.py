@@ -135,11 +135,16 @@ class DeMo(Optimizer):
         """Add a group, validated like the constructor's arguments."""
         super().add_param_group(param_group)
         g = self.param_groups[-1]
-        check_float("lr", g["lr"], 0.0, lo_open=True)
-        check_float("momentum_decay", g["momentum_decay"], 0.0, 1.0, hi_open=True)
-        check_float("weight_decay", g["weight_decay"], 0.0)
-        check_type("compress", g["compress"], bool)
-        self._codec_of(g)
+        try:
+            check_float("lr", g["lr"], 0.0, lo_open=True)
+            check_float("momentum_decay", g["momentum_decay"], 0.0, 1.0, hi_open=True)
+            check_float("weight_decay", g["weight_decay"], 0.0)
+            check_type("compress", g["compress"], bool)
+            check_int("topk", g["topk"], 1)
+            self._codec_of(g)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
 
     def _codec_of(self, g: dict[str, Any]) -> SparseCodec | None:
         if not g["compress"]:
