@@ -129,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-plot", action="store_true")
     b.add_argument("--json-only", action="store_true")
     b.set_defaults(func=_bench)
+    nc = sub.add_parser("netcheck", help="root only: check the WAN model against kernel traffic shaping", add_help=False)
+    nc.set_defaults(func=None)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "netcheck":  # its own parser: spec §3.5 flags
+        from thinwire.collectives import netcheck_main
+
+        return netcheck_main(argv[1:])
     args = parser.parse_args(argv)
     return int(args.func(args))
 

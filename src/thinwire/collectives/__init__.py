@@ -27,6 +27,8 @@ from thinwire.collectives.base import (
     WireCodec,
 )
 from thinwire.collectives.inproc import InprocCommunicator
+from thinwire.collectives.netcheck import main as netcheck_main
+from thinwire.collectives.netcheck import run_netcheck
 from thinwire.collectives.torch_dist import TorchDistCommunicator
 from thinwire.collectives.wan import (
     PRESETS,
@@ -60,6 +62,8 @@ __all__ = [
     "WanConfig",
     "WanModel",
     "WireCodec",
+    "netcheck_main",
+    "run_netcheck",
     "suggest_timeout",
 ]
 

@@ -1,0 +1,306 @@
+"""``GRPOConfig``: every knob of a thinwire GRPO run, validated once (spec grpo.md §1.6, §0).
+
+Every invalid field raises ``ValueError`` (or ``TypeError`` for a wrong type) whose message keeps
+the uniform ``name must be in RANGE, got VALUE`` shape of ``thinwire._validate`` and then says how
+to fix the config, as every ``__post_init__`` error of TRL's ``grpo_config.py`` does.
+The dataclass is frozen: derive variants with ``dataclasses.replace(cfg, field=value)``, which
+validates again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+from thinwire._validate import check_choice, check_float, check_int, check_type
+
+__all__ = ["GRPOConfig"]
+
+ScaleRewards = Literal["group", "batch", "none"]
+LossAggregation = Literal["token_mean", "sequence_mean", "constant"]
+
+
+def _fix(check: Callable[..., Any], hint: str, *args: Any, **kwargs: Any) -> Any:
+    """Run a ``_validate`` check and append ``hint`` (how to fix it) to its message."""
+    try:
+        return check(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{err}; {hint}") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """Configuration of the GRPO objective and of the asynchronous pipeline (spec §1.6).
+
+    Batches are specified as ``prompts_per_step`` prompts × ``group_size`` completions, so the
+    "batch size must be divisible by num_generations" error of TRL (#2858) cannot arise.
+
+    Args:
+        group_size: completions sampled per prompt; *G* of DeepSeekMath §4.1 (TRL's
+            ``num_generations``, also readable as ``cfg.num_generations``). Must be ≥ 2: the
+            advantage is relative to the group (TRL PR #3199). (default: 8, TRL; DigitSum uses 32)
+        prompts_per_step: groups consumed by one optimizer step (per learner). (default: 32, §4.3)
+        micro_batch_size: completions per forward/backward pass; ``None`` runs the whole step in
+            one pass. Any value gives the same gradient (exact accumulation, §1.4). (default: None)
+        scale_rewards: advantage scaling, ``"group"`` (DSM, TRL default), ``"batch"`` (TRL's
+            "PPO Lite") or ``"none"`` (Dr. GRPO, prime-rl). (default: "group")
+        epsilon_low: lower clip ε_low; ratios below 1 − ε_low stop pushing down. (default: 0.2)
+        epsilon_high: upper clip ε_high; ``None`` means equal to ``epsilon_low`` (PPO/TRL);
+            DAPO's clip-higher uses 0.28. (default: None)
+        delta: two-sided cap δ on the ratio for negative advantages (INTELLECT-2 uses 4);
+            ``None`` disables it. Must exceed 1 + ε_high. (default: None)
+        beta: weight β of the k3 KL to a frozen reference; 0 needs no reference model.
+            (default: 0.0, TRL since May 2025; DSM 0.04)
+        loss_aggregation: ``"token_mean"`` (DAPO; TRL ``dapo``), ``"sequence_mean"`` (DSM;
+            TRL ``grpo``) or ``"constant"`` (Dr. GRPO; TRL ``dr_grpo``). (default: "token_mean")
+        num_iterations: optimizer passes over one batch; μ of DSM Algorithm 1. (default: 1)
+        temperature: sampling temperature *T*; log-probs are of ``log_softmax(logits / T)``.
+            (default: 1.0)
+        max_completion_length: most tokens per completion; *L_max* of the ``constant``
+            normaliser. (default: 512, TRL)
+        max_staleness: largest accepted ``v_now − v_b`` of a group (§2.4); 0 is synchronous
+            on-policy GRPO. (default: 2, prime-rl ``async_level``)
+        stale_mode: ``"drop"`` removes too-stale groups whole; ``"withhold"`` keeps their rewards
+            in the group statistics but masks their tokens (prime-rl PR #2960). (default: "drop")
+        sync: how rollout workers refresh weights (§2): ``"pull"`` (sequential — a worker pulls
+            the latest weights before each group) or ``"push_pull"`` (workers keep generating;
+            a refresh is triggered when the version gap passes ``max_staleness``).
+            (default: "pull")
+        seed: root of every generator of the run (§0). (default: 0)
+        lr: learning rate of the inner optimizer. (default: 1e-3, the DigitSum value of §4.3;
+            TRL and DSM use 1e-6 for LLMs)
+        max_grad_norm: gradient-norm clip before each step; ``None`` disables it.
+            (default: 1.0, transformers/TRL)
+        importance_level: ``"token"`` ratios, or ``"sequence"`` (GSPO: one ratio per completion,
+            the exp of the mean log-ratio). (default: "token")
+        ratio_reference: ``"behavior"`` (ratio against the worker's recorded log-probs) or
+            ``"decoupled"`` (ratio against the learner's own log-probs at the start of the step,
+            times a truncated IS weight, TRL's vLLM mode). (default: "behavior")
+        tis_cap: *C_max* of the truncated IS weight in ``"decoupled"`` mode. (default: 3.0, TRL)
+        filter_zero_std_groups: DAPO dynamic sampling: drop groups whose reward σ < 1e-6 and
+            resample (§1.5). (default: False)
+        max_resample_rounds: resampling rounds of dynamic sampling. (default: 3)
+        mask_truncated: DAPO overlong filtering: completions that hit
+            ``max_completion_length`` without EOS get mask 0 (§1.5). (default: False)
+
+    Raises:
+        ValueError: a field is out of range or two fields contradict; the message says which
+            value to change.
+        TypeError: a field has the wrong type.
+    """
+
+    group_size: int = 8
+    prompts_per_step: int = 32
+    micro_batch_size: int | None = None
+    scale_rewards: ScaleRewards = "group"
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    beta: float = 0.0
+    loss_aggregation: LossAggregation = "token_mean"
+    num_iterations: int = 1
+    temperature: float = 1.0
+    max_completion_length: int = 512
+    max_staleness: int = 2
+    stale_mode: Literal["drop", "withhold"] = "drop"
+    sync: Literal["pull", "push_pull"] = "pull"
+    seed: int = 0
+    lr: float = 1e-3
+    max_grad_norm: float | None = 1.0
+    importance_level: Literal["token", "sequence"] = "token"
+    ratio_reference: Literal["behavior", "decoupled"] = "behavior"
+    tis_cap: float = 3.0
+    filter_zero_std_groups: bool = False
+    max_resample_rounds: int = 3
+    mask_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        _fix(
+            check_int,
+            "GRPO's advantage is relative to the other completions of the same prompt, so "
+            "sample at least 2 per prompt: set group_size >= 2 (TRL PR #3199)",
+            "group_size",
+            self.group_size,
+            2,
+        )
+        _fix(
+            check_int,
+            "set prompts_per_step to the number of prompts (groups) per optimizer step",
+            "prompts_per_step",
+            self.prompts_per_step,
+            1,
+        )
+        if self.micro_batch_size is not None:
+            _fix(
+                check_int,
+                "micro_batch_size counts completions per forward pass; use None for one pass "
+                "over the whole step",
+                "micro_batch_size",
+                self.micro_batch_size,
+                1,
+            )
+        _fix(
+            check_choice,
+            "use 'group' (DeepSeekMath), 'batch' (PPO Lite) or 'none' (Dr. GRPO)",
+            "scale_rewards",
+            self.scale_rewards,
+            ("group", "batch", "none"),
+        )
+        _fix(
+            check_float,
+            "epsilon_low is the PPO clip below 1; typical values are 0.1-0.3 (default 0.2)",
+            "epsilon_low",
+            self.epsilon_low,
+            0.0,
+            1.0,
+            hi_open=True,
+        )
+        if self.epsilon_high is not None:
+            _fix(
+                check_float,
+                "epsilon_high is the clip above 1 (DAPO uses 0.28); None means = epsilon_low",
+                "epsilon_high",
+                self.epsilon_high,
+                0.0,
+            )
+        if self.delta is not None:
+            upper = 1.0 + self.clip_high_eps
+            _fix(
+                check_float,
+                f"delta caps the ratio of negative-advantage tokens and must lie above the upper "
+                f"clip bound 1 + epsilon_high = {upper!r} (INTELLECT-2 uses 4), or be None to "
+                "disable the cap",
+                "delta",
+                self.delta,
+                upper,
+                lo_open=True,
+            )
+        _fix(
+            check_float,
+            "beta weighs the KL to the reference; use 0.0 to train without a reference model",
+            "beta",
+            self.beta,
+            0.0,
+        )
+        _fix(
+            check_choice,
+            "use 'token_mean' (DAPO), 'sequence_mean' (DeepSeekMath) or 'constant' (Dr. GRPO); "
+            "TRL's names 'dapo', 'grpo', 'dr_grpo' map to these",
+            "loss_aggregation",
+            self.loss_aggregation,
+            ("token_mean", "sequence_mean", "constant"),
+        )
+        _fix(
+            check_int,
+            "num_iterations is the number of optimizer passes per batch (mu); 1 is standard",
+            "num_iterations",
+            self.num_iterations,
+            1,
+        )
+        _fix(
+            check_float,
+            "sampling needs a positive temperature (1.0 samples the model's distribution)",
+            "temperature",
+            self.temperature,
+            0.0,
+            lo_open=True,
+        )
+        _fix(
+            check_int,
+            "set max_completion_length to the most tokens a completion may have",
+            "max_completion_length",
+            self.max_completion_length,
+            1,
+        )
+        _fix(
+            check_int,
+            "max_staleness is how many policy versions a group may lag; 0 is synchronous GRPO",
+            "max_staleness",
+            self.max_staleness,
+            0,
+        )
+        _fix(
+            check_choice,
+            "use 'drop' to discard too-stale groups or 'withhold' to keep only their rewards",
+            "stale_mode",
+            self.stale_mode,
+            ("drop", "withhold"),
+        )
+        _fix(
+            check_choice,
+            "use 'pull' (workers refresh before each group) or 'push_pull' (asynchronous)",
+            "sync",
+            self.sync,
+            ("pull", "push_pull"),
+        )
+        _fix(check_int, "seed must be a non-negative int", "seed", self.seed, 0)
+        _fix(
+            check_float,
+            "lr must be positive (DigitSum 1e-3; LLMs 1e-6)",
+            "lr",
+            self.lr,
+            0.0,
+            lo_open=True,
+        )
+        if self.max_grad_norm is not None:
+            _fix(
+                check_float,
+                "use a positive clip norm, or None to disable gradient clipping",
+                "max_grad_norm",
+                self.max_grad_norm,
+                0.0,
+                lo_open=True,
+            )
+        _fix(
+            check_choice,
+            "use 'token' (GRPO) or 'sequence' (GSPO)",
+            "importance_level",
+            self.importance_level,
+            ("token", "sequence"),
+        )
+        _fix(
+            check_choice,
+            "use 'behavior' (ratio against the recorded sampler log-probs) or 'decoupled' "
+            "(ratio against the learner's own log-probs times a truncated IS weight)",
+            "ratio_reference",
+            self.ratio_reference,
+            ("behavior", "decoupled"),
+        )
+        _fix(
+            check_float,
+            "tis_cap truncates the IS weight of 'decoupled' mode; it must be >= 1 (TRL: 3.0)",
+            "tis_cap",
+            self.tis_cap,
+            1.0,
+        )
+        _fix(
+            check_type,
+            "pass True or False",
+            "filter_zero_std_groups",
+            self.filter_zero_std_groups,
+            bool,
+        )
+        _fix(
+            check_int,
+            "max_resample_rounds bounds dynamic sampling's extra rounds; 0 only filters",
+            "max_resample_rounds",
+            self.max_resample_rounds,
+            0,
+        )
+        _fix(check_type, "pass True or False", "mask_truncated", self.mask_truncated, bool)
+
+    @property
+    def num_generations(self) -> int:
+        """TRL's name for ``group_size`` (*G*)."""
+        return self.group_size
+
+    @property
+    def clip_high_eps(self) -> float:
+        """ε_high actually used: ``epsilon_high``, or ``epsilon_low`` when it is ``None``."""
+        return self.epsilon_low if self.epsilon_high is None else float(self.epsilon_high)
+
+    @property
+    def completions_per_step(self) -> int:
+        """Completions consumed by one optimizer step: ``prompts_per_step × group_size``."""
+        return self.prompts_per_step * self.group_size
