@@ -11,6 +11,8 @@ aggregate"; this package holds each step once (``specs/demo_sparseloco.md`` §1-
 * packing: :func:`pack_bits`, :func:`pack_uint`, index coders (fixed width and Elias-Fano);
 * error feedback: :class:`ErrorFeedback`;
 * wire format: :class:`DenseCodec`, :class:`SparseCodec`, :func:`build_codec`, :class:`PayloadError`;
+* fused hot paths with Triton kernels (``_triton/``) behind one dispatch rule: :func:`dct_topk`,
+  :func:`ef_quantize_pack`, :func:`decode_accumulate` (each with its torch reference);
 * aggregation: :func:`aggregate_sparse` (deterministic, bit-identical on every rank) and the
   robust rules of :func:`robust_mean` (norm clipping, trimmed mean, median).
 """
@@ -36,6 +38,13 @@ from thinwire.compression.error_feedback import (
     ErrorFeedback,
     error_feedback_subtract,
     error_feedback_update,
+)
+from thinwire.compression.fused import (
+    EF_FORMAT_BITS,
+    EF_FORMATS,
+    dct_topk,
+    decode_accumulate,
+    ef_quantize_pack,
 )
 from thinwire.compression.index_coding import (
     INDEX_CODERS,
@@ -79,6 +88,8 @@ from thinwire.compression.topk import k_for_chunk, scatter_chunks, topk_chunks
 __all__ = [
     "AGGREGATE_MODES",
     "ChunkGeometry",
+    "EF_FORMATS",
+    "EF_FORMAT_BITS",
     "Codec",
     "DenseCodec",
     "EliasFanoIndexCoder",
@@ -105,8 +116,11 @@ __all__ = [
     "code_bits",
     "dct_basis",
     "dct_chunks",
+    "dct_topk",
+    "decode_accumulate",
     "dct_tiles",
     "densify",
+    "ef_quantize_pack",
     "dequantize_2bit_centroid",
     "dequantize_cast",
     "dequantize_fp4_e3m0",

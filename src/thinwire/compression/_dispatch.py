@@ -24,6 +24,7 @@ import functools
 import importlib
 import logging
 import os
+import threading
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def _tensors(values: Iterable[Any]) -> list[torch.Tensor]:
 
 
 def _check_interpreted_at_import() -> None:
-    """Raise if the kernel modules were imported (and compiled for a GPU) without the interpreter."""
+    """Raise if the kernel modules were imported (compiled for a GPU) without the interpreter."""
     common = sys.modules.get(_KERNEL_COMMON)
     if common is not None and not common.INTERPRETED:
         raise ValueError(
@@ -188,6 +189,9 @@ def register(
     return pair
 
 
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def registered() -> dict[str, KernelPair]:
     """A copy of the registry: op name -> :class:`KernelPair`."""
     return dict(_REGISTRY)
@@ -217,5 +221,12 @@ def dispatch(name: str, backend: str, *args: Any, **kwargs: Any) -> Any:
     if (name, chosen) not in _LOGGED:
         _LOGGED.add((name, chosen))
         logger.debug("%s: backend=%r resolved to %r", name, backend, chosen)
-    fn = pair.reference if chosen == "torch" else pair.load_kernel()
-    return fn(*args, **kwargs)
+    if chosen == "torch":
+        return pair.reference(*args, **kwargs)
+    kernel = pair.load_kernel()
+    if interpret_enabled():
+        # Triton's interpreter patches module-level state while a kernel runs, so two threads
+        # (in-process ranks) interpreting at once break each other; launches are serialised.
+        with _INTERPRETER_LOCK:
+            return kernel(*args, **kwargs)
+    return kernel(*args, **kwargs)

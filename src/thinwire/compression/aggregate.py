@@ -21,10 +21,9 @@ import torch
 from thinwire._validate import check_choice
 from thinwire.compression.chunk import ChunkGeometry
 from thinwire.compression.dct import idct_tiles
+from thinwire.compression.fused import AGGREGATE_MODES, decode_accumulate
 
 __all__ = ["SparseMessage", "aggregate_sparse", "densify", "AGGREGATE_MODES"]
-
-AGGREGATE_MODES = ("index_mean", "global_mean")
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ def aggregate_sparse(
     messages: Sequence[SparseMessage | None] | Mapping[int, SparseMessage | None],
     *,
     mode: str = "index_mean",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Fold several peers' messages into one dense float32 tensor, bit-identically on every rank.
 
@@ -74,6 +74,7 @@ def aggregate_sparse(
             do not count in ``global_mean``'s denominator.
         mode: ``"index_mean"`` (mean over the peers that selected each coordinate; unselected
             coordinates are 0) or ``"global_mean"`` (sum over peers / number of peers).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the fold (``_dispatch`` rule).
 
     Returns:
         The aggregate, inverse-transformed, in the encoded tensor's shape.
@@ -97,17 +98,17 @@ def aggregate_sparse(
                 f"messages must share geometry and transform, got {m.geometry}/{m.transform} "
                 f"and {g}/{first.transform}"
             )
-    device = first.val.device
-    acc = torch.zeros(g.num_chunks, g.chunk_len, dtype=torch.float32, device=device)
-    if g.num_chunks:
-        if mode == "index_mean":
-            count = torch.zeros_like(acc)
-            for m in present:
-                acc.scatter_add_(1, m.idx, m.val.to(torch.float32))
-                count.scatter_add_(1, m.idx, torch.ones_like(m.val, dtype=torch.float32))
-            acc = torch.where(count > 0, acc / count.clamp_min(1.0), acc)
-        else:
-            for m in present:
-                acc.scatter_add_(1, m.idx, m.val.to(torch.float32))
-            acc /= float(len(present))
+    if g.num_chunks == 0:
+        acc = torch.zeros(0, g.chunk_len, dtype=torch.float32, device=first.val.device)
+    else:
+        # The fold itself (rank order, fp32 scatter-add of values and counts) is the
+        # decode_accumulate op: a Triton kernel on CUDA, its torch reference elsewhere.
+        acc = decode_accumulate(
+            [m.idx for m in present],
+            [m.val for m in present],
+            g.num_chunks,
+            g.chunk_len,
+            mode=mode,
+            backend=backend,
+        )
     return _inverse(acc, g, first.transform)

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from thinwire._validate import check_choice, check_dtype, check_float, check_int, check_type
 from thinwire.compression._dispatch import dispatch, register
-from thinwire.compression.aggregate import AGGREGATE_MODES
 from thinwire.compression.bitpack import pack_bits
 from thinwire.compression.error_feedback import (
     BUFFER_DTYPE,
@@ -41,11 +40,16 @@ from thinwire.compression.quant import (
     INT4_DEFAULT_BLOCK,
     INT8_DEFAULT_BLOCK,
     QUANTIZERS,
-    TWO_BIT_DEFAULT_BINS,
+    code_bits,
 )
 from thinwire.compression.topk import topk_chunks
 
+#: How several peers' values at one coordinate combine (``specs/demo_sparseloco.md`` §1.4): the
+#: mean over the peers that selected it (reference parity) or the sum over all peers / P.
+AGGREGATE_MODES = ("index_mean", "global_mean")
+
 __all__ = [
+    "AGGREGATE_MODES",
     "EF_FORMATS",
     "EF_FORMAT_BITS",
     "dct_topk",
@@ -58,9 +62,8 @@ __all__ = [
 
 #: Value formats of :func:`ef_quantize_pack` (keys of :data:`thinwire.compression.QUANTIZERS`).
 EF_FORMATS = ("int8", "int4", "2bit", "sign", "fp4_e3m0")
-#: Bits per packed code: the quantizers' ``code_bits`` (2-bit uses the default 4 bins).
-EF_FORMAT_BITS = {"int8": 8, "int4": 4, "2bit": TWO_BIT_DEFAULT_BINS.bit_length() - 1}
-EF_FORMAT_BITS |= {"sign": 1, "fp4_e3m0": 4}
+#: Bits per packed code, from the quantizers' ``code_bits`` (8, 4, 2, 1, 4; 2-bit has 4 bins).
+EF_FORMAT_BITS = {fmt: code_bits(fmt) for fmt in EF_FORMATS}
 #: ``block=None`` picks the quantizer's own default; for sign that is one scale for the whole
 #: tensor, and 2-bit has no blocks (one mean and centroid table per tensor, spec §3.3).
 _DEFAULT_BLOCK: dict[str, int | None] = {
@@ -121,8 +124,8 @@ def _check_decode_args(
     idx_list: Any, val_list: Any, num_chunks: Any, chunk_len: Any, mode: Any
 ) -> list[int]:
     """Validate :func:`decode_accumulate` arguments; return each peer's ``k``."""
-    check_type("idx_list", idx_list, list | tuple)
-    check_type("val_list", val_list, list | tuple)
+    check_type("idx_list", idx_list, (list, tuple))
+    check_type("val_list", val_list, (list, tuple))
     check_int("num_chunks", num_chunks, 0)
     check_int("chunk_len", chunk_len, 1)
     check_choice("mode", mode, AGGREGATE_MODES)
@@ -343,7 +346,7 @@ def decode_accumulate(
     same bits. The kernel runs one program per chunk and walks the peers in order.
 
     Args:
-        idx_list: one ``(num_chunks, k_p)`` int64 tensor per peer, indices in
+        idx_list: a list or tuple of one ``(num_chunks, k_p)`` int64 tensor per peer, indices in
             ``[0, chunk_len)`` and unique within each row (as :func:`topk_chunks` emits them;
             with duplicates the result is unspecified).
         val_list: matching ``(num_chunks, k_p)`` float32/float16/bfloat16 dequantized values.

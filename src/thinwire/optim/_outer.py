@@ -102,6 +102,7 @@ class DiLoCoBase(Optimizer):
         aggregate: str = "index_mean",
         ef_scale_by_lr: bool = False,
         robust: str = "mean",
+        backend: str = "auto",
     ) -> None:
         if not callable(inner):
             raise TypeError(f"inner must be a callable param_groups -> Optimizer, got {inner!r}")
@@ -119,6 +120,7 @@ class DiLoCoBase(Optimizer):
         self.aggregate = check_choice("aggregate", aggregate, ("index_mean", "global_mean"))
         self.ef_scale_by_lr = check_type("ef_scale_by_lr", ef_scale_by_lr, bool)
         self.robust = check_choice("robust", robust, ROBUST_RULES)
+        self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
         self._codecs: dict[str, Codec | None] = {}
         self._inner_ready = False
         defaults = dict(
@@ -201,7 +203,10 @@ class DiLoCoBase(Optimizer):
         spec = g["compressor"]
         key = repr(spec)
         if key not in self._codecs:
-            self._codecs[key] = check_compressor("compressor", spec)
+            codec = check_compressor("compressor", spec)
+            if isinstance(codec, SparseCodec):
+                codec.backend = self.backend  # kernels through the dispatch rule only
+            self._codecs[key] = codec
         return self._codecs[key]
 
     def _build_fragments(

@@ -164,7 +164,7 @@ class PendingReduce:
             return [torch.zeros(t.shape, dtype=torch.float32) for t in self.like], 0.0
         result = []
         for i, t in enumerate(self.like):
-            agg = aggregate_sparse([d[i] for d in present], mode=self.aggregate)
+            agg = aggregate_sparse([d[i] for d in present], mode=self.aggregate, backend=codec.backend)
             result.append(agg.reshape(t.shape))
         return result, float(len(present))
 

@@ -29,7 +29,12 @@ _FORMAT = 1
 
 
 def demo_compressor(
-    *, topk: int = 32, chunk: int = 64, values: str = "float", index_coding: str = "entropy"
+    *,
+    topk: int = 32,
+    chunk: int = 64,
+    values: str = "float",
+    index_coding: str = "entropy",
+    backend: str = "auto",
 ) -> SparseCodec:
     """DeMo's wire codec: chunked DCT, ``topk`` coefficients per chunk, float32 or sign values.
 
@@ -39,7 +44,13 @@ def demo_compressor(
     check_choice("values", values, ("float", "sign"))
     vals: dict[str, Any] = {"values": "fp32"} if values == "float" else {"values": "sign", "scale": False}
     return SparseCodec(
-        chunk=chunk, topk=topk, transform="dct", topk_rule="per_chunk", index_coding=index_coding, **vals
+        chunk=chunk,
+        topk=topk,
+        transform="dct",
+        topk_rule="per_chunk",
+        index_coding=index_coding,
+        backend=backend,
+        **vals,
     )
 
 
@@ -78,6 +89,9 @@ class DeMo(Optimizer):
             momentum is reset to zero).
         robust: ``"mean"`` (default) or ``"clip"``: each peer's sparse contribution is scaled to
             at most the median norm of all peers' before aggregation.
+        backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or
+            ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``) for the fused DCT + top-k and the
+            aggregation fold (``thinwire.compression._dispatch`` rule).
 
     State (per parameter): ``delta`` (momentum, float32), ``pending`` (with ``overlap``, the
     aggregate to apply next step). ``state_dict()`` adds ``thinwire`` (step, pending lr).
@@ -109,8 +123,10 @@ class DeMo(Optimizer):
         aggregate: str = "index_mean",
         on_nonfinite: str = "raise",
         robust: str = "mean",
+        backend: str = "auto",
     ) -> None:
         self.comm = comm
+        self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
         self.robust = check_choice("robust", robust, ("mean", "clip"))
         self.subtract = check_choice("subtract", subtract, ("unquantized", "quantized"))
         self.overlap = check_type("overlap", overlap, bool)
@@ -153,7 +169,11 @@ class DeMo(Optimizer):
         if key not in self._codecs:
             check_int("topk", g["topk"], 1)
             self._codecs[key] = demo_compressor(
-                topk=g["topk"], chunk=g["chunk"], values=g["values"], index_coding=g["index_coding"]
+                topk=g["topk"],
+                chunk=g["chunk"],
+                values=g["values"],
+                index_coding=g["index_coding"],
+                backend=self.backend,
             )
         return self._codecs[key]
 

@@ -58,6 +58,9 @@ class DiLoCo(DiLoCoBase):
             (per coordinate; dense and quantized compressors only). Anything but ``"mean"``
             all-gathers every peer's payload instead of a ring all-reduce
             (``(M-1)(8 + wire bytes)`` per worker instead of ``2(M-1)/M * 4N``).
+        backend: ``"auto"`` (Triton kernels on CUDA tensors when triton imports, else torch),
+            ``"torch"`` or ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``) for the
+            sparse compressors' fused DCT + top-k and aggregation.
 
     State (per parameter): ``anchor`` (θ_g, fp32), ``residual`` (error feedback, fp32),
     ``inflight`` (a reduced Δ̄ awaiting its apply step). ``state_dict()`` adds ``inner``,
@@ -96,6 +99,7 @@ class DiLoCo(DiLoCoBase):
         outer: Callable[[list[dict[str, Any]]], Optimizer] | None = None,
         on_nonfinite: str = "raise",
         robust: str = "mean",
+        backend: str = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -111,6 +115,7 @@ class DiLoCo(DiLoCoBase):
             outer=outer,
             on_nonfinite=on_nonfinite,
             robust=robust,
+            backend=backend,
             fragments=1,
             fragment_pattern="strided",
             overlap_steps=0,
@@ -138,6 +143,7 @@ class LocalSGD(DiLoCo):
         ef_decay: float = 1.0,
         on_nonfinite: str = "raise",
         robust: str = "mean",
+        backend: str = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -152,4 +158,5 @@ class LocalSGD(DiLoCo):
             ef_decay=ef_decay,
             on_nonfinite=on_nonfinite,
             robust=robust,
+            backend=backend,
         )

@@ -77,6 +77,7 @@ class SparseLoCo(DiLoCoBase):
         ef_scale_by_lr: scale Δ by α inside the buffer as A5 does (default: True).
         on_nonfinite: ``"raise"`` or ``"skip"`` (as DiLoCo).
         robust: ``"mean"`` (default) or ``"clip"`` (each peer clipped to the median norm).
+        backend: kernel backend of the sparse codec, as :class:`~thinwire.optim.DiLoCo`.
 
     Param-group keys: ``outer_lr``, ``ef_decay`` (β), ``compressor`` (a settings mapping or
     None), ``error_feedback``; the constructor's ``error_decay`` fills ``ef_decay``.
@@ -104,6 +105,7 @@ class SparseLoCo(DiLoCoBase):
         ef_scale_by_lr: bool = True,
         on_nonfinite: str = "raise",
         robust: str = "mean",
+        backend: str = "auto",
     ) -> None:
         check_float("error_decay", error_decay, 0.0, 1.0)
         super().__init__(
@@ -120,6 +122,7 @@ class SparseLoCo(DiLoCoBase):
             outer=None,
             on_nonfinite=on_nonfinite,
             robust=robust,
+            backend=backend,
             fragments=1,
             fragment_pattern="strided",
             overlap_steps=0,

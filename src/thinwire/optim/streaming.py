@@ -33,7 +33,7 @@ class StreamingDiLoCo(DiLoCoBase):
 
     Args:
         params, inner, outer_lr, outer_momentum, nesterov, sync_every, comm, compressor,
-            error_feedback, ef_decay, outer, on_nonfinite, robust: as :class:`~thinwire.optim.DiLoCo`
+            error_feedback, ef_decay, outer, on_nonfinite, robust, backend: as :class:`~thinwire.optim.DiLoCo`
             (``sync_every`` is each fragment's period *H*; it must be a multiple of P).
         fragments: P (an int, params split by ``fragment_pattern``) or an explicit list of
             parameter lists covering every parameter once (place embeddings and head there).
@@ -68,6 +68,7 @@ class StreamingDiLoCo(DiLoCoBase):
         outer: Callable[[list[dict[str, Any]]], Optimizer] | None = None,
         on_nonfinite: str = "raise",
         robust: str = "mean",
+        backend: str = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -83,6 +84,7 @@ class StreamingDiLoCo(DiLoCoBase):
             outer=outer,
             on_nonfinite=on_nonfinite,
             robust=robust,
+            backend=backend,
             fragments=fragments,
             fragment_pattern=fragment_pattern,
             overlap_steps=overlap_steps,

@@ -18,6 +18,8 @@ read-modify-writes, then one read and one write of the chunk (plus the counts).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -80,8 +82,8 @@ def _decode_accumulate_kernel(
 
 
 def decode_accumulate_triton(
-    idx_list: list[Tensor] | tuple[Tensor, ...],
-    val_list: list[Tensor] | tuple[Tensor, ...],
+    idx_list: Sequence[Tensor],
+    val_list: Sequence[Tensor],
     num_chunks: int,
     chunk_len: int,
     *,

@@ -423,7 +423,7 @@ def ef_quantize_pack_triton(
     out = torch.empty_like(res)
     if n == 0:
         params = {} if fmt == "2bit" else {"block": block}
-        side = torch.zeros(quant.side_len(fmt, 0, **params), device=res.device)
+        side = torch.zeros(quant.side_len(fmt, 0, **params), dtype=torch.float32, device=res.device)
         packed = torch.empty(0, dtype=torch.uint8, device=res.device)
     elif fmt == "2bit":
         packed, side = _two_bit(res, x, out, decay, scale)
