@@ -88,7 +88,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--write", action="store_true", help="replace the block in benchmarks/RESULTS.md")
+    ap.add_argument(
+        "--write", action="store_true", help="replace the block in benchmarks/RESULTS.md"
+    )
     args = ap.parse_args()
     lines = run(args.rows, args.cols, args.repeats)
     block = "\n".join([BEGIN, _provenance(args.rows, args.cols, args.repeats), "", *lines, END])

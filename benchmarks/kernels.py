@@ -40,8 +40,13 @@ from pathlib import Path
 import torch
 
 import thinwire
-from thinwire.compression import dct_basis
-from thinwire.compression import EF_FORMAT_BITS, dct_topk, decode_accumulate, ef_quantize_pack
+from thinwire.compression import (
+    EF_FORMAT_BITS,
+    dct_basis,
+    dct_topk,
+    decode_accumulate,
+    ef_quantize_pack,
+)
 
 BEGIN = "<!-- kernels.py:begin -->"
 END = "<!-- kernels.py:end -->"

@@ -46,15 +46,23 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    lines = ["| method | setting | value | eval loss (mean over seeds) | best |", "|---|---|---:|---:|:---:|"]
+    lines = [
+        "| method | setting | value | eval loss (mean over seeds) | best |",
+        "|---|---|---:|---:|:---:|",
+    ]
     t0 = time.perf_counter()
     for method in args.methods.split(","):
         key, values = GRID[method]
         scores = []
         for v in values:
             cfg = BenchConfig(
-                methods=[method], engine="inproc", world_size=args.world_size, preset="none",
-                steps=args.steps, inner_steps=args.inner_steps, seeds=seeds,
+                methods=[method],
+                engine="inproc",
+                world_size=args.world_size,
+                preset="none",
+                steps=args.steps,
+                inner_steps=args.inner_steps,
+                seeds=seeds,
                 overrides={method: {key: v}},
             )
             per_rank = run_bench(cfg)
@@ -63,8 +71,12 @@ def main() -> None:
             print(f"{method:18s} {key}={v:<8g} eval {scores[-1]:.4f}", flush=True)
         best = min(range(len(values)), key=lambda i: scores[i])
         for i, v in enumerate(values):
-            lines.append(f"| {method} | {key} | {v:g} | {scores[i]:.4f} | {'*' if i == best else ''} |")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+            lines.append(
+                f"| {method} | {key} | {v:g} | {scores[i]:.4f} | {'*' if i == best else ''} |"
+            )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     prov = (
         f"inproc engine, {args.world_size} ranks, {args.steps} steps, H={args.inner_steps}, seeds {args.seeds}, "
         f"no WAN; torch {torch.__version__}, commit {commit}; {time.perf_counter() - t0:.0f} s; "
@@ -76,7 +88,13 @@ def main() -> None:
         path = Path(__file__).with_name("RESULTS.md")
         text = path.read_text()
         if BEGIN not in text:
-            text += "\n## Sweep of method settings (issue \"bandwidth benchmark\")\n\n" + BEGIN + "\n" + END + "\n"
+            text += (
+                '\n## Sweep of method settings (issue "bandwidth benchmark")\n\n'
+                + BEGIN
+                + "\n"
+                + END
+                + "\n"
+            )
         head, _, rest = text.partition(BEGIN)
         _, _, tail = rest.partition(END)
         path.write_text(head + block + tail)

@@ -37,7 +37,9 @@ from thinwire.collectives import TorchDistCommunicator, WanCommunicator, WanConf
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="diloco-int8", choices=list(METHODS))
-    ap.add_argument("--preset", default="home_broadband", help="WAN preset, or 'none' on a real network")
+    ap.add_argument(
+        "--preset", default="home_broadband", help="WAN preset, or 'none' on a real network"
+    )
     ap.add_argument("--wan-mode", default="virtual", choices=["virtual", "sleep"])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--inner-steps", type=int, default=20)
@@ -51,8 +53,11 @@ def main() -> None:
     rank, world = comm.rank, comm.world_size
     wan = None
     if args.preset != "none":
-        wan = WanCommunicator(comm, WanConfig.from_preset(args.preset, world, mode=args.wan_mode, seed=args.seed),
-                              measure_compute=False)
+        wan = WanCommunicator(
+            comm,
+            WanConfig.from_preset(args.preset, world, mode=args.wan_mode, seed=args.seed),
+            measure_compute=False,
+        )
     method = METHODS[args.method]
     model = TinyGPT(seed=args.seed)
     opt = build_optimizer(method, model, wan or comm, inner_steps=args.inner_steps)
@@ -61,8 +66,11 @@ def main() -> None:
     eval_set = lang.eval_set(64, model.cfg.context + 1, args.seed)
     params = list(model.parameters())
     if rank == 0:
-        print(f"method {args.method} on {world} ranks (gloo), preset {args.preset}, {args.steps} steps, "
-              f"H={args.inner_steps}", flush=True)
+        print(
+            f"method {args.method} on {world} ranks (gloo), preset {args.preset}, {args.steps} steps, "
+            f"H={args.inner_steps}",
+            flush=True,
+        )
     for step in range(1, args.steps + 1):
         x = lang.sample(args.batch, model.cfg.context + 1, stream)
         t0 = time.perf_counter()
@@ -85,11 +93,17 @@ def main() -> None:
                     ev = float(model(eval_set[:, :-1], eval_set[:, 1:]))
             sent = comm.ledger.totals()["sent"]
             sim = wan.clock if wan is not None else float("nan")
-            print(f"step {step:4d}  train {float(loss.detach()):.2f}  eval {ev:.2f}  sent {sent:,} B  sim {sim:.1f} s", flush=True)
+            print(
+                f"step {step:4d}  train {float(loss.detach()):.2f}  eval {ev:.2f}  sent {sent:,} B  sim {sim:.1f} s",
+                flush=True,
+            )
     if rank == 0:
         exposed = wan.exposed_comm_s if wan is not None else float("nan")
-        print(f"done: eval {ev:.2f} (floor {lang.entropy_rate():.3f}), sent/rank {comm.ledger.totals()['sent']:,} B, "
-              f"simulated {wan.clock if wan else float('nan'):.1f} s (exposed comm {exposed:.1f} s)", flush=True)
+        print(
+            f"done: eval {ev:.2f} (floor {lang.entropy_rate():.3f}), sent/rank {comm.ledger.totals()['sent']:,} B, "
+            f"simulated {wan.clock if wan else float('nan'):.1f} s (exposed comm {exposed:.1f} s)",
+            flush=True,
+        )
     dist.destroy_process_group()
 
 

@@ -20,8 +20,14 @@ N_PARAMS = sum(p.numel() for p in TinyGPT().parameters())
 def _torchrun(script: str, nproc: int, *args: str) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-        f"--nproc-per-node={nproc}", str(ROOT / "examples" / script), *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        str(ROOT / "examples" / script),
+        *args,
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -29,10 +35,14 @@ def _torchrun(script: str, nproc: int, *args: str) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("method, per_sync", [("diloco-fp32", None), ("ddp", None), ("sparseloco", "small")])
+@pytest.mark.parametrize(
+    "method, per_sync", [("diloco-fp32", None), ("ddp", None), ("sparseloco", "small")]
+)
 def test_train_tiny_prints_ledger_bytes(method, per_sync):
     P, steps, H = 2, 8, 4
-    out = _torchrun("train_tiny.py", P, "--method", method, "--steps", str(steps), "--inner-steps", str(H))
+    out = _torchrun(
+        "train_tiny.py", P, "--method", method, "--steps", str(steps), "--inner-steps", str(H)
+    )
     assert f"method {method} on {P} ranks (gloo)" in out
     m = re.search(r"done: eval ([0-9.]+) \(floor ([0-9.]+)\), sent/rank ([0-9,]+) B", out)
     assert m, out

@@ -16,11 +16,28 @@ from thinwire.bench import TinyGPT
 N_PARAMS = sum(p.numel() for p in TinyGPT().parameters())
 
 
-def _run(tmp_path, engine: str, methods: str, steps: int = 16, inner: int = 8, world: int = 2, extra=()):
+def _run(
+    tmp_path, engine: str, methods: str, steps: int = 16, inner: int = 8, world: int = 2, extra=()
+):
     out = tmp_path / engine
     cmd = [
-        sys.executable, "-m", "thinwire.bench", "bench", "--engine", engine, "--world-size", str(world),
-        "--steps", str(steps), "--inner-steps", str(inner), "--methods", methods, "--out", str(out), *extra,
+        sys.executable,
+        "-m",
+        "thinwire.bench",
+        "bench",
+        "--engine",
+        engine,
+        "--world-size",
+        str(world),
+        "--steps",
+        str(steps),
+        "--inner-steps",
+        str(inner),
+        "--methods",
+        methods,
+        "--out",
+        str(out),
+        *extra,
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -35,7 +52,9 @@ def _ring_bytes(numel: int, P: int) -> int:
 @pytest.mark.parametrize("engine", ["inproc", "gloo"])
 def test_bench_cli_ledger_matches_formulas(tmp_path, engine):
     steps, H, P = 16, 8, 2
-    out, stdout = _run(tmp_path, engine, "ddp,diloco-fp32,diloco-int4,sparseloco", steps, H, P, ["--no-plot"])
+    out, stdout = _run(
+        tmp_path, engine, "ddp,diloco-fp32,diloco-int4,sparseloco", steps, H, P, ["--no-plot"]
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == "thinwire.bench/v1"
     assert res["config"]["engine"] == engine and res["preset"]["basis"]
@@ -47,8 +66,14 @@ def test_bench_cli_ledger_matches_formulas(tmp_path, engine):
     assert m["diloco-fp32"]["bytes_sent_per_rank"]["mean"] * H == ddp
     assert m["diloco-fp32"]["reduction_vs_ddp"] == pytest.approx(H)
     # Compressed methods send less than fp32 DiLoCo, and tokens seen are equal across methods.
-    assert m["diloco-int4"]["bytes_sent_per_rank"]["mean"] < m["diloco-fp32"]["bytes_sent_per_rank"]["mean"] / 6
-    assert m["sparseloco"]["bytes_sent_per_rank"]["mean"] < m["diloco-int4"]["bytes_sent_per_rank"]["mean"]
+    assert (
+        m["diloco-int4"]["bytes_sent_per_rank"]["mean"]
+        < m["diloco-fp32"]["bytes_sent_per_rank"]["mean"] / 6
+    )
+    assert (
+        m["sparseloco"]["bytes_sent_per_rank"]["mean"]
+        < m["diloco-int4"]["bytes_sent_per_rank"]["mean"]
+    )
     assert len({v["tokens"] for v in m.values()}) == 1
     for name, v in m.items():
         run = v["runs"][0]
@@ -70,7 +95,18 @@ def test_bench_cli_writes_plot_and_rejects_bad_flags(tmp_path):
     png = out / "bench_home_broadband.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run(
-        [sys.executable, "-m", "thinwire.bench", "bench", "--methods", "nope", "--out", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "thinwire.bench",
+            "bench",
+            "--methods",
+            "nope",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode != 0 and "methods must be in" in bad.stderr

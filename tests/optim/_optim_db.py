@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from thinwire.collectives import InprocCommunicator
 from thinwire.compression import DenseCodec
-from thinwire.optim import DeMo, SparseLoCo, DiLoCo, LocalSGD, StreamingDiLoCo
+from thinwire.optim import DeMo, DiLoCo, LocalSGD, SparseLoCo, StreamingDiLoCo
 
 __all__ = [
     "ErrorCase",
@@ -533,6 +533,7 @@ OPTIM_DB: list[OptimInfo] = [
     ),
 ]
 
+
 # ------------------------------------------------------------------------------ DeMo, SparseLoCo
 def _demo_make(params: Any, **kw: Any) -> Optimizer:
     return DeMo(params, **kw)
@@ -541,8 +542,22 @@ def _demo_make(params: Any, **kw: Any) -> Optimizer:
 def _demo_valid() -> list[dict[str, Any]]:
     return [
         {"lr": 1e-2, "topk": 4, "chunk": 4},
-        {"lr": 1e-2, "topk": 4, "chunk": 4, "values": "sign", "subtract": "quantized", "index_coding": "fixed"},
-        {"lr": 1e-2, "topk": 2, "chunk": 4, "values": "sign", "overlap": True, "weight_decay": 0.01},
+        {
+            "lr": 1e-2,
+            "topk": 4,
+            "chunk": 4,
+            "values": "sign",
+            "subtract": "quantized",
+            "index_coding": "fixed",
+        },
+        {
+            "lr": 1e-2,
+            "topk": 2,
+            "chunk": 4,
+            "values": "sign",
+            "overlap": True,
+            "weight_decay": 0.01,
+        },
         {"lr": 1e-2, "momentum_decay": 0.9, "aggregate": "global_mean", "on_nonfinite": "skip"},
     ]
 
@@ -551,27 +566,67 @@ _DEMO_LR = {"lr": 1e-2}
 _DEMO_INVALID = (
     ErrorCase({"lr": 0.0}, ValueError, r"lr must be in \(0\.0, inf\), got 0\.0"),
     ErrorCase({"lr": float("nan")}, ValueError, r"lr must be in \(0\.0, inf\), got nan"),
-    ErrorCase({**_DEMO_LR, "momentum_decay": 1.0}, ValueError, r"momentum_decay must be in \[0\.0, 1\.0\), got 1\.0"),
+    ErrorCase(
+        {**_DEMO_LR, "momentum_decay": 1.0},
+        ValueError,
+        r"momentum_decay must be in \[0\.0, 1\.0\), got 1\.0",
+    ),
     ErrorCase({**_DEMO_LR, "topk": 0}, ValueError, r"topk must be in \[1, inf\), got 0"),
     ErrorCase({**_DEMO_LR, "topk": 2.5}, TypeError, r"topk must be int in \[1, inf\), got 2\.5"),
     ErrorCase({**_DEMO_LR, "chunk": 0}, ValueError, r"chunk must be in \[1, 65535\], got 0"),
-    ErrorCase({**_DEMO_LR, "values": "bf16"}, ValueError, r"values must be in \{'float', 'sign'\}, got 'bf16'"),
-    ErrorCase({**_DEMO_LR, "weight_decay": -1.0}, ValueError, r"weight_decay must be in \[0\.0, inf\), got -1\.0"),
-    ErrorCase({**_DEMO_LR, "index_coding": "pack12"}, ValueError, r"index_coding must be in \{'fixed', 'entropy'\}, got 'pack12'"),
-    ErrorCase({**_DEMO_LR, "subtract": "both"}, ValueError, r"subtract must be in \{'unquantized', 'quantized'\}, got 'both'"),
+    ErrorCase(
+        {**_DEMO_LR, "values": "bf16"},
+        ValueError,
+        r"values must be in \{'float', 'sign'\}, got 'bf16'",
+    ),
+    ErrorCase(
+        {**_DEMO_LR, "weight_decay": -1.0},
+        ValueError,
+        r"weight_decay must be in \[0\.0, inf\), got -1\.0",
+    ),
+    ErrorCase(
+        {**_DEMO_LR, "index_coding": "pack12"},
+        ValueError,
+        r"index_coding must be in \{'fixed', 'entropy'\}, got 'pack12'",
+    ),
+    ErrorCase(
+        {**_DEMO_LR, "subtract": "both"},
+        ValueError,
+        r"subtract must be in \{'unquantized', 'quantized'\}, got 'both'",
+    ),
     ErrorCase({**_DEMO_LR, "overlap": 1}, TypeError, r"overlap must be bool, got int"),
-    ErrorCase({**_DEMO_LR, "aggregate": "sum"}, ValueError, r"aggregate must be in \{'index_mean', 'global_mean'\}, got 'sum'"),
-    ErrorCase({**_DEMO_LR, "on_nonfinite": "ignore"}, ValueError, r"on_nonfinite must be in \{'raise', 'skip'\}, got 'ignore'"),
-    ErrorCase({**_DEMO_LR, "robust": "median"}, ValueError, r"robust must be in \{'mean', 'clip'\}, got 'median'"),
+    ErrorCase(
+        {**_DEMO_LR, "aggregate": "sum"},
+        ValueError,
+        r"aggregate must be in \{'index_mean', 'global_mean'\}, got 'sum'",
+    ),
+    ErrorCase(
+        {**_DEMO_LR, "on_nonfinite": "ignore"},
+        ValueError,
+        r"on_nonfinite must be in \{'raise', 'skip'\}, got 'ignore'",
+    ),
+    ErrorCase(
+        {**_DEMO_LR, "robust": "median"},
+        ValueError,
+        r"robust must be in \{'mean', 'clip'\}, got 'median'",
+    ),
 )
 _DEMO_GROUP_INVALID = (
     ErrorCase({"lr": 0.0}, ValueError, r"lr must be in \(0\.0, inf\), got 0\.0"),
-    ErrorCase({"momentum_decay": 1.0}, ValueError, r"momentum_decay must be in \[0\.0, 1\.0\), got 1\.0"),
-    ErrorCase({"weight_decay": -1.0}, ValueError, r"weight_decay must be in \[0\.0, inf\), got -1\.0"),
+    ErrorCase(
+        {"momentum_decay": 1.0}, ValueError, r"momentum_decay must be in \[0\.0, 1\.0\), got 1\.0"
+    ),
+    ErrorCase(
+        {"weight_decay": -1.0}, ValueError, r"weight_decay must be in \[0\.0, inf\), got -1\.0"
+    ),
     ErrorCase({"topk": 0}, ValueError, r"topk must be in \[1, inf\), got 0"),
     ErrorCase({"chunk": 0}, ValueError, r"chunk must be in \[1, 65535\], got 0"),
     ErrorCase({"values": "int8"}, ValueError, r"values must be in \{'float', 'sign'\}, got 'int8'"),
-    ErrorCase({"index_coding": "x"}, ValueError, r"index_coding must be in \{'fixed', 'entropy'\}, got 'x'"),
+    ErrorCase(
+        {"index_coding": "x"},
+        ValueError,
+        r"index_coding must be in \{'fixed', 'entropy'\}, got 'x'",
+    ),
     ErrorCase({"compress": 1}, TypeError, r"compress must be bool, got int"),
 )
 
@@ -579,8 +634,22 @@ _DEMO_GROUP_INVALID = (
 def _sparseloco_valid() -> list[dict[str, Any]]:
     return [
         {"sync_every": 3, "topk": 4, "chunk": 4},
-        {"sync_every": 2, "topk": 8, "chunk": 4, "bits": 32, "index_coding": "fixed", "aggregate": "global_mean"},
-        {"sync_every": 3, "outer_lr": 0.8, "error_decay": 0.9, "topk": 2, "chunk": 4, "ef_scale_by_lr": False},
+        {
+            "sync_every": 2,
+            "topk": 8,
+            "chunk": 4,
+            "bits": 32,
+            "index_coding": "fixed",
+            "aggregate": "global_mean",
+        },
+        {
+            "sync_every": 3,
+            "outer_lr": 0.8,
+            "error_decay": 0.9,
+            "topk": 2,
+            "chunk": 4,
+            "ef_scale_by_lr": False,
+        },
     ]
 
 
@@ -594,18 +663,38 @@ _SPARSELOCO_INVALID = (
     ErrorCase({"chunk": 0}, ValueError, r"chunk must be in \[1, 65535\], got 0"),
     ErrorCase({"bits": 0}, ValueError, r"bits must be in \[1, 8\], got 0"),
     ErrorCase({"bits": 16}, ValueError, r"bits must be in \[1, 8\], got 16"),
-    ErrorCase({"index_coding": "pack12"}, ValueError, r"index_coding must be in \{'fixed', 'entropy'\}, got 'pack12'"),
-    ErrorCase({"aggregate": "sum"}, ValueError, r"aggregate must be in \{'index_mean', 'global_mean'\}, got 'sum'"),
+    ErrorCase(
+        {"index_coding": "pack12"},
+        ValueError,
+        r"index_coding must be in \{'fixed', 'entropy'\}, got 'pack12'",
+    ),
+    ErrorCase(
+        {"aggregate": "sum"},
+        ValueError,
+        r"aggregate must be in \{'index_mean', 'global_mean'\}, got 'sum'",
+    ),
     ErrorCase({"ef_scale_by_lr": 1}, TypeError, r"ef_scale_by_lr must be bool, got int"),
-    ErrorCase({"on_nonfinite": "ignore"}, ValueError, r"on_nonfinite must be in \{'raise', 'skip'\}, got 'ignore'"),
-    ErrorCase({"robust": "median"}, ValueError, r"robust must be in \{'mean', 'clip'\} with a sparse compressor, got 'median'"),
+    ErrorCase(
+        {"on_nonfinite": "ignore"},
+        ValueError,
+        r"on_nonfinite must be in \{'raise', 'skip'\}, got 'ignore'",
+    ),
+    ErrorCase(
+        {"robust": "median"},
+        ValueError,
+        r"robust must be in \{'mean', 'clip'\} with a sparse compressor, got 'median'",
+    ),
 )
 _SPARSELOCO_GROUP_INVALID = (
     ErrorCase({"outer_lr": -1.0}, ValueError, r"outer_lr must be in \[0\.0, inf\), got -1\.0"),
     ErrorCase({"ef_decay": -0.1}, ValueError, r"ef_decay must be in \[0\.0, 1\.0\], got -0\.1"),
     ErrorCase({"error_feedback": 1}, TypeError, r"error_feedback must be bool, got int"),
     ErrorCase({"compressor": 7}, TypeError, r"compressor must be str or Mapping, got int"),
-    ErrorCase({"compressor": {"chunk": 8, "topk": 65, "topk_rule": "density"}}, ValueError, r"topk must be in \[1, 64\], got 65"),
+    ErrorCase(
+        {"compressor": {"chunk": 8, "topk": 65, "topk_rule": "density"}},
+        ValueError,
+        r"topk must be in \[1, 64\], got 65",
+    ),
 )
 
 OPTIM_DB += [
@@ -629,7 +718,10 @@ OPTIM_DB += [
         invalid_kwargs=_DEMO_INVALID,
         invalid_group=_DEMO_GROUP_INVALID,
         group_kwargs={"lr": 1e-2, "topk": 4, "chunk": 4},
-        group_overrides=({"compress": False, "lr": 5e-3}, {"topk": 2, "values": "sign", "momentum_decay": 0.9}),
+        group_overrides=(
+            {"compress": False, "lr": 5e-3},
+            {"topk": 2, "values": "sign", "momentum_decay": 0.9},
+        ),
         period=lambda kw: 1,  # DeMo communicates every step
         no_sync_kwargs={"lr": 1e-2, "topk": 4, "chunk": 4},
         bare_inner=None,

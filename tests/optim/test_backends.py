@@ -50,8 +50,15 @@ def _run(make, backend: str, steps: int) -> list[dict]:
 
 def test_sparseloco_triton_equals_torch() -> None:
     def make(params, comm, backend):
-        return SparseLoCo(params, functools.partial(torch.optim.SGD, lr=0.05), sync_every=2, topk=16, chunk=8,
-                          comm=comm, backend=backend)
+        return SparseLoCo(
+            params,
+            functools.partial(torch.optim.SGD, lr=0.05),
+            sync_every=2,
+            topk=16,
+            chunk=8,
+            comm=comm,
+            backend=backend,
+        )
 
     a, b = _run(make, "torch", 6), _run(make, "triton", 6)
     # No DCT: selection is the torch top-k on both; the fold is bit-identical by construction.
@@ -69,7 +76,10 @@ def test_demo_triton_matches_torch() -> None:
     steps = 4
     a, b = _run(make, "torch", steps), _run(make, "triton", steps)
     for r in range(2):
-        pa, pb = torch.cat([p.flatten() for p in a[r]["params"]]), torch.cat([p.flatten() for p in b[r]["params"]])
+        pa, pb = (
+            torch.cat([p.flatten() for p in a[r]["params"]]),
+            torch.cat([p.flatten() for p in b[r]["params"]]),
+        )
         # The DCT sums in another order on the two backends (fp32 rounding, ~1e-7 relative), so a
         # coordinate whose aggregate is ~0 can take the other sign: each such flip moves a
         # parameter by 2*lr. Everything else must agree to fp32 rounding.

@@ -48,7 +48,9 @@ def _bench(args: argparse.Namespace) -> int:
     from thinwire.bench.methods import METHODS
     from thinwire.bench.report import NOTE, TABLE_HEADERS, summarize, table_rows, write_outputs
 
-    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    methods = (
+        list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    )
     cfg = BenchConfig(
         methods=methods,
         engine=args.engine,
@@ -69,7 +71,12 @@ def _bench(args: argparse.Namespace) -> int:
     if show:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+        )
         tasks: dict[tuple[str, int], int] = {}
         with progress:
             overall = progress.add_task("all methods", total=total)
@@ -86,12 +93,17 @@ def _bench(args: argparse.Namespace) -> int:
             per_rank = run_bench(cfg, on_event)
     else:
         if not args.quiet:
-            print(f"thinwire bench: {len(cfg.methods)} methods x {len(cfg.seeds)} seed(s), {cfg.steps} steps, "
-                  f"{cfg.world_size} ranks ({cfg.engine}), preset {cfg.preset}", flush=True)
+            print(
+                f"thinwire bench: {len(cfg.methods)} methods x {len(cfg.seeds)} seed(s), {cfg.steps} steps, "
+                f"{cfg.world_size} ranks ({cfg.engine}), preset {cfg.preset}",
+                flush=True,
+            )
         per_rank = run_bench(cfg)
     summary = summarize(per_rank)
     out = Path(args.out)
-    paths = write_outputs(summary, cfg.__dict__ | {"seeds": cfg.seeds}, out, plot=not (args.no_plot or args.json_only))
+    paths = write_outputs(
+        summary, cfg.__dict__ | {"seeds": cfg.seeds}, out, plot=not (args.no_plot or args.json_only)
+    )
     if not args.json_only:
         floor = next(iter(summary.values()))["loss_floor"]
         title = (
@@ -99,7 +111,9 @@ def _bench(args: argparse.Namespace) -> int:
             f"H={cfg.inner_steps}, seeds {args.seeds}; loss floor {floor:.4f} nats; {NOTE}"
         )
         _print_table(title, TABLE_HEADERS, table_rows(summary))
-        print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.0f} s"
+        )
     return 0
 
 
@@ -129,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-plot", action="store_true")
     b.add_argument("--json-only", action="store_true")
     b.set_defaults(func=_bench)
-    nc = sub.add_parser("netcheck", help="root only: check the WAN model against kernel traffic shaping", add_help=False)
+    nc = sub.add_parser(
+        "netcheck",
+        help="root only: check the WAN model against kernel traffic shaping",
+        add_help=False,
+    )
     nc.set_defaults(func=None)
     if argv is None:
         argv = sys.argv[1:]

@@ -112,7 +112,11 @@ def format_rows(rows: list[CodecRow]) -> list[list[str]]:
     """Rows as strings for a table: codec, bytes, ratio, bits/elem, rel. L2 error, bits/index."""
     table = []
     for r in rows:
-        idx = "-" if r.bits_per_index is None else f"{r.bits_per_index:.2f} / {r.bound_bits_per_index:.2f}"
+        idx = (
+            "-"
+            if r.bits_per_index is None
+            else f"{r.bits_per_index:.2f} / {r.bound_bits_per_index:.2f}"
+        )
         table.append(
             [
                 r.label,
@@ -127,4 +131,12 @@ def format_rows(rows: list[CodecRow]) -> list[list[str]]:
     return table
 
 
-HEADERS = ["codec", "bytes", "vs fp32", "bits/elem", "rel. L2 err", "bits/index (bound)", "enc/dec ms"]
+HEADERS = [
+    "codec",
+    "bytes",
+    "vs fp32",
+    "bits/elem",
+    "rel. L2 err",
+    "bits/index (bound)",
+    "enc/dec ms",
+]

@@ -27,7 +27,13 @@ import torch
 
 from thinwire.bench.methods import METHODS, build_optimizer
 from thinwire.bench.tiny import ByteCorpus, MarkovLanguage, TinyConfig, TinyGPT, param_hash
-from thinwire.collectives import Communicator, InprocCommunicator, PRESETS, WanCommunicator, WanConfig
+from thinwire.collectives import (
+    PRESETS,
+    Communicator,
+    InprocCommunicator,
+    WanCommunicator,
+    WanConfig,
+)
 
 __all__ = ["BenchConfig", "run_bench", "run_rank"]
 
@@ -60,12 +66,16 @@ class BenchConfig:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be in {{{', '.join(ENGINES)}}}, got {self.engine!r}")
         if self.preset != "none" and self.preset not in PRESETS:
-            raise ValueError(f"preset must be in {{none, {', '.join(PRESETS)}}}, got {self.preset!r}")
+            raise ValueError(
+                f"preset must be in {{none, {', '.join(PRESETS)}}}, got {self.preset!r}"
+            )
         for name, lo in (("world_size", 1), ("steps", 1), ("inner_steps", 1), ("batch", 1)):
             if int(getattr(self, name)) < lo:
                 raise ValueError(f"{name} must be in [{lo}, inf), got {getattr(self, name)}")
         if self.steps % self.inner_steps:
-            raise ValueError(f"steps must be a multiple of inner_steps={self.inner_steps}, got {self.steps}")
+            raise ValueError(
+                f"steps must be a multiple of inner_steps={self.inner_steps}, got {self.steps}"
+            )
         if "streaming-diloco" in self.methods and (self.inner_steps % 4 or self.inner_steps < 8):
             raise ValueError(
                 f"inner_steps must be a multiple of 4 and >= 8 for streaming-diloco (4 fragments, "
@@ -233,7 +243,9 @@ def run_rank(comm: Communicator, cfg: BenchConfig, progress: Any = None) -> list
     return out
 
 
-def _gloo_worker(rank: int, cfg_dict: dict[str, Any], rdzv: str, out_dir: str, progress: Any) -> None:
+def _gloo_worker(
+    rank: int, cfg_dict: dict[str, Any], rdzv: str, out_dir: str, progress: Any
+) -> None:
     import torch.distributed as dist
 
     from thinwire.collectives import TorchDistCommunicator
@@ -287,7 +299,9 @@ def run_bench(cfg: BenchConfig, on_event: Any = None) -> list[list[dict[str, Any
         threads = [threading.Thread(target=target, args=(r,)) for r in range(cfg.world_size)]
         for t in threads:
             t.start()
-        drainer = threading.Thread(target=_drain, args=(prog, on_event, lambda: any(t.is_alive() for t in threads)))
+        drainer = threading.Thread(
+            target=_drain, args=(prog, on_event, lambda: any(t.is_alive() for t in threads))
+        )
         drainer.start()
         for t in threads:
             t.join()
@@ -304,7 +318,9 @@ def run_bench(cfg: BenchConfig, on_event: Any = None) -> list[list[dict[str, Any
         ]
         for p in procs:
             p.start()
-        drainer = threading.Thread(target=_drain, args=(prog, on_event, lambda: any(p.is_alive() for p in procs)))
+        drainer = threading.Thread(
+            target=_drain, args=(prog, on_event, lambda: any(p.is_alive() for p in procs))
+        )
         drainer.start()
         for p in procs:
             p.join()
@@ -317,6 +333,8 @@ def run_bench(cfg: BenchConfig, on_event: Any = None) -> list[list[dict[str, Any
         for r in range(cfg.world_size):
             f = Path(tmp, f"rank{r}.json")
             if not f.exists():
-                raise RuntimeError(f"benchmark rank {r} exited with code {procs[r].exitcode} and no result")
+                raise RuntimeError(
+                    f"benchmark rank {r} exited with code {procs[r].exitcode} and no result"
+                )
             out.append(json.loads(f.read_text()))
         return out

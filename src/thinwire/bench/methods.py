@@ -46,7 +46,12 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("ddp", "ddp", "AdamW, fp32 gradients ring all-reduced every step"),
-        Method("diloco-fp32", "outer", "DiLoCo, fp32 pseudo-gradients (ring all-reduce)", {"compressor": None}),
+        Method(
+            "diloco-fp32",
+            "outer",
+            "DiLoCo, fp32 pseudo-gradients (ring all-reduce)",
+            {"compressor": None},
+        ),
         Method(
             "diloco-int8",
             "outer",
@@ -72,8 +77,18 @@ METHODS: dict[str, Method] = {
                 "mix_alpha": 0.5,
             },
         ),
-        Method("demo", "demo", "DeMo, k=32/4096 DCT, fp32 values", {"values": "float", "topk": 32, "lr": 1e-3}),
-        Method("demo-sign", "demo", "DeMo/DisTrO, k=8/4096 DCT, 1-bit values", {"values": "sign", "topk": 8, "lr": 1e-3}),
+        Method(
+            "demo",
+            "demo",
+            "DeMo, k=32/4096 DCT, fp32 values",
+            {"values": "float", "topk": 32, "lr": 1e-3},
+        ),
+        Method(
+            "demo-sign",
+            "demo",
+            "DeMo/DisTrO, k=8/4096 DCT, 1-bit values",
+            {"values": "sign", "topk": 8, "lr": 1e-3},
+        ),
         Method(
             "sparseloco",
             "outer",

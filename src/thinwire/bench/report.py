@@ -68,7 +68,9 @@ def summarize(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
             "bytes_sent_by_rank": [r["sent"] for r in rs],
             "control_bytes_per_rank": max(r["control_sent"] for r in rs),
             "ops": r0["ops"],
-            "compression_ratio_per_sync": (dense * r0["ops"] / r0["wire_payload_bytes"]) if r0["wire_payload_bytes"] else math.nan,
+            "compression_ratio_per_sync": (dense * r0["ops"] / r0["wire_payload_bytes"])
+            if r0["wire_payload_bytes"]
+            else math.nan,
             "sim_time_s": max(r["sim_time_s"] for r in rs),
             "compute_s": max(r["compute_s"] for r in rs),
             "comm_s": max(r["comm_s"] for r in rs),
@@ -80,8 +82,11 @@ def summarize(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
             "init_hash": r0["init_hash"],
             "algorithms": r0["algorithms"],
             "curve": [
-                dict(c, bytes_sent_cum=max(r["curve"][i]["bytes_sent_cum"] for r in rs),
-                     sim_time_s=max(r["curve"][i]["sim_time_s"] for r in rs))
+                dict(
+                    c,
+                    bytes_sent_cum=max(r["curve"][i]["bytes_sent_cum"] for r in rs),
+                    sim_time_s=max(r["curve"][i]["sim_time_s"] for r in rs),
+                )
                 for i, c in enumerate(r0["curve"])
             ],
         }
@@ -90,7 +95,14 @@ def summarize(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
     seeds = sorted({s for (_, s) in by_key})
     for seed in seeds:
         these = [r for rs in runs.values() for r in rs if r["seed"] == seed]
-        min_bytes = min((r["curve"][-1]["bytes_sent_cum"] for r in these if r["curve"][-1]["bytes_sent_cum"] > 0), default=math.nan)
+        min_bytes = min(
+            (
+                r["curve"][-1]["bytes_sent_cum"]
+                for r in these
+                if r["curve"][-1]["bytes_sent_cum"] > 0
+            ),
+            default=math.nan,
+        )
         min_time = min(r["curve"][-1]["sim_time_s"] for r in these)
         for r in these:
             r["loss_at_equal_bytes"] = _interp(r["curve"], "bytes_sent_cum", min_bytes, log=True)
@@ -99,21 +111,38 @@ def summarize(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
             r["equal_time_point_s"] = min_time
     ddp = runs.get("ddp")
     summary: dict[str, Any] = {}
-    for method, rs in runs.items():
-        def agg(key: str) -> dict[str, float]:
-            vals = [float(r[key]) for r in rs]
-            return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
 
-        s = {k: agg(k) for k in (
-            "bytes_sent_per_rank", "bytes_recv_per_rank", "sim_time_s", "compute_s", "comm_s",
-            "exposed_comm_s", "real_time_s", "final_eval_loss", "loss_at_equal_bytes",
-            "loss_at_equal_time", "compression_ratio_per_sync",
-        )}
+    def agg(rs: list[dict[str, Any]], key: str) -> dict[str, float]:
+        vals = [float(r[key]) for r in rs]
+        return {
+            "mean": statistics.fmean(vals),
+            "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+        }
+
+    for method, rs in runs.items():
+        s = {
+            k: agg(rs, k)
+            for k in (
+                "bytes_sent_per_rank",
+                "bytes_recv_per_rank",
+                "sim_time_s",
+                "compute_s",
+                "comm_s",
+                "exposed_comm_s",
+                "real_time_s",
+                "final_eval_loss",
+                "loss_at_equal_bytes",
+                "loss_at_equal_time",
+                "compression_ratio_per_sync",
+            )
+        }
         s["loss_floor"] = rs[0]["loss_floor"]
         s["tokens"] = rs[0]["tokens"]
         s["description"] = METHODS[method].description
         if ddp:
-            s["reduction_vs_ddp"] = statistics.fmean(r["bytes_sent_per_rank"] for r in ddp) / max(1.0, s["bytes_sent_per_rank"]["mean"])
+            s["reduction_vs_ddp"] = statistics.fmean(r["bytes_sent_per_rank"] for r in ddp) / max(
+                1.0, s["bytes_sent_per_rank"]["mean"]
+            )
         s["runs"] = rs
         summary[method] = s
     hashes = {r["init_hash"] for rs in runs.values() for r in rs if r["seed"] == seeds[0]}
@@ -137,8 +166,15 @@ def _pm(d: dict[str, float], fmt: str) -> str:
 
 
 TABLE_HEADERS = [
-    "method", "sent/rank", "vs DDP", "ratio/sync", "sim time (compute + exposed)",
-    "eval @steps", "@bytes", "@time", "gap to floor",
+    "method",
+    "sent/rank",
+    "vs DDP",
+    "ratio/sync",
+    "sim time (compute + exposed)",
+    "eval @steps",
+    "@bytes",
+    "@time",
+    "gap to floor",
 ]
 
 
@@ -148,21 +184,25 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     for method, s in summary.items():
         floor = s["loss_floor"]
         gap = s["final_eval_loss"]["mean"] - floor if math.isfinite(floor) else math.nan
-        rows.append([
-            method,
-            _fmt_bytes(s["bytes_sent_per_rank"]["mean"]),
-            f"{s.get('reduction_vs_ddp', math.nan):,.0f}x",
-            f"{s['compression_ratio_per_sync']['mean']:,.1f}x",
-            f"{s['sim_time_s']['mean']:,.1f} s ({s['compute_s']['mean']:,.1f} + {s['exposed_comm_s']['mean']:,.1f})",
-            _pm(s["final_eval_loss"], ".4f"),
-            _pm(s["loss_at_equal_bytes"], ".4f"),
-            _pm(s["loss_at_equal_time"], ".4f"),
-            f"{gap:+.4f}" if math.isfinite(gap) else "n/a",
-        ])
+        rows.append(
+            [
+                method,
+                _fmt_bytes(s["bytes_sent_per_rank"]["mean"]),
+                f"{s.get('reduction_vs_ddp', math.nan):,.0f}x",
+                f"{s['compression_ratio_per_sync']['mean']:,.1f}x",
+                f"{s['sim_time_s']['mean']:,.1f} s ({s['compute_s']['mean']:,.1f} + {s['exposed_comm_s']['mean']:,.1f})",
+                _pm(s["final_eval_loss"], ".4f"),
+                _pm(s["loss_at_equal_bytes"], ".4f"),
+                _pm(s["loss_at_equal_time"], ".4f"),
+                f"{gap:+.4f}" if math.isfinite(gap) else "n/a",
+            ]
+        )
     return rows
 
 
-def write_outputs(summary: dict[str, Any], cfg: dict[str, Any], out: Path, *, plot: bool = True) -> dict[str, Path]:
+def write_outputs(
+    summary: dict[str, Any], cfg: dict[str, Any], out: Path, *, plot: bool = True
+) -> dict[str, Path]:
     """Write ``results.json``, ``curves.csv`` and (with ``plot``) ``bench_<preset>.png`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     preset = cfg.get("preset", "none")
@@ -177,20 +217,48 @@ def write_outputs(summary: dict[str, Any], cfg: dict[str, Any], out: Path, *, pl
             "python": platform.python_version(),
             "engine": cfg.get("engine"),
         },
-        "methods": {m: {k: v for k, v in s.items() if k != "runs"} | {"runs": [
-            {k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in s["runs"]
-        ]} for m, s in summary.items()},
+        "methods": {
+            m: {k: v for k, v in s.items() if k != "runs"}
+            | {
+                "runs": [
+                    {k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]}
+                    for r in s["runs"]
+                ]
+            }
+            for m, s in summary.items()
+        },
     }
     paths = {"json": out / "results.json", "csv": out / "curves.csv"}
     paths["json"].write_text(json.dumps(results, indent=1, default=float))
     with paths["csv"].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "seed", "step", "tokens", "bytes_sent_cum", "sim_time_s", "train_loss", "eval_loss"])
+        w.writerow(
+            [
+                "method",
+                "seed",
+                "step",
+                "tokens",
+                "bytes_sent_cum",
+                "sim_time_s",
+                "train_loss",
+                "eval_loss",
+            ]
+        )
         for m, s in summary.items():
             for r in s["runs"]:
                 for c in r["curve"]:
-                    w.writerow([m, r["seed"], c["step"], c["tokens"], c["bytes_sent_cum"], f"{c['sim_time_s']:.6f}",
-                                f"{c['train_loss']:.6f}", f"{c['eval_loss']:.6f}"])
+                    w.writerow(
+                        [
+                            m,
+                            r["seed"],
+                            c["step"],
+                            c["tokens"],
+                            c["bytes_sent_cum"],
+                            f"{c['sim_time_s']:.6f}",
+                            f"{c['train_loss']:.6f}",
+                            f"{c['eval_loss']:.6f}",
+                        ]
+                    )
     if plot:
         import matplotlib
 

@@ -144,7 +144,9 @@ class MarkovLanguage:
         for _ in range(2000):
             new = torch.zeros_like(pi)
             for t in range(V):  # mass moving from context s to context next(s, t)
-                new.index_add_(0, self._next_state(states, torch.full_like(states, t)), pi * self.probs[:, t])
+                new.index_add_(
+                    0, self._next_state(states, torch.full_like(states, t)), pi * self.probs[:, t]
+                )
             if float((new - pi).abs().sum()) < 1e-13:
                 return new
             pi = new
@@ -158,7 +160,9 @@ class MarkovLanguage:
 
     def sample(self, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
         """``(batch, length)`` int64 tokens, starting from contexts drawn from the stationary law."""
-        s = torch.multinomial(self.stationary.to(torch.float32), batch, replacement=True, generator=generator)
+        s = torch.multinomial(
+            self.stationary.to(torch.float32), batch, replacement=True, generator=generator
+        )
         out = torch.empty(batch, length, dtype=torch.int64)
         for t in range(length):
             tok = torch.multinomial(self._probs32[s], 1, generator=generator).squeeze(1)
@@ -188,7 +192,9 @@ class ByteCorpus:
         self.tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
         self.split = int(len(self.tokens) * 0.95)
 
-    def batch(self, rank: int, world: int, batch: int, length: int, g: torch.Generator) -> torch.Tensor:
+    def batch(
+        self, rank: int, world: int, batch: int, length: int, g: torch.Generator
+    ) -> torch.Tensor:
         lo = rank * self.split // world
         hi = (rank + 1) * self.split // world - length
         if hi <= lo:
@@ -199,12 +205,16 @@ class ByteCorpus:
     def eval_set(self, n: int, length: int) -> torch.Tensor:
         span = len(self.tokens) - self.split - length
         step = max(1, span // n)
-        return torch.stack([self.tokens[self.split + i * step : self.split + i * step + length] for i in range(n)])
+        return torch.stack(
+            [self.tokens[self.split + i * step : self.split + i * step + length] for i in range(n)]
+        )
 
 
 def _mix(*parts: int) -> int:
     """A 63-bit seed from several integers (stable across runs and platforms)."""
-    h = hashlib.sha256(b"thinwire" + b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts))
+    h = hashlib.sha256(
+        b"thinwire" + b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
+    )
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from thinwire.compression.aggregate import AGGREGATE_MODES, SparseMessage, aggregate_sparse, densify
 from thinwire.compression.base import Codec
-from thinwire.compression.bundle import bundle_nbytes, pack_bundle, unpack_bundle
 from thinwire.compression.bitpack import (
     pack12_pairs,
     pack_bits,
@@ -32,6 +31,7 @@ from thinwire.compression.bitpack import (
     unpack_bits,
     unpack_uint,
 )
+from thinwire.compression.bundle import bundle_nbytes, pack_bundle, unpack_bundle
 from thinwire.compression.chunk import ChunkGeometry, split
 from thinwire.compression.dct import dct_basis, dct_chunks, dct_tiles, idct_chunks, idct_tiles
 from thinwire.compression.error_feedback import (

@@ -24,8 +24,8 @@ import functools
 import importlib
 import logging
 import os
-import threading
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any

@@ -66,7 +66,9 @@ class Codec(ABC):
         return payload, self.decode(payload)
 
     @abstractmethod
-    def decode(self, payload: bytes | bytearray | memoryview | torch.Tensor, numel: int | None = None) -> torch.Tensor:
+    def decode(
+        self, payload: bytes | bytearray | memoryview | torch.Tensor, numel: int | None = None
+    ) -> torch.Tensor:
         """Decode a payload into a float32 tensor of the encoded shape.
 
         With ``numel`` (the communicator's flat-codec form) the payload must hold exactly that

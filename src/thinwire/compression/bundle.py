@@ -28,7 +28,11 @@ def bundle_nbytes(lengths: Sequence[int]) -> int:
 def pack_bundle(payloads: Sequence[bytes]) -> bytes:
     """Concatenate payloads behind a count and a length table."""
     lens = [len(p) for p in payloads]
-    return _HEAD.pack(BUNDLE_MAGIC, len(lens)) + struct.pack(f"<{len(lens)}I", *lens) + b"".join(payloads)
+    return (
+        _HEAD.pack(BUNDLE_MAGIC, len(lens))
+        + struct.pack(f"<{len(lens)}I", *lens)
+        + b"".join(payloads)
+    )
 
 
 def unpack_bundle(
@@ -53,7 +57,9 @@ def unpack_bundle(
         raise PayloadError(f"bundle must hold {count} payloads, got {n}")
     table_end = _HEAD.size + 4 * n
     if len(buf) < table_end:
-        raise PayloadError(f"bundle truncated: {len(buf)} bytes, its length table needs {table_end}")
+        raise PayloadError(
+            f"bundle truncated: {len(buf)} bytes, its length table needs {table_end}"
+        )
     lens = struct.unpack_from(f"<{n}I", buf, _HEAD.size)
     if table_end + sum(lens) != len(buf):
         raise PayloadError(

@@ -139,10 +139,14 @@ def unpack_payload(
     buf = as_bytes(payload)
     n = len(buf)
     if n < _PREFIX.size:
-        raise PayloadError(f"payload truncated: {n} bytes, the fixed header alone is {_PREFIX.size}")
+        raise PayloadError(
+            f"payload truncated: {n} bytes, the fixed header alone is {_PREFIX.size}"
+        )
     magic, version, cid, dcode, ndim, slen = _PREFIX.unpack_from(buf, 0)
     if magic != MAGIC:
-        raise PayloadError(f"payload magic must be {MAGIC!r}, got {magic!r} (not a thinwire payload)")
+        raise PayloadError(
+            f"payload magic must be {MAGIC!r}, got {magic!r} (not a thinwire payload)"
+        )
     if version != FORMAT_VERSION:
         raise PayloadError(f"payload version must be {FORMAT_VERSION}, got {version}")
     if codec_id is not None and cid != codec_id:
@@ -168,13 +172,17 @@ def unpack_payload(
     body = buf[head_len:]
     want = zlib.crc32(body, zlib.crc32(buf[: off + 4]))
     if want != crc:
-        raise PayloadError(f"payload CRC32 mismatch: header says {crc:#010x}, body gives {want:#010x}")
+        raise PayloadError(
+            f"payload CRC32 mismatch: header says {crc:#010x}, body gives {want:#010x}"
+        )
     try:
         text = raw_settings.decode("ascii")
     except UnicodeDecodeError as exc:  # CRC passed, so the sender wrote this: still foreign
         raise PayloadError(f"payload settings are not ASCII: {raw_settings!r}") from exc
     if settings is not None and text != settings:
-        raise PayloadError(f"payload settings must be {settings!r}, got {text!r} (encoded by another codec)")
+        raise PayloadError(
+            f"payload settings must be {settings!r}, got {text!r} (encoded by another codec)"
+        )
     # FIX (helper, issue 2 fuzz): a header with a valid CRC can still name dims whose product
     # torch cannot index (strides overflow int64 even when a zero dim makes numel 0); decoding
     # then raised TypeError/RuntimeError from reshape. No real tensor has such a shape.

@@ -128,7 +128,9 @@ class ValueFormat:
         if self.name == "fp32":
             v32 = v.detach().to(torch.float32).contiguous().cpu()
             if n and not bool(torch.isfinite(v32).all()):
-                raise ValueError(f"x must be finite, got {int((~torch.isfinite(v32)).sum())} non-finite values")
+                raise ValueError(
+                    f"x must be finite, got {int((~torch.isfinite(v32)).sum())} non-finite values"
+                )
             return v32.numpy().tobytes(), v32.clone()
         kw = dict(self.params)
         if generator is not None and self._takes_generator:
@@ -165,14 +167,18 @@ class ValueFormat:
         elif self.bits < 8:
             codes = unpack_uint(codes, self.bits, n).to(torch.uint8)  # FIX: see _codes_nbytes
         n_side = _quant.side_len(self.name, n, **self.params)
-        side = torch.from_numpy(np.frombuffer(body, dtype="<f4", count=n_side, offset=start + cn).copy())
+        side = torch.from_numpy(
+            np.frombuffer(body, dtype="<f4", count=n_side, offset=start + cn).copy()
+        )
         deq = _quant.QUANTIZERS[self.name][1](codes, side, n, **self._deq_params)
         return deq.to(torch.float32)
 
 
 def _finite_or_raise(t: torch.Tensor, what: str) -> torch.Tensor:
     if t.numel() and not bool(torch.isfinite(t).all()):
-        raise PayloadError(f"payload decodes to {int((~torch.isfinite(t)).sum())} non-finite {what}")
+        raise PayloadError(
+            f"payload decodes to {int((~torch.isfinite(t)).sum())} non-finite {what}"
+        )
     return t
 
 
@@ -198,7 +204,9 @@ class DenseCodec(Codec):
     def body_nbytes(self, shape: tuple[int, ...]) -> int:
         return self.values.nbytes(math.prod(shape))
 
-    def _encode(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[bytes, torch.Tensor]:
+    def _encode(
+        self, x: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[bytes, torch.Tensor]:
         x = _check_input(x)
         body, deq = self.values.encode(x.reshape(-1), generator)
         payload = pack_payload(self.codec_id, x.dtype, tuple(x.shape), self.settings, body)
@@ -303,7 +311,9 @@ class SparseCodec(Codec):
         if g.num_chunks == 0:
             return 0
         k = self.k_for(g.chunk_len)
-        return self._coder.nbytes(g.num_chunks, k, g.chunk_len) + self.values.nbytes(g.num_chunks * k)
+        return self._coder.nbytes(g.num_chunks, k, g.chunk_len) + self.values.nbytes(
+            g.num_chunks * k
+        )
 
     def coefficients(self, x: torch.Tensor) -> tuple[ChunkGeometry, torch.Tensor]:
         """The transformed chunks ``(num_chunks, chunk_len)`` in float32 that top-k selects from."""
@@ -320,7 +330,11 @@ class SparseCodec(Codec):
         """Encode ``x``; return the payload, the local decoded message and the raw kept values."""
         x = _check_input(x)
         g = self.geometry(tuple(x.shape))
-        coeffs = None if self.transform == "dct" else g.to_tiles(x.detach().to(torch.float32)).reshape(g.num_chunks, g.chunk_len)
+        coeffs = (
+            None
+            if self.transform == "dct"
+            else g.to_tiles(x.detach().to(torch.float32)).reshape(g.num_chunks, g.chunk_len)
+        )
         if g.num_chunks == 0:
             empty = torch.zeros(0, 0)
             msg = SparseMessage(g, self.transform, empty.long(), empty)

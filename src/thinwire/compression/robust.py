@@ -37,10 +37,15 @@ def clip_scales(norms: Sequence[float], max_norm: float | None = None) -> list[f
     return [1.0 if n <= max_norm or n == 0 else max_norm / n for n in norms]
 
 
-def clip_to_norm(contribs: Sequence[torch.Tensor], max_norm: float | None = None) -> list[torch.Tensor]:
+def clip_to_norm(
+    contribs: Sequence[torch.Tensor], max_norm: float | None = None
+) -> list[torch.Tensor]:
     """Each contribution scaled to L2 norm at most ``max_norm`` (default: the median norm)."""
     norms = [float(c.double().norm()) for c in contribs]
-    return [c * s if s != 1.0 else c for c, s in zip(contribs, clip_scales(norms, max_norm), strict=True)]
+    return [
+        c * s if s != 1.0 else c
+        for c, s in zip(contribs, clip_scales(norms, max_norm), strict=True)
+    ]
 
 
 def robust_mean(

@@ -37,7 +37,12 @@ logger = logging.getLogger(__name__)
 
 InnerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 _FORMAT = 1
-_WIDE_STATE_KEYS = ("anchor", "residual", "inflight", "inflight_weight")  # fp32/fp64 whatever the param dtype
+_WIDE_STATE_KEYS = (
+    "anchor",
+    "residual",
+    "inflight",
+    "inflight_weight",
+)  # fp32/fp64 whatever the param dtype
 
 
 @dataclass
@@ -48,7 +53,9 @@ class _Inflight:
     apply_at: int
     contributed: bool
     # One (group index, params, pending reduction) per bucket of the fragment.
-    buckets: list[tuple[int, list[torch.Tensor], PendingReduce | None]] = field(default_factory=list)
+    buckets: list[tuple[int, list[torch.Tensor], PendingReduce | None]] = field(
+        default_factory=list
+    )
 
 
 def _anchor_of(p: torch.Tensor) -> torch.Tensor:
@@ -107,7 +114,9 @@ class DiLoCoBase(Optimizer):
         if not callable(inner):
             raise TypeError(f"inner must be a callable param_groups -> Optimizer, got {inner!r}")
         if outer is not None and not callable(outer):
-            raise TypeError(f"outer must be None or a callable param_groups -> Optimizer, got {outer!r}")
+            raise TypeError(
+                f"outer must be None or a callable param_groups -> Optimizer, got {outer!r}"
+            )
         check_type("nesterov", nesterov, bool)
         self.sync_every = check_int("sync_every", sync_every, 1)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
@@ -134,10 +143,14 @@ class DiLoCoBase(Optimizer):
         super().__init__(params, defaults)
         self.inner = inner(self.param_groups)
         if not isinstance(self.inner, Optimizer):
-            raise TypeError(f"inner must return a torch.optim.Optimizer, got {type(self.inner).__name__}")
+            raise TypeError(
+                f"inner must return a torch.optim.Optimizer, got {type(self.inner).__name__}"
+            )
         inner_params = [p for g in self.inner.param_groups for p in g["params"]]
         own = [p for g in self.param_groups for p in g["params"]]
-        if len(inner_params) != len(own) or any(a is not b for a, b in zip(inner_params, own, strict=True)):
+        if len(inner_params) != len(own) or any(
+            a is not b for a, b in zip(inner_params, own, strict=True)
+        ):
             raise ValueError("inner must build its optimizer on the param_groups it is given")
         # One list of group dicts: LR schedulers, clipping and users see the inner optimizer's groups.
         self.param_groups = self.inner.param_groups
@@ -147,7 +160,9 @@ class DiLoCoBase(Optimizer):
         self._fragments = self._build_fragments(fragments, all_params)
         P = len(self._fragments)
         if self.sync_every % P:
-            raise ValueError(f"sync_every must be a multiple of fragments={P}, got {self.sync_every}")
+            raise ValueError(
+                f"sync_every must be a multiple of fragments={P}, got {self.sync_every}"
+            )
         K = self.sync_every // P
         self.overlap_steps = check_int("overlap_steps", overlap_steps, 0, K - 1)
 
@@ -194,7 +209,9 @@ class DiLoCoBase(Optimizer):
         check_float("ef_decay", g["ef_decay"], 0.0, 1.0)
         codec = self._codec_of(g)
         if isinstance(codec, SparseCodec) and self.robust not in ("mean", "clip"):
-            raise ValueError(f"robust must be in {{'mean', 'clip'}} with a sparse compressor, got {self.robust!r}")
+            raise ValueError(
+                f"robust must be in {{'mean', 'clip'}} with a sparse compressor, got {self.robust!r}"
+            )
         for p in g["params"]:
             if not p.is_floating_point():
                 raise TypeError(f"params must be floating point, got {p.dtype}")
@@ -228,9 +245,13 @@ class DiLoCoBase(Optimizer):
                 raise ValueError(f"fragments[{i}] must hold at least one parameter, got none")
             for p in frag:
                 if id(p) not in ids:
-                    raise ValueError(f"fragments[{i}] holds a tensor that is not an optimized parameter")
+                    raise ValueError(
+                        f"fragments[{i}] holds a tensor that is not an optimized parameter"
+                    )
                 if id(p) in seen:
-                    raise ValueError(f"fragments[{i}] repeats a parameter already in another fragment")
+                    raise ValueError(
+                        f"fragments[{i}] repeats a parameter already in another fragment"
+                    )
                 seen.add(id(p))
             out.append(frag)
         if len(seen) != len(ids):
@@ -248,7 +269,12 @@ class DiLoCoBase(Optimizer):
             else:
                 mom = g["outer_momentum"]
                 groups.append(
-                    {"params": anchors, "lr": g["outer_lr"], "momentum": mom, "nesterov": g["outer_nesterov"] and mom > 0}
+                    {
+                        "params": anchors,
+                        "lr": g["outer_lr"],
+                        "momentum": mom,
+                        "nesterov": g["outer_nesterov"] and mom > 0,
+                    }
                 )
         return groups
 
@@ -306,7 +332,11 @@ class DiLoCoBase(Optimizer):
             for _, ps in buckets
         ]
         flat_all = [d for ds in deltas for d in ds]
-        finite = bool(torch.stack([torch.isfinite(d).all() for d in flat_all]).all()) if flat_all else True
+        finite = (
+            bool(torch.stack([torch.isfinite(d).all() for d in flat_all]).all())
+            if flat_all
+            else True
+        )
         if not finite:
             gi, pi = next(
                 (gi, next(j for j, q in enumerate(self.param_groups[gi]["params"]) if q is p))
@@ -330,7 +360,10 @@ class DiLoCoBase(Optimizer):
                 ds = [torch.zeros_like(d) for d in ds]  # weight 0: nothing non-finite is sent
             elif ef:
                 scale = g["outer_lr"] if self.ef_scale_by_lr else 1.0
-                ds = [self._residual(p).mul(g["ef_decay"]).add_(d, alpha=scale) for p, d in zip(ps, ds, strict=True)]
+                ds = [
+                    self._residual(p).mul(g["ef_decay"]).add_(d, alpha=scale)
+                    for p, d in zip(ps, ds, strict=True)
+                ]
             pend, contrib = start_reduce(
                 self.comm,
                 ds,
@@ -498,8 +531,18 @@ class DiLoCoBase(Optimizer):
         sd = dict(state_dict)
         tw = sd.pop("thinwire", None)
         if not isinstance(tw, dict):
-            raise ValueError("state_dict must hold a 'thinwire' entry (saved by a thinwire optimizer)")
-        for key in ("format", "inner_step", "outer_step", "sync_every", "fragments", "overlap_steps", "inflight"):
+            raise ValueError(
+                "state_dict must hold a 'thinwire' entry (saved by a thinwire optimizer)"
+            )
+        for key in (
+            "format",
+            "inner_step",
+            "outer_step",
+            "sync_every",
+            "fragments",
+            "overlap_steps",
+            "inflight",
+        ):
             if key not in tw:
                 raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
         if tw["format"] != _FORMAT:

@@ -142,10 +142,15 @@ class PendingReduce:
                 decoded.append(None)
                 continue
             try:
-                msgs = [codec.decode_sparse(pl, t.numel()) for pl, t in zip(parts, self.like, strict=True)]
+                msgs = [
+                    codec.decode_sparse(pl, t.numel())
+                    for pl, t in zip(parts, self.like, strict=True)
+                ]
                 for m, t in zip(msgs, self.like, strict=True):
                     if m.geometry != codec.geometry(tuple(t.shape)):
-                        raise PayloadError(f"payload shape {m.geometry.shape} must be {tuple(t.shape)}")
+                        raise PayloadError(
+                            f"payload shape {m.geometry.shape} must be {tuple(t.shape)}"
+                        )
             except PayloadError as exc:
                 logger.warning("dropping the payload of peer %d: %s", rank, exc)
                 decoded.append(None)
@@ -155,16 +160,23 @@ class PendingReduce:
         if self.robust == "clip" and present:
             # Clip each peer's whole contribution to the median norm (orthonormal DCT: the norm
             # of the values is the norm of the decoded update), then aggregate as usual.
-            norms = [float(sum(float(m.val.double().pow(2).sum()) for m in msgs)) ** 0.5 for msgs in present]
+            norms = [
+                float(sum(float(m.val.double().pow(2).sum()) for m in msgs)) ** 0.5
+                for msgs in present
+            ]
             present = [
-                [SparseMessage(m.geometry, m.transform, m.idx, m.val * scale) for m in msgs] if scale != 1.0 else msgs
+                [SparseMessage(m.geometry, m.transform, m.idx, m.val * scale) for m in msgs]
+                if scale != 1.0
+                else msgs
                 for msgs, scale in zip(present, clip_scales(norms), strict=True)
             ]
         if not present:
             return [torch.zeros(t.shape, dtype=torch.float32) for t in self.like], 0.0
         result = []
         for i, t in enumerate(self.like):
-            agg = aggregate_sparse([d[i] for d in present], mode=self.aggregate, backend=codec.backend)
+            agg = aggregate_sparse(
+                [d[i] for d in present], mode=self.aggregate, backend=codec.backend
+            )
             result.append(agg.reshape(t.shape))
         return result, float(len(present))
 
@@ -206,13 +218,22 @@ def start_reduce(
         raise ValueError(f"robust must be in {{'mean', 'clip'}} for sparse codecs, got {robust!r}")
     if codec is None and robust != "mean" and not single:
         codec = DenseCodec("fp32")  # robust rules need each peer's vector, not a ring sum
-    pend = PendingReduce(list(tensors), codec, weighted, aggregate, 1 if single else comm.world_size, robust)
+    pend = PendingReduce(
+        list(tensors), codec, weighted, aggregate, 1 if single else comm.world_size, robust
+    )
     zeros = [torch.zeros(t.shape, dtype=torch.float32) for t in tensors]
     if codec is None:
-        sent = [t.detach().clone() for t in tensors] if contribute else [torch.zeros_like(t) for t in tensors]
+        sent = (
+            [t.detach().clone() for t in tensors]
+            if contribute
+            else [torch.zeros_like(t) for t in tensors]
+        )
         contrib = Contribution(sent, sent)
         if single:
-            pend._value = (sent if contribute else [torch.zeros_like(t) for t in tensors], 1.0 if contribute else 0.0)
+            pend._value = (
+                sent if contribute else [torch.zeros_like(t) for t in tensors],
+                1.0 if contribute else 0.0,
+            )
             return pend, contrib
         vec = _flat(sent)
         if weighted:
@@ -228,7 +249,9 @@ def start_reduce(
             blob = pack_bundle([e.payload for e in encs])
             sent = [densify(e.message).reshape(t.shape) for e, t in zip(encs, tensors, strict=True)]
             raw = [
-                densify(SparseMessage(e.message.geometry, e.message.transform, e.message.idx, e.raw_val)).reshape(t.shape)
+                densify(
+                    SparseMessage(e.message.geometry, e.message.transform, e.message.idx, e.raw_val)
+                ).reshape(t.shape)
                 for e, t in zip(encs, tensors, strict=True)
             ]
             contrib = Contribution(sent, raw)

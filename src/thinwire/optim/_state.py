@@ -35,7 +35,10 @@ def load_keeping_width(
         int(i): {k: v for k, v in st.items() if k in keys and isinstance(v, torch.Tensor)}
         for i, st in state_dict["state"].items()
     }
-    before = {i: {k: opt.state[p][k] for k in keys if k in opt.state.get(p, {})} for i, p in enumerate(params)}
+    before = {
+        i: {k: opt.state[p][k] for k in keys if k in opt.state.get(p, {})}
+        for i, p in enumerate(params)
+    }
     load(state_dict)  # replaces opt.state with a new mapping
     for i, p in enumerate(params):
         st = opt.state[p]

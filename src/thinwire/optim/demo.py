@@ -42,7 +42,9 @@ def demo_compressor(
     to ±1 (Psyche, spec §2.4); ``"float"`` sends float32 values (A1).
     """
     check_choice("values", values, ("float", "sign"))
-    vals: dict[str, Any] = {"values": "fp32"} if values == "float" else {"values": "sign", "scale": False}
+    vals: dict[str, Any] = (
+        {"values": "fp32"} if values == "float" else {"values": "sign", "scale": False}
+    )
     return SparseCodec(
         chunk=chunk,
         topk=topk,
@@ -197,10 +199,14 @@ class DeMo(Optimizer):
             for p in ps:
                 st = self.state[p]
                 old = st["delta"] if "delta" in st else torch.zeros_like(p, dtype=torch.float32)
-                news.append(old.mul(g["momentum_decay"]).add_(p.grad.to(torch.float32), alpha=g["lr"]))
+                news.append(
+                    old.mul(g["momentum_decay"]).add_(p.grad.to(torch.float32), alpha=g["lr"])
+                )
             groups.append((gi, ps, news))
         all_d = [d for _, _, ds in groups for d in ds]
-        finite = bool(torch.stack([torch.isfinite(d).all() for d in all_d]).all()) if all_d else True
+        finite = (
+            bool(torch.stack([torch.isfinite(d).all() for d in all_d]).all()) if all_d else True
+        )
         if not finite:
             gi, pi = next(
                 (gi, next(j for j, q in enumerate(self.param_groups[gi]["params"]) if q is p))
@@ -248,7 +254,9 @@ class DeMo(Optimizer):
             self._apply(launched)
         return loss
 
-    def _apply(self, launched: list[tuple[int, list[torch.Tensor], PendingReduce | None, float]]) -> None:
+    def _apply(
+        self, launched: list[tuple[int, list[torch.Tensor], PendingReduce | None, float]]
+    ) -> None:
         for _, ps, pend, lr in launched:
             if pend is None:
                 updates = [self.state[p].pop("pending") for p in ps]
@@ -282,7 +290,9 @@ class DeMo(Optimizer):
         sd = dict(state_dict)
         tw = sd.pop("thinwire", None)
         if not isinstance(tw, dict):
-            raise ValueError("state_dict must hold a 'thinwire' entry (saved by a thinwire optimizer)")
+            raise ValueError(
+                "state_dict must hold a 'thinwire' entry (saved by a thinwire optimizer)"
+            )
         for key in ("format", "step", "pending"):
             if key not in tw:
                 raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")

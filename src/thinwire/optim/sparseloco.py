@@ -116,7 +116,9 @@ class SparseLoCo(DiLoCoBase):
             nesterov=False,
             sync_every=sync_every,
             comm=comm,
-            compressor=sparseloco_compressor(topk=topk, chunk=chunk, bits=bits, index_coding=index_coding),
+            compressor=sparseloco_compressor(
+                topk=topk, chunk=chunk, bits=bits, index_coding=index_coding
+            ),
             error_feedback=True,
             ef_decay=error_decay,
             outer=None,

@@ -1,0 +1,133 @@
+"""Sharing rollouts instead of gradients (SAPO mode, ``specs/grpo.md`` §2.6).
+
+Gensyn, "Sharing is Caring: Efficient LM Post-Training with Collective RL Experience Sharing"
+(SAPO, arXiv:2509.08721v1, §3 and Table 1). Each learner publishes some of its scored groups to
+its peers and builds its batch from ``I`` local and ``J`` external groups (SAPO's best setting on
+8 × Qwen2.5-0.5B was 4 local / 4 external; external groups with zero advantage are discarded
+before sampling). Groups travel as :func:`~thinwire.rl.rollout.encode_group` records in one
+``all_gather_bytes`` per step over the learners' communicator (tag ``"rollouts/shared"``), so
+their bytes sit in the ledger next to the optimizer's (§3.2 "SAPO rollout sharing" row).
+External groups keep the sender's ``origin``: the staleness filter admits them without a
+staleness and the learner uses its own detached log-probs as the ratio reference (r ≡ 1).
+
+Deviation: SAPO shares decoded text so heterogeneous models can re-encode it; thinwire shares token
+ids (all learners here use one tokenizer).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import torch
+
+from thinwire._validate import check_int, check_type
+from thinwire.collectives import Communicator
+from thinwire.rl.objective import informative_groups
+from thinwire.rl.rollout import RolloutDecodeError, RolloutGroup, decode_group, encode_group
+
+__all__ = ["RolloutSharing", "pack_groups", "unpack_groups"]
+
+_COUNT = struct.Struct("<I")
+
+
+def pack_groups(groups: Sequence[RolloutGroup]) -> bytes:
+    """Length-prefixed concatenation of encoded groups."""
+    out = [_COUNT.pack(len(groups))]
+    for g in groups:
+        blob = encode_group(g)
+        out += [_COUNT.pack(len(blob)), blob]
+    return b"".join(out)
+
+
+def unpack_groups(payload: bytes) -> list[RolloutGroup]:
+    """Inverse of :func:`pack_groups`.
+
+    Raises:
+        RolloutDecodeError: truncated or corrupted payload.
+    """
+    buf = memoryview(payload)
+    if len(buf) < 4:
+        raise RolloutDecodeError(f"shared-groups payload is truncated: {len(buf)} bytes")
+    (n,) = _COUNT.unpack(buf[:4])
+    pos, out = 4, []
+    for _ in range(n):
+        if pos + 4 > len(buf):
+            raise RolloutDecodeError("shared-groups payload is truncated inside a length prefix")
+        (size,) = _COUNT.unpack(buf[pos : pos + 4])
+        if pos + 4 + size > len(buf):
+            raise RolloutDecodeError(
+                f"shared-groups payload is truncated: a group needs {size} bytes"
+            )
+        out.append(decode_group(buf[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    if pos != len(buf):
+        raise RolloutDecodeError(f"shared-groups payload has {len(buf) - pos} trailing bytes")
+    return out
+
+
+class RolloutSharing:
+    """SAPO exchange of scored groups between learners.
+
+    Args:
+        comm: the learners' communicator (every learner must call :meth:`exchange` each step).
+        n_publish: groups each learner publishes per step (the first ``n_publish`` informative
+            local groups).
+        n_external: *J*, external groups mixed into each step's batch (fewer if peers sent
+            fewer informative ones).
+        seed: seed of the choice among received groups (mixed with the step and rank).
+        tag: ledger tag (default ``"rollouts/shared"``).
+    """
+
+    def __init__(
+        self,
+        comm: Communicator,
+        *,
+        n_publish: int,
+        n_external: int,
+        seed: int = 0,
+        tag: str = "rollouts/shared",
+    ) -> None:
+        self.comm = comm
+        self.n_publish = check_int("n_publish", n_publish, 0)
+        self.n_external = check_int("n_external", n_external, 0)
+        self.seed = check_int("seed", seed, 0)
+        self.tag = check_type("tag", tag, str)
+        self.steps = 0
+        self.received = 0
+        self.discarded_zero_std = 0
+        self.dropped_payloads = 0
+
+    def exchange(self, local: Sequence[RolloutGroup]) -> list[RolloutGroup]:
+        """Publish informative local groups, gather the peers', return up to ``J`` external ones.
+
+        Collective: every learner must call this once per step.
+        """
+        mine = [g for g in local if bool(informative_groups(g.rewards()[None])[0])][
+            : self.n_publish
+        ]
+        payloads = self.comm.all_gather_bytes(pack_groups(mine), tag=self.tag)
+        pool: list[RolloutGroup] = []
+        for rank, blob in enumerate(payloads):
+            if rank == self.comm.rank or blob is None:
+                continue
+            try:
+                groups = unpack_groups(bytes(blob))
+            except RolloutDecodeError:
+                self.dropped_payloads += 1
+                continue
+            self.received += len(groups)
+            for g in groups:
+                # SAPO discards zero-advantage external groups before sampling
+                if bool(informative_groups(g.rewards()[None])[0]):
+                    pool.append(g)
+                else:
+                    self.discarded_zero_std += 1
+        gen = torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.steps * 4099 + self.comm.rank
+        )
+        self.steps += 1
+        if len(pool) <= self.n_external:
+            return pool
+        pick = torch.randperm(len(pool), generator=gen)[: self.n_external].sort().values
+        return [pool[int(i)] for i in pick]
