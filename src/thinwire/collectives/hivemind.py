@@ -348,7 +348,9 @@ class HivemindCommunicator:
             if isinstance(exc, CommError):
                 raise
             raise CommError(f"joining the swarm failed: {exc!r}") from exc
-        self.rank, self.world_size = ids.index(self.peer_id), len(ids)
+        # Before the first op the group is the one a round will wait for.
+        want = self._o["expected_world_size"] or 0
+        self.rank, self.world_size = ids.index(self.peer_id), max(len(ids), want)
 
     async def _attach_p2p(self) -> None:
         from hivemind.proto import runtime_pb2

@@ -213,7 +213,9 @@ def start_reduce(
     Returns:
         The pending reduction and this worker's contribution as receivers decode it.
     """
-    single = comm is None or comm.world_size == 1
+    # Only "no communicator" is local: a one-rank torch group makes every op a local copy by
+    # itself (spec §2.1 rule 4), and an elastic engine's world_size is only a snapshot.
+    single = comm is None
     if isinstance(codec, SparseCodec) and robust not in ("mean", "clip"):
         raise ValueError(f"robust must be in {{'mean', 'clip'}} for sparse codecs, got {robust!r}")
     if codec is None and robust != "mean" and not single:
