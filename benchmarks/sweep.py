@@ -29,9 +29,9 @@ GRID: dict[str, tuple[str, list[float]]] = {
     "diloco-int8": ("outer_lr", [0.4, 0.7, 1.0]),
     "diloco-int4": ("outer_lr", [0.4, 0.7, 1.0]),
     "streaming-diloco": ("outer_lr", [0.4, 0.7, 1.0]),
-    "demo": ("lr", [3e-4, 1e-3, 3e-3]),
-    "demo-sign": ("lr", [3e-4, 1e-3, 3e-3]),
-    "sparseloco": ("outer_lr", [0.7, 1.0, 1.3]),
+    "demo": ("lr", [1e-3, 3e-3, 1e-2]),
+    "demo-sign": ("lr", [1e-3, 3e-3, 1e-2]),
+    "sparseloco": ("topk", [64, 128, 256]),
 }
 BEGIN, END = "<!-- sweep.py:begin -->", "<!-- sweep.py:end -->"
 

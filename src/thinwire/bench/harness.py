@@ -216,6 +216,9 @@ def _run_method(
         "control_sent": sum(r.control_sent for r in recs),
         "ops": len(syncs),
         "wire_payload_bytes": wire,
+        # Dense fp32 bytes of what the syncs carried: every parameter once per H steps for the
+        # DiLoCo family (Streaming spreads that over its fragment events), once per step else.
+        "dense_synced_bytes": n_params * 4 * (cfg.steps // cfg.inner_steps if method.kind == "outer" else cfg.steps),
         "algorithms": sorted({r.algorithm for r in syncs}),
         "sim_time_s": wan.clock if wan is not None else time.perf_counter() - t_real,
         "compute_s": compute,

@@ -59,7 +59,6 @@ def summarize(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
     for (method, seed), rs in by_key.items():
         rs = sorted(rs, key=lambda r: r["rank"])
         r0 = rs[0]
-        dense = r0["n_params"] * 4
         run = {
             "method": method,
             "seed": seed,
@@ -68,7 +67,7 @@ def summarize(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
             "bytes_sent_by_rank": [r["sent"] for r in rs],
             "control_bytes_per_rank": max(r["control_sent"] for r in rs),
             "ops": r0["ops"],
-            "compression_ratio_per_sync": (dense * r0["ops"] / r0["wire_payload_bytes"])
+            "compression_ratio_per_sync": (r0["dense_synced_bytes"] / r0["wire_payload_bytes"])
             if r0["wire_payload_bytes"]
             else math.nan,
             "sim_time_s": max(r["sim_time_s"] for r in rs),
