@@ -68,7 +68,7 @@ def test_import_without_triton_and_hivemind() -> None:
         "import sys\n"
         "sys.modules['triton'] = None\n"
         "sys.modules['hivemind'] = None\n"
-        "import thinwire, thinwire.compression, thinwire.collectives\n"
+        "import thinwire, thinwire.compression, thinwire.collectives, thinwire.optim, thinwire.rl\n"
         "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "print('ok')\n"
     )
@@ -77,7 +77,10 @@ def test_import_without_triton_and_hivemind() -> None:
     assert res.stdout.strip() == "ok"
 
 
-@pytest.mark.parametrize("pkg", ["thinwire", "thinwire.compression", "thinwire.collectives"])
+@pytest.mark.parametrize(
+    "pkg",
+    ["thinwire", "thinwire.compression", "thinwire.collectives", "thinwire.optim", "thinwire.bench", "thinwire.rl"],
+)
 def test_exported_names_resolve_and_have_docstrings(pkg: str) -> None:
     mod = importlib.import_module(pkg)
     assert mod.__doc__ and mod.__doc__.strip()
