@@ -345,14 +345,8 @@ class Environment(abc.ABC):
         return self.decode(ids.tolist()) if self.decode is not None else ids.tolist()
 
 
-class SingleTurnEnv(Environment):
-    """One model turn per task; the default environment (spec §5.1).
-
-    Args:
-        dataset: the tasks, or ``{split: tasks}``.
-        rubric: scores the completions.
-        encode / decode: text codec (see ``Environment``).
-    """
+class _TaskListEnv(Environment):
+    """An environment whose dataset is a fixed list of tasks, or ``{split: tasks}``."""
 
     def __init__(
         self,
@@ -370,6 +364,16 @@ class SingleTurnEnv(Environment):
         if split not in self._splits:
             raise ValueError(f"split must be in {sorted(self._splits)}, got {split!r}")
         return self._splits[split]
+
+
+class SingleTurnEnv(_TaskListEnv):
+    """One model turn per task; the default environment (spec §5.1).
+
+    Args:
+        dataset: the tasks, or ``{split: tasks}``.
+        rubric: scores the completions.
+        encode / decode: text codec (see ``Environment``).
+    """
 
     def _trajectories(
         self,
@@ -424,7 +428,7 @@ class SingleTurnEnv(Environment):
         return self._trajectories(task, prompt_ids, ids, logp, truncated, sampling.stop_ids)
 
 
-class MultiTurnEnv(Environment):
+class MultiTurnEnv(_TaskListEnv):
     """Alternating model turns and environment responses (spec §5.1, verifiers' MultiTurnEnv).
 
     The rollout keeps a token context (prompt, then every turn). A model turn is sampled from the
@@ -452,16 +456,9 @@ class MultiTurnEnv(Environment):
         max_turns: int = 4,
         max_context: int | None = None,
     ) -> None:
-        super().__init__(rubric, encode=encode, decode=decode)
-        self._splits = dict(dataset) if isinstance(dataset, Mapping) else {"train": list(dataset)}
+        super().__init__(dataset, rubric, encode=encode, decode=decode)
         self.max_turns = check_int("max_turns", max_turns, 1)
         self.max_context = None if max_context is None else check_int("max_context", max_context, 2)
-
-    def dataset(self, split: str = "train") -> Sequence[Task]:
-        """The tasks of ``split``."""
-        if split not in self._splits:
-            raise ValueError(f"split must be in {sorted(self._splits)}, got {split!r}")
-        return self._splits[split]
 
     async def setup_state(self, task: Task, state: dict[str, Any]) -> dict[str, Any]:
         """Hook before the first turn; may set ``state["prompt"]`` (default: ``task.prompt``)."""

@@ -192,7 +192,7 @@ def apply_overlong_mask(mask: Tensor, truncated: Tensor) -> Tensor:
             f"truncated must have shape [B] = {tuple(mask.shape[:1])}, got {tuple(truncated.shape)}"
         )
     keep = ~truncated.bool()[:, None]
-    return mask * keep if not mask.dtype == torch.bool else mask & keep
+    return mask & keep if mask.dtype == torch.bool else mask * keep
 
 
 def _bool_mask(mask: Tensor, shape: torch.Size) -> Tensor:

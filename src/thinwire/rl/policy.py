@@ -103,10 +103,10 @@ class TinyCausalLM(nn.Module):
     """A ~69k-parameter causal transformer for CPU GRPO (spec §4.2).
 
     Pre-norm blocks, learned positions, untied output head with bias, GELU FFN, no dropout. With
-    the defaults it has exactly 69,390 parameters (the *P* of spec §3.2). Initialisation uses its
-    own ``torch.Generator`` seeded by ``seed`` (GPT-2 scheme: N(0, 0.02), residual output
-    projections N(0, 0.02/√(2·n_layers)), Radford et al. 2019 §2.3), and modules are built on the
-    meta device first, so constructing one never touches torch's global RNG.
+    the defaults it has exactly 69,390 parameters (the *P* of spec §3.2). Initialisation follows
+    PyTorch's defaults but draws from its own ``torch.Generator`` seeded by ``seed`` (see
+    ``reset_parameters``), and modules are built on the meta device first, so constructing one
+    never touches torch's global RNG (threads of one process can build replicas safely).
 
     Args:
         vocab_size: V (default: 14, DigitSum §4.1).
@@ -159,20 +159,25 @@ class TinyCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """Re-initialise every parameter from ``torch.Generator().manual_seed(seed)``."""
+        """Re-initialise every parameter from ``torch.Generator().manual_seed(seed)``.
+
+        The distributions are PyTorch's defaults (``nn.Linear``: weight and bias
+        U(−1/√fan_in, 1/√fan_in), i.e. kaiming-uniform with a = √5; ``nn.Embedding``: N(0, 1);
+        LayerNorm: 1 and 0), drawn from a private generator. The spec §4.4 numbers were measured
+        with this initialisation; GPT-2's N(0, 0.02) learned DigitSum far more slowly here
+        (steps 151–200: 0.38–0.63 mean reward against 0.93, seed 0, 1024 completions per step).
+        """
         gen = torch.Generator().manual_seed(seed)
-        std = 0.02  # GPT-2 (Radford et al. 2019)
-        resid_std = std / math.sqrt(2 * len(self.blocks))  # GPT-2 §2.3 residual scaling
-        for name, mod in self.named_modules():
+        for mod in self.modules():
             if isinstance(mod, nn.LayerNorm):
                 mod.weight.fill_(1.0)
                 mod.bias.zero_()
             elif isinstance(mod, nn.Embedding):
-                mod.weight.normal_(0.0, std, generator=gen)
+                mod.weight.normal_(0.0, 1.0, generator=gen)
             elif isinstance(mod, nn.Linear):
-                is_resid = name.endswith(".proj") or name.endswith(".out")
-                mod.weight.normal_(0.0, resid_std if is_resid else std, generator=gen)
-                mod.bias.zero_()
+                bound = 1.0 / math.sqrt(mod.in_features)
+                mod.weight.uniform_(-bound, bound, generator=gen)
+                mod.bias.uniform_(-bound, bound, generator=gen)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token logits ``[B, T, V]`` for ``input_ids [B, T]`` (T ≤ ``context``).

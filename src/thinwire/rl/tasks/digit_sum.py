@@ -121,7 +121,16 @@ class DigitSumEnv(SingleTurnEnv):
         check_int("n", n, 1)
         gen = self.generator if generator is None else generator
         targets = torch.randint(self.t_min, self.t_max + 1, (n,), generator=gen)
-        return [Prompt(self.prompt_ids(int(t)), int(t)) for t in targets]
+        ids = torch.stack(
+            [
+                torch.full_like(targets, BOS),
+                targets // 10,
+                targets % 10,
+                torch.full_like(targets, EQ),
+            ],
+            dim=1,
+        )  # [n, 4]
+        return [Prompt(row, t) for row, t in zip(ids.unbind(0), targets.tolist(), strict=True)]
 
     def reward(self, prompt: Prompt | int, completion_ids: Tensor | Sequence[int]) -> float:
         """1.0 if the completion is exactly K digits summing to the target, else 0.0.
