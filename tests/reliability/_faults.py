@@ -343,9 +343,8 @@ class Regression:
 
     def teacher(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = self._gen(-1, -1, -1)
-        return torch.randn(self.d_out, self.d_in, generator=g) / self.d_in**0.5, torch.randn(
-            self.d_out, generator=g
-        )
+        W = torch.randn(self.d_out, self.d_in, generator=g) / self.d_in**0.5
+        return W, 0.1 * torch.randn(self.d_out, generator=g)
 
     def data(self, worker: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         W, b = self.teacher()

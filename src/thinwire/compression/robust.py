@@ -9,8 +9,8 @@ Rules over the peers' decoded contributions (each the same shape, folded in rank
 * ``"trimmed_mean"`` — per coordinate, drop the ``trim`` largest and smallest values and average
   the rest (Yin et al., "Byzantine-Robust Distributed Learning", ICML 2018, Alg. "trimmed mean").
   Cost: a sort over peers per coordinate, O(P log P · N), and all P contributions held at once;
-* ``"median"`` — per-coordinate median (same paper; lower of the two middles for even P, so the
-  result is always one peer's value). Cost as trimmed mean.
+* ``"median"`` — per-coordinate median (same paper; the mean of the two middle values for even
+  P, which avoids the bias of always taking the lower one). Cost as trimmed mean.
 
 Every rule is deterministic given the contributions in rank order, so all ranks agree bitwise.
 """
@@ -86,7 +86,9 @@ def robust_mean(
     P = stack.shape[0]
     ordered = stack.sort(dim=0, stable=True).values
     if rule == "median":
-        return ordered[(P - 1) // 2].clone()
+        if P % 2:
+            return ordered[P // 2].clone()
+        return (ordered[P // 2 - 1] + ordered[P // 2]) / 2  # even P: mean of the two middles
     t = int(trim_ratio * P)
     kept = ordered[t : P - t]
     acc = torch.zeros(shape, dtype=torch.float32)

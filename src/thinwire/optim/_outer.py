@@ -432,6 +432,12 @@ class DiLoCoBase(Optimizer):
                     p.copy_(torch.lerp(anchor, p.detach().to(anchor.dtype), self.mix_alpha))
                 else:
                     p.copy_(anchor)
+        if not inf.contributed:
+            # This worker's Δ was non-finite ("skip"): restart every fragment from θ_g and drop
+            # the inner optimizer's state, which the same NaN has poisoned.
+            for p in self._ordered_params():
+                p.copy_(self.state[p]["anchor"])
+                self.inner.state.pop(p, None)
         self._inflight = None
         self.outer_step += 1
         self.last_sync = {

@@ -99,6 +99,10 @@ class PendingReduce:
                 vec = out[:-1] / total if total > 0 else torch.zeros_like(out[:-1])
             else:
                 total, vec = float(self.world), out
+            if not bool(torch.isfinite(vec).all()):
+                # A ring sum cannot say whose contribution was bad; skip the round everywhere.
+                logger.warning("the all-reduced vector is non-finite: some peer sent non-finite values; round skipped")
+                vec, total = torch.zeros_like(vec), 0.0
             self._value = (_split(vec, self.like), total)
         elif isinstance(self.codec, SparseCodec):
             self._value = self._sparse(out)

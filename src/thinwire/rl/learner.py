@@ -220,27 +220,36 @@ class Learner:
         return got
 
     # ------------------------------------------------------------------ the step
-    def step(self, groups: Sequence[RolloutGroup] | None = None) -> dict[str, float]:
+    def step(
+        self, groups: Sequence[RolloutGroup] | None = None, *, admitted: bool = False
+    ) -> dict[str, float]:
         """One learner step: collect (unless given), loss, backward, optimizer step, publish.
 
-        Groups passed in go through the staleness filter too. With ``num_iterations`` μ > 1
-        the batch is used for μ optimizer steps (μ versions).
+        Groups passed in go through the staleness filter too, unless ``admitted`` says they
+        already did (they came from :meth:`collect`). With ``num_iterations`` μ > 1 the batch is
+        used for μ optimizer steps (μ versions).
 
         Collective (multi-learner): every learner must call this once per step.
         """
         t0 = time.perf_counter()
         if groups is None:
             groups = self.collect()
-        else:
+        elif not admitted:
             groups = self.filter.filter(groups, self.version)
             if self.cfg.filter_zero_std_groups:
                 keep = [bool(informative_groups(g.rewards()[None])[0]) for g in groups]
                 self.zero_std_dropped += keep.count(False)
                 groups = [g for g, k in zip(groups, keep, strict=True) if k]
         metrics: dict[str, float] = {}
+        # decoupled ratio: the learner's own log-probs at the start of the step, fixed for all μ
+        old = (
+            self._start_logps(groups)
+            if self.cfg.ratio_reference == "decoupled" and groups
+            else None
+        )
         for _ in range(self.cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            loss_metrics = self.backward(groups)
+            loss_metrics = self.backward(groups, old_logps=old)
             if self.grad_hook is not None:
                 self.grad_hook()
             grad_norm = self._clip()
@@ -261,22 +270,36 @@ class Learner:
         metrics["step_s"] = time.perf_counter() - t0
         return metrics
 
-    def backward(self, groups: Sequence[RolloutGroup]) -> dict[str, float]:
+    def _micro_batches(self, groups: Sequence[RolloutGroup]) -> list[Batch]:
+        batch = collate(groups, self.cfg, learner_id=self.learner_id, pad_id=self.pad_id)
+        mb = self.cfg.micro_batch_size or batch.mask.shape[0]
+        return [batch.rows(slice(s, s + mb)) for s in range(0, batch.mask.shape[0], mb)]
+
+    def _logp(self, policy: nn.Module, part: Batch) -> torch.Tensor:
+        attn = None if part.uniform_prompts else part.prompt_mask
+        return completion_logprobs(policy, part.prompt_ids, part.completion_ids,
+                                   temperature=part.temperature, prompt_mask=attn)  # fmt: skip
+
+    @torch.no_grad()
+    def _start_logps(self, groups: Sequence[RolloutGroup]) -> list[torch.Tensor]:
+        return [self._logp(self.policy, part) for part in self._micro_batches(groups)]
+
+    def backward(
+        self, groups: Sequence[RolloutGroup], *, old_logps: list[torch.Tensor] | None = None
+    ) -> dict[str, float]:
         """Accumulate the GRPO gradient of ``groups`` into ``.grad`` (§2.5 step 3); no step.
 
         Micro-batches contribute sums under the step-global normaliser (§1.4), which spans all
         learners when ``global_normalizer`` is set (one 16-byte all-reduce, tag
-        ``"learners/normalizer"``). Collective in that case.
+        ``"learners/normalizer"``). Collective in that case. ``old_logps`` (one tensor per
+        micro-batch) are the decoupled ratio's reference; default: this pass's detached log-probs.
+        A learner of a group with no admitted groups gets zero gradients, so the optimizer's
+        collectives still run on every learner.
         """
         cfg = self.cfg
-        n_local = len(groups)
-        batch = (
-            collate(groups, cfg, learner_id=self.learner_id, pad_id=self.pad_id)
-            if n_local
-            else None
-        )
-        n_seq = 0 if batch is None else batch.mask.shape[0]
-        n_tok = 0 if batch is None else int(batch.mask.sum())
+        parts = self._micro_batches(groups) if groups else []
+        n_seq = sum(p.mask.shape[0] for p in parts)
+        n_tok = sum(int(p.mask.sum()) for p in parts)
         scale = 1.0
         if self.global_normalizer:
             assert self.comm is not None  # internal invariant: checked in __init__
@@ -284,33 +307,32 @@ class Learner:
             counts = self.comm.all_reduce(counts, "sum", tag="learners/normalizer")
             n_seq, n_tok = int(counts[0]), int(counts[1])
             scale = float(self.comm.world_size)
-        if batch is None:
+        if not parts:
+            if self.comm is not None and self.comm.world_size > 1:
+                for p in self.policy.parameters():
+                    p.grad = torch.zeros_like(p)
             return {"loss": 0.0, "num_tokens": 0.0, "num_sequences": 0.0}
-        mb = cfg.micro_batch_size or batch.mask.shape[0]
-        parts = []
-        for s in range(0, batch.mask.shape[0], mb):
-            part = batch.rows(slice(s, s + mb))
-            attn = None if part.uniform_prompts else part.prompt_mask
-            logp = completion_logprobs(self.policy, part.prompt_ids, part.completion_ids,
-                                       temperature=part.temperature, prompt_mask=attn)  # fmt: skip
+        metrics = []
+        for i, part in enumerate(parts):
+            logp = self._logp(self.policy, part)
             behavior = torch.where(
                 part.external[:, None], logp.detach(), part.behavior_logp.to(logp.dtype)
             )
             ref = old = None
             if self.ref is not None:
                 with torch.no_grad():
-                    ref = completion_logprobs(self.ref, part.prompt_ids, part.completion_ids,
-                                              temperature=part.temperature, prompt_mask=attn)  # fmt: skip
+                    ref = self._logp(self.ref, part)
             if cfg.ratio_reference == "decoupled":
-                old = logp.detach()
+                old = old_logps[i] if old_logps is not None else logp.detach()
             loss, m = self.loss_fn(logp, behavior, part.adv.to(logp.dtype), part.mask, ref, old,
                                    num_sequences=n_seq, num_tokens=n_tok)  # fmt: skip
             (loss * scale).backward()
-            parts.append(m)
-        return merge_metrics(parts)
+            metrics.append(m)
+        return merge_metrics(metrics)
 
     def _clip(self) -> float:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
+        # the optimizer's parameters: the policy's, or the flat bucket a grad hook filled
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return 0.0
         if self.cfg.max_grad_norm is None:

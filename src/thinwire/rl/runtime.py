@@ -25,7 +25,10 @@ max_staleness``, the spec §4.5 "rollouts always from the version 2 steps back" 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -48,14 +51,16 @@ from thinwire.collectives import (
 from thinwire.optim import DeMo, DiLoCo, SparseLoCo, StreamingDiLoCo
 from thinwire.rl.config import GRPOConfig
 from thinwire.rl.learner import Learner
+from thinwire.rl.objective import informative_groups
 from thinwire.rl.policy import TinyCausalLM
 from thinwire.rl.rollout import Channel, RolloutGroup, decode_group, encode_group, group_nbytes
+from thinwire.rl.sampling import SamplingArgs
 from thinwire.rl.sharing import RolloutSharing
 from thinwire.rl.store import DeltaPublisher, PolicyStore
 from thinwire.rl.verify import RolloutVerifier
 from thinwire.rl.worker import RemoteWeights, RolloutWorker
 
-__all__ = ["LearnerResult", "RunResult", "SYNC_KINDS", "SyncOptions", "TaggedComm", "build_optimizer",
+__all__ = ["FlatBucket", "LearnerResult", "RunResult", "SYNC_KINDS", "SyncOptions", "TaggedComm", "build_optimizer",
            "run_learner", "run_local"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -75,6 +80,9 @@ class SyncOptions:
         error_feedback: keep the compression residual (DiLoCo/Streaming).
         fragments / overlap_steps: Streaming DiLoCo fragments and overlap τ (default 2 / 1).
         demo_lr / demo_topk / demo_chunk / demo_values: DeMo settings (lr tuned on DigitSum).
+        demo_bucket: run DeMo on one :class:`FlatBucket` of all parameters (one payload per step).
+        demo_decay: DeMo's momentum decay β (default 0.999, A1).
+        demo_lr_final: cosine-decay DeMo's lr from ``demo_lr`` to this over the run (None: constant).
         sparse_topk / sparse_chunk / sparse_bits: SparseLoCo settings.
     """
 
@@ -89,6 +97,9 @@ class SyncOptions:
     demo_topk: int = 32
     demo_chunk: int = 64
     demo_values: str = "float"
+    demo_bucket: bool = False
+    demo_decay: float = 0.999
+    demo_lr_final: float | None = None
     sparse_topk: int = 128
     sparse_chunk: int = 64
     sparse_bits: int = 2
@@ -131,35 +142,85 @@ class TaggedComm:
         return self.inner.broadcast_bytes(payload, src, tag=self.prefix + tag, **kw)
 
 
+class FlatBucket:
+    """Every parameter of a module as a view into one ``[rows, width]`` float32 tensor.
+
+    DDP-style bucketing for per-step compressed optimizers: DeMo then sends one payload per
+    step instead of one per tensor, whose ~80-byte headers dominate on a 69k-parameter model
+    (30 tensors, 2.4 kB of headers against 277 kB of fp32 gradient). Matrices whose size is a
+    multiple of ``width²`` come first, so DeMo's ``width × width`` DCT tiles fall on whole tiles
+    of one matrix (for ``[out, width]`` weights exactly the tiles DeMo uses per tensor); the small
+    matrices and vectors share the last rows. :meth:`gather_grads` copies the gradients into
+    ``flat.grad`` (the learner's grad hook).
+    """
+
+    def __init__(self, module: nn.Module, width: int = 64) -> None:
+        ps = list(module.parameters())
+        aligned = [p for p in ps if p.dim() == 2 and p.numel() % (width * width) == 0]
+        self.params = aligned + [p for p in ps if not any(p is q for q in aligned)]
+        n = sum(p.numel() for p in self.params)
+        self.flat = nn.Parameter(torch.zeros(-(-n // width), check_int("width", width, 1)))
+        flat1 = self.flat.data.view(-1)
+        off = 0
+        with torch.no_grad():
+            for p in self.params:
+                flat1[off : off + p.numel()].copy_(p.reshape(-1))
+                p.data = flat1[off : off + p.numel()].view_as(p)  # shares the bucket's storage
+                off += p.numel()
+
+    def gather_grads(self) -> None:
+        """``flat.grad`` ← the parameters' gradients (0 for padding and params without grad)."""
+        g = torch.zeros(self.flat.numel(), dtype=self.flat.dtype)
+        off = 0
+        for p in self.params:
+            if p.grad is not None:
+                g[off : off + p.numel()] = p.grad.reshape(-1)
+            off += p.numel()
+        self.flat.grad = g.view_as(self.flat)
+
+
 def build_optimizer(
-    kind: str,
-    params: list[torch.Tensor],
-    cfg: GRPOConfig,
-    comm: Communicator | None,
-    opts: SyncOptions,
-) -> tuple[torch.optim.Optimizer, bool]:
-    """The optimizer of one learner for sync ``kind``; returns it and whether it needs the global
-    loss normaliser (per-step-synced modes, §3.1)."""
+    kind: str, policy: nn.Module, cfg: GRPOConfig, comm: Communicator | None, opts: SyncOptions
+) -> tuple[torch.optim.Optimizer, bool, Callable[[], None] | None]:
+    """The optimizer of one learner for sync ``kind``.
+
+    Returns:
+        ``(optimizer, global_normalizer, grad_hook)``: whether the learner must use the global
+        loss normaliser (per-step-synced modes, §3.1), and a hook to run after backward (the DDP
+        gradient all-reduce, or filling a :class:`FlatBucket`), or None.
+    """
     check_choice("sync", kind, SYNC_KINDS)
-    tagged = None if comm is None or comm.world_size == 1 else TaggedComm(comm, "learners/sync/")
+    multi = comm is not None and comm.world_size > 1
+    tagged = TaggedComm(comm, "learners/sync/") if multi else None
+    params = list(policy.parameters())
     inner = partial(torch.optim.Adam, lr=cfg.lr)
-    if kind in ("none", "ddp"):
-        return torch.optim.Adam(params, lr=cfg.lr), kind == "ddp"
+    if kind == "none":
+        return torch.optim.Adam(params, lr=cfg.lr), False, None
+    if kind == "ddp":
+        return (
+            torch.optim.Adam(params, lr=cfg.lr),
+            True,
+            (_ddp_hook(comm, policy) if multi else None),
+        )
     if kind == "diloco":
         return DiLoCo(params, inner, outer_lr=opts.outer_lr, outer_momentum=opts.outer_momentum,
                       nesterov=opts.outer_momentum > 0, sync_every=opts.sync_every, comm=tagged,
-                      compressor=opts.compressor, error_feedback=opts.error_feedback), False  # fmt: skip
+                      compressor=opts.compressor, error_feedback=opts.error_feedback), False, None  # fmt: skip
     if kind == "streaming":
         return StreamingDiLoCo(params, inner, outer_lr=opts.outer_lr, outer_momentum=opts.outer_momentum,
                                nesterov=opts.outer_momentum > 0, sync_every=opts.sync_every,
                                fragments=opts.fragments, overlap_steps=opts.overlap_steps, mix_alpha=0.0,
                                comm=tagged, compressor=opts.compressor,
-                               error_feedback=opts.error_feedback), False  # fmt: skip
+                               error_feedback=opts.error_feedback), False, None  # fmt: skip
     if kind == "demo":
-        return DeMo(params, opts.demo_lr, topk=opts.demo_topk, chunk=opts.demo_chunk,
-                    values=opts.demo_values, comm=tagged), True  # fmt: skip
+        hook = None
+        if opts.demo_bucket:
+            bucket = FlatBucket(policy, opts.demo_chunk)
+            params, hook = [bucket.flat], bucket.gather_grads
+        return DeMo(params, opts.demo_lr, momentum_decay=opts.demo_decay, topk=opts.demo_topk,
+                    chunk=opts.demo_chunk, values=opts.demo_values, comm=tagged), True, hook  # fmt: skip
     return SparseLoCo(params, inner, outer_lr=opts.outer_lr, sync_every=opts.sync_every, topk=opts.sparse_topk,
-                      chunk=opts.sparse_chunk, bits=opts.sparse_bits, comm=tagged), False  # fmt: skip
+                      chunk=opts.sparse_chunk, bits=opts.sparse_bits, comm=tagged), False, None  # fmt: skip
 
 
 def _ddp_hook(comm: Communicator, policy: nn.Module) -> Callable[[], None]:
@@ -319,7 +380,7 @@ def run_learner(
     env = env if env is not None else DigitSumEnv()
     policy = policy if policy is not None else TinyCausalLM(seed=cfg.seed)
     lid, ledger = comm.rank, comm.ledger
-    optimizer, global_norm = build_optimizer(sync, list(policy.parameters()), cfg, comm, opts)
+    optimizer, global_norm, grad_hook = build_optimizer(sync, policy, cfg, comm, opts)
     store = PolicyStore(keep=max(8, 2 * cfg.max_staleness + 4), learner_id=lid, ledger=ledger)
     n_external = share[1] if share else 0
     n_local = cfg.prompts_per_step - n_external
@@ -347,16 +408,18 @@ def run_learner(
         verifier = RolloutVerifier(
             copy.deepcopy(policy),
             publisher.view,
-            key=f"thinwire-{cfg.seed}-{lid}".encode().ljust(16, b"."),
+            key=secrets.token_bytes(32),  # the workers never see it (positions unpredictable)
         )
     inbox = _Inbox([local_ch] + ([remote_ch] if remote_ch else []), verifier)
-    grad_hook = _ddp_hook(comm, policy) if sync == "ddp" and comm.world_size > 1 else None
     learner = Learner(policy, optimizer, cfg, inbox, store, learner_id=lid, comm=comm,
                       global_normalizer=global_norm, remote=publisher, grad_hook=grad_hook)  # fmt: skip
-    local = [RolloutWorker(env, copy.deepcopy(policy), store, group_size=cfg.group_size, worker_id=i,
+    sa = getattr(env, "sampling_args", None)  # the task's length/stop tokens, cfg's temperature
+    sa = dataclasses.replace(sa, temperature=cfg.temperature) if sa is not None else SamplingArgs(
+        max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature)  # fmt: skip
+    local = [RolloutWorker(env, copy.deepcopy(policy), store, sa, group_size=cfg.group_size, worker_id=i,
                            origin=lid, seed=cfg.seed) for i in range(workers)]  # fmt: skip
     remote = [RolloutWorker(env, copy.deepcopy(policy),
-                            RemoteWeights(ch, policy.state_dict(), codec=remote_codec),
+                            RemoteWeights(ch, policy.state_dict(), codec=remote_codec), sa,
                             group_size=cfg.group_size, worker_id=workers + i, origin=lid, seed=cfg.seed)
               for i, ch in enumerate(weight_chs)]  # fmt: skip
     sharing = (
@@ -384,6 +447,32 @@ def run_learner(
             )  # fmt: skip
             t.start()
             threads.append(t)
+    sched = None
+    if sync == "demo" and opts.demo_lr_final is not None:
+        lo, hi = opts.demo_lr_final, opts.demo_lr
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda t: (lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * min(t, steps) / steps))) / hi,
+        )
+
+    def produce(w: RolloutWorker, q: int) -> list[RolloutGroup]:
+        """One worker's groups for this step, through its channel (sequential pipelines)."""
+        if pipeline == "lagged" and w in local:  # the oldest kept version within the bound
+            w.refresh(min(v for v in store.versions() if v >= learner.version - cfg.max_staleness))
+        else:
+            w.refresh()
+        out = []
+        for g in w.generate(q):
+            if w in remote:  # encoded, over the WAN, verified on arrival
+                remote_ch.send(encode_group(g))  # type: ignore[union-attr]
+                got = inbox.accept(remote_ch.recv())  # type: ignore[union-attr]
+            else:
+                local_ch.send_object(g, group_nbytes(g))
+                got = local_ch.recv()
+            if got is not None:
+                out.append(got)
+        return out
+
     history: list[dict[str, float]] = []
     try:
         for step in range(steps):
@@ -392,32 +481,32 @@ def run_learner(
             if pipeline == "threads":
                 groups = learner.collect(n_local)
             else:
-                groups = []
-                for w, q in zip(all_workers, quota, strict=True):
-                    if q == 0:
-                        continue
-                    if pipeline == "lagged" and w in local:
-                        v_now = learner.version
-                        w.refresh(
-                            min(v for v in store.versions() if v >= v_now - cfg.max_staleness)
-                        )
-                    else:
-                        w.refresh()
-                    made = w.generate(q)
-                    if w in remote:
-                        for g in made:
-                            remote_ch.send(encode_group(g))  # type: ignore[union-attr]
-                            got = inbox.accept(remote_ch.recv())  # type: ignore[union-attr]
-                            if got is not None:
-                                groups.append(got)
-                    else:
-                        for g in made:
-                            local_ch.send_object(g, group_nbytes(g))
-                            groups.append(local_ch.recv())
-            if sharing is not None:
-                groups = list(groups) + sharing.exchange(groups)
-            metrics = learner.step(groups)
+                groups = [
+                    g for w, q in zip(all_workers, quota, strict=True) if q for g in produce(w, q)
+                ]
+                if cfg.filter_zero_std_groups:  # dynamic sampling (§1.5): resample what was dropped
+                    keep = [g for g in groups if bool(informative_groups(g.rewards()[None])[0])]
+                    for _ in range(cfg.max_resample_rounds):
+                        if len(keep) >= n_local:
+                            break
+                        more = produce(local[0], n_local - len(keep))
+                        keep += [g for g in more if bool(informative_groups(g.rewards()[None])[0])]
+                    learner.zero_std_dropped += len(groups) - len(keep)
+                    groups = keep[:n_local]
+            external = sharing.exchange(groups) if sharing is not None else []
+            if pipeline == "threads":  # collect() already applied the staleness filter
+                metrics = learner.step(
+                    list(groups) + learner.filter.filter(external, learner.version), admitted=True
+                )
+            else:
+                metrics = learner.step(list(groups) + external)
             metrics["rollouts/rejected_unverified"] = float(inbox.rejected)
+            for tag, v in ledger.by_tag().items():  # cumulative bytes per channel (§2.5 step 6)
+                ch = "/".join(tag.split("/")[:2])
+                for k in ("sent", "recv"):
+                    metrics[f"bytes/{ch}/{k}"] = metrics.get(f"bytes/{ch}/{k}", 0.0) + v[k]
+            if sched is not None:
+                sched.step()
             history.append(metrics)
             if on_step is not None:
                 on_step(step, metrics)

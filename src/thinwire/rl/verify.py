@@ -200,20 +200,16 @@ class RolloutVerifier:
     def _check(self, batch: list[Rollout]) -> list[Verdict]:
         pos = [self.positions(r) for r in batch]
         out: list[Verdict | None] = [None] * len(batch)
-        # one forward per (prompt length, temperature): left padding would change positions
-        buckets: dict[tuple[int, float], list[int]] = defaultdict(list)
+        # one forward per (prompt length, temperature, prefix length): left padding would shift
+        # positions, and a rollout is fed only up to its own last checked position
+        buckets: dict[tuple[int, float, int], list[int]] = defaultdict(list)
         for j, (r, p) in enumerate(zip(batch, pos, strict=True)):
             if not p:  # nothing the loss sees: nothing to check beyond the fingerprint
                 out[j] = Verdict(True, "ok")
             else:
-                buckets[(r.prompt_ids.shape[0], float(r.temperature))].append(j)
-        for (_lp, temp), js in buckets.items():
-            t_end = max(pos[j][-1] for j in js) + 1
-            pad = getattr(self.policy, "pad_id", 0)
-            comp = torch.full((len(js), t_end), pad, dtype=torch.long)
-            for row, j in enumerate(js):
-                c = batch[j].completion_ids[:t_end]
-                comp[row, : c.shape[0]] = c
+                buckets[(r.prompt_ids.shape[0], float(r.temperature), p[-1] + 1)].append(j)
+        for (_lp, temp, t_end), js in buckets.items():
+            comp = torch.stack([batch[j].completion_ids[:t_end] for j in js])  # [B, t_end]
             prompts = torch.stack([batch[j].prompt_ids for j in js])
             tp = prompts.shape[1]
             # the last checked token is predicted from the position before it: it is never fed
@@ -221,11 +217,16 @@ class RolloutVerifier:
             self.cost.tokens_fed += ids.numel()
             logits = self.policy(ids)[:, tp - 1 :].float() / temp  # [B, t_end, V]
             lp = torch.log_softmax(logits, dim=-1).gather(-1, comp[:, :, None]).squeeze(-1)
+            rec = torch.stack([batch[j].behavior_logprobs[:t_end] for j in js]).to(lp.dtype)
+            chosen = torch.zeros(len(js), t_end, dtype=torch.bool)
             for row, j in enumerate(js):
-                p = torch.tensor(pos[j])
-                rec = batch[j].behavior_logprobs[p].to(lp.dtype)
-                err = float((lp[row, p] - rec).abs().max())
-                self.cost.positions_checked += len(pos[j])
-                ok = err <= self.atol  # NaN errors fail too
-                out[j] = Verdict(ok, "ok" if ok else "logprob_mismatch", tuple(pos[j]), err)
+                chosen[row, pos[j]] = True
+            # NaN compares false below, so a NaN log-prob is flagged (|x| <= atol is False)
+            err = torch.where(chosen, (lp - rec).abs(), torch.zeros_like(lp))
+            err = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err).amax(dim=1)
+            self.cost.positions_checked += int(chosen.sum())
+            for row, j in enumerate(js):
+                e = float(err[row])
+                ok = e <= self.atol
+                out[j] = Verdict(ok, "ok" if ok else "logprob_mismatch", tuple(pos[j]), e)
         return out  # type: ignore[return-value]
