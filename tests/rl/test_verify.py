@@ -41,15 +41,15 @@ def trained():
     return env, store
 
 
-def _rollouts(env, store, version, *, seed, weights=None):
-    """1,000 rollouts sampled with ``weights`` (default: the store's ``version``)."""
+def _rollouts(env, store, version, *, seed, weights=None, n=N):
+    """``n`` rollouts sampled with ``weights`` (default: the store's ``version``)."""
     src = store
     if weights is not None:
         src = PolicyStore()
         src.publish(weights, version)
     w = RolloutWorker(env, TinyCausalLM(), src, group_size=32, seed=seed)
     w.refresh(version)
-    return [r for g in w.generate(32) for r in g.rollouts][:N]
+    return [r for g in w.generate(-(-n // 32)) for r in g.rollouts][:n]
 
 
 def _verifier(store, **kw):
@@ -77,7 +77,7 @@ def test_honest_rollouts_pass_and_cost(trained):
 
 def test_recomputed_logprobs_equal_learner_logprobs(trained):
     env, store = trained
-    rs = _rollouts(env, store, 4, seed=12)[:64]
+    rs = _rollouts(env, store, 4, seed=12, n=64)
     pol = TinyCausalLM()
     pol.load_state_dict(store.get(4).state)
     ref = completion_logprobs(pol, torch.stack([r.prompt_ids for r in rs]),
@@ -138,7 +138,7 @@ def test_edited_logprobs_caught(trained):
 
 def test_unknown_version_and_key_checks(trained):
     env, store = trained
-    r = _rollouts(env, store, 4, seed=17)[0]
+    r = _rollouts(env, store, 4, seed=17, n=1)[0]
     assert (
         _verifier(store).verify([dataclasses.replace(r, policy_version=99)])[0].reason
         == "unknown_version"
@@ -162,22 +162,26 @@ def test_prf_positions_are_keyed_and_uniform():
 
 
 def test_single_edited_logprob_on_long_completion_is_caught_at_rate_k_over_lc():
-    # Lc = 12 loss-bearing positions, n_positions = 3: one edited log-prob is seen with p = 3/12
-    pol = TinyCausalLM(context=16, seed=4)
+    # Lc = 8 loss-bearing positions, n_positions = 2: one edited log-prob is seen with p = 2/8
+    lc = 8
+    pol = TinyCausalLM(context=4 + lc, seed=4)
     store = PolicyStore()
     store.publish(pol.state_dict(), 0)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 10, (N, 4), generator=g)
-    ids, lp = sample(pol, prompts, 12, 1.0, g)
+    ids, lp = sample(pol, prompts, lc, 1.0, g)
     fp = store.fingerprint(0)
     rs = []
     for i in range(N):
         edited = lp[i].clone()
-        edited[int(torch.randint(0, 12, (), generator=g))] += 0.3
-        rs.append(Rollout(i.to_bytes(16, "little"), 0, 0, prompts[i], ids[i], torch.ones(12, dtype=torch.bool),
-                          edited, 0, fingerprint=fp))  # fmt: skip
-    caught = _caught(
-        RolloutVerifier(TinyCausalLM(context=16), store, key=KEY, n_positions=3).verify(rs)
-    )
+        edited[int(torch.randint(0, lc, (), generator=g))] += 0.3
+        rs.append(Rollout(i.to_bytes(16, "little"), 0, 0, prompts[i], ids[i],
+                          torch.ones(lc, dtype=torch.bool), edited, 0, fingerprint=fp))  # fmt: skip
+    ver = RolloutVerifier(TinyCausalLM(context=4 + lc), store, key=KEY, n_positions=2)
+    caught = _caught(ver.verify(rs))
     # binomial(1000, 0.25): sd 13.7; 5 sd either side
     assert 250 - 69 < caught < 250 + 69
+    # a rollout is fed only up to its last checked position: E[max of 2 of 8] = 6 (0-based 5),
+    # so about 4 + 5 = 9 of the 4 + 8 - 1 = 11 positions of a full recomputation
+    assert ver.cost.tokens_fed < ver.cost.full_recompute_tokens
+    assert ver.cost.tokens_fed == sum(4 + max(ver.positions(r)) for r in rs)

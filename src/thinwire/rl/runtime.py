@@ -80,7 +80,8 @@ class SyncOptions:
         error_feedback: keep the compression residual (DiLoCo/Streaming).
         fragments / overlap_steps: Streaming DiLoCo fragments and overlap τ (default 2 / 1).
         demo_lr / demo_topk / demo_chunk / demo_values: DeMo settings (lr tuned on DigitSum).
-        demo_bucket: run DeMo on one :class:`FlatBucket` of all parameters (one payload per step).
+        demo_bucket: run DeMo on a :class:`FlatBucket` of all parameters (two payloads per step).
+        demo_small_topk: top-k per tile of the bucket of small tensors (default: ``demo_topk``).
         demo_decay: DeMo's momentum decay β (default 0.999, A1).
         demo_lr_final: cosine-decay DeMo's lr from ``demo_lr`` to this over the run (None: constant).
         sparse_topk / sparse_chunk / sparse_bits: SparseLoCo settings.
@@ -98,6 +99,7 @@ class SyncOptions:
     demo_chunk: int = 64
     demo_values: str = "float"
     demo_bucket: bool = False
+    demo_small_topk: int | None = None
     demo_decay: float = 0.999
     demo_lr_final: float | None = None
     sparse_topk: int = 128
@@ -143,40 +145,50 @@ class TaggedComm:
 
 
 class FlatBucket:
-    """Every parameter of a module as a view into one ``[rows, width]`` float32 tensor.
+    """The parameters of a module as views into two float32 ``[rows, width]`` buckets.
 
-    DDP-style bucketing for per-step compressed optimizers: DeMo then sends one payload per
+    DDP-style bucketing for per-step compressed optimizers: DeMo then sends two payloads per
     step instead of one per tensor, whose ~80-byte headers dominate on a 69k-parameter model
-    (30 tensors, 2.4 kB of headers against 277 kB of fp32 gradient). Matrices whose size is a
-    multiple of ``width²`` come first, so DeMo's ``width × width`` DCT tiles fall on whole tiles
-    of one matrix (for ``[out, width]`` weights exactly the tiles DeMo uses per tensor); the small
-    matrices and vectors share the last rows. :meth:`gather_grads` copies the gradients into
-    ``flat.grad`` (the learner's grad hook).
+    (30 tensors: 2.4 kB of headers against 277 kB of fp32 gradient). ``flats[0]`` holds the
+    matrices whose size is a multiple of ``width²`` (row-major, so DeMo's ``width × width`` DCT
+    tiles fall on whole tiles of one matrix — for ``[out, width]`` weights exactly the tiles DeMo
+    uses per tensor); ``flats[1]`` holds everything else (embeddings, head, biases, norms), which
+    would otherwise share one tile's top-k with unrelated rows and starve; give it its own top-k.
+    :meth:`gather_grads` copies the gradients into the buckets' ``.grad`` (the learner's grad hook).
     """
 
     def __init__(self, module: nn.Module, width: int = 64) -> None:
+        check_int("width", width, 1)
         ps = list(module.parameters())
         aligned = [p for p in ps if p.dim() == 2 and p.numel() % (width * width) == 0]
-        self.params = aligned + [p for p in ps if not any(p is q for q in aligned)]
-        n = sum(p.numel() for p in self.params)
-        self.flat = nn.Parameter(torch.zeros(-(-n // width), check_int("width", width, 1)))
-        flat1 = self.flat.data.view(-1)
-        off = 0
+        rest = [p for p in ps if not any(p is q for q in aligned)]
+        self.parts = [part for part in (aligned, rest) if part]
+        self.flats: list[nn.Parameter] = []
         with torch.no_grad():
-            for p in self.params:
-                flat1[off : off + p.numel()].copy_(p.reshape(-1))
-                p.data = flat1[off : off + p.numel()].view_as(p)  # shares the bucket's storage
-                off += p.numel()
+            for part in self.parts:
+                n = sum(p.numel() for p in part)
+                flat = nn.Parameter(torch.zeros(-(-n // width), width))
+                flat1, off = flat.data.view(-1), 0
+                for p in part:
+                    flat1[off : off + p.numel()].copy_(p.reshape(-1))
+                    p.data = flat1[off : off + p.numel()].view_as(p)  # shares the bucket's storage
+                    off += p.numel()
+                self.flats.append(flat)
 
     def gather_grads(self) -> None:
-        """``flat.grad`` ← the parameters' gradients (0 for padding and params without grad)."""
-        g = torch.zeros(self.flat.numel(), dtype=self.flat.dtype)
-        off = 0
-        for p in self.params:
-            if p.grad is not None:
-                g[off : off + p.numel()] = p.grad.reshape(-1)
-            off += p.numel()
-        self.flat.grad = g.view_as(self.flat)
+        """Move the parameters' gradients into the buckets' ``.grad`` (0 for padding).
+
+        The parameters' own ``.grad`` are cleared: the optimizer only zeroes the buckets, so
+        gradients left on the parameters would accumulate over steps.
+        """
+        for flat, part in zip(self.flats, self.parts, strict=True):
+            g, off = torch.zeros(flat.numel(), dtype=flat.dtype), 0
+            for p in part:
+                if p.grad is not None:
+                    g[off : off + p.numel()] = p.grad.reshape(-1)
+                    p.grad = None
+                off += p.numel()
+            flat.grad = g.view_as(flat)
 
 
 def build_optimizer(
@@ -214,10 +226,15 @@ def build_optimizer(
                                error_feedback=opts.error_feedback), False, None  # fmt: skip
     if kind == "demo":
         hook = None
+        groups: list[Any] = params
         if opts.demo_bucket:
             bucket = FlatBucket(policy, opts.demo_chunk)
-            params, hook = [bucket.flat], bucket.gather_grads
-        return DeMo(params, opts.demo_lr, momentum_decay=opts.demo_decay, topk=opts.demo_topk,
+            small = {} if opts.demo_small_topk is None else {"topk": opts.demo_small_topk}
+            groups = [{"params": [bucket.flats[0]]}] + [
+                {"params": [f], **small} for f in bucket.flats[1:]
+            ]
+            hook = bucket.gather_grads
+        return DeMo(groups, opts.demo_lr, momentum_decay=opts.demo_decay, topk=opts.demo_topk,
                     chunk=opts.demo_chunk, values=opts.demo_values, comm=tagged), True, hook  # fmt: skip
     return SparseLoCo(params, inner, outer_lr=opts.outer_lr, sync_every=opts.sync_every, topk=opts.sparse_topk,
                       chunk=opts.sparse_chunk, bits=opts.sparse_bits, comm=tagged), False, None  # fmt: skip
