@@ -250,7 +250,9 @@ def test_flat_bucket_views_and_gradients():
     bucket.gather_grads()
     flat_grads = torch.cat([big.grad.reshape(-1)[: big.numel()], small.grad.reshape(-1)])
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    order = [n for part in bucket.parts for n, p in pol.named_parameters() if any(p is q for q in part)]
+    order = [
+        n for part in bucket.parts for n, p in pol.named_parameters() if any(p is q for q in part)
+    ]
     want = torch.cat([ref_grads[n].reshape(-1) for n in order])
     assert torch.equal(flat_grads[: want.numel()], want) and not flat_grads[want.numel() :].any()
     assert all(p.grad is None for p in pol.parameters())  # moved, so nothing accumulates
