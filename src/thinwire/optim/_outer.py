@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from thinwire._validate import check_choice, check_float, check_int, check_type
 from thinwire.collectives import Communicator
 from thinwire.compression import ROBUST_RULES, Codec, SparseCodec, build_codec
+from thinwire.optim._finite import first_nonfinite
 from thinwire.optim._reduce import PendingReduce, start_reduce
 from thinwire.optim._state import load_keeping_width
 
@@ -331,19 +332,12 @@ class DiLoCoBase(Optimizer):
             [self.state[p]["anchor"] - p.detach().to(self.state[p]["anchor"].dtype) for p in ps]
             for _, ps in buckets
         ]
-        flat_all = [d for ds in deltas for d in ds]
-        finite = (
-            bool(torch.stack([torch.isfinite(d).all() for d in flat_all]).all())
-            if flat_all
-            else True
+        bad = first_nonfinite(
+            self.param_groups, [(gi, ps, ds) for (gi, ps), ds in zip(buckets, deltas, strict=True)]
         )
+        finite = bad is None
         if not finite:
-            gi, pi = next(
-                (gi, next(j for j, q in enumerate(self.param_groups[gi]["params"]) if q is p))
-                for (gi, ps), ds in zip(buckets, deltas, strict=True)
-                for p, d in zip(ps, ds, strict=True)
-                if not bool(torch.isfinite(d).all())
-            )
+            gi, pi = bad
             msg = (
                 f"pseudo-gradient of group {gi}, param {pi} is non-finite at inner step "
                 f"{self.inner_step} (fragment {fragment}); nothing was sent"

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from thinwire._validate import check_choice, check_float, check_int, check_type
 from thinwire.collectives import Communicator
 from thinwire.compression import SparseCodec
+from thinwire.optim._finite import first_nonfinite
 from thinwire.optim._reduce import PendingReduce, start_reduce
 from thinwire.optim._state import load_keeping_width
 
@@ -203,17 +204,10 @@ class DeMo(Optimizer):
                     old.mul(g["momentum_decay"]).add_(p.grad.to(torch.float32), alpha=g["lr"])
                 )
             groups.append((gi, ps, news))
-        all_d = [d for _, _, ds in groups for d in ds]
-        finite = (
-            bool(torch.stack([torch.isfinite(d).all() for d in all_d]).all()) if all_d else True
-        )
+        bad = first_nonfinite(self.param_groups, groups)
+        finite = bad is None
         if not finite:
-            gi, pi = next(
-                (gi, next(j for j, q in enumerate(self.param_groups[gi]["params"]) if q is p))
-                for gi, ps, ds in groups
-                for p, d in zip(ps, ds, strict=True)
-                if not bool(torch.isfinite(d).all())
-            )
+            gi, pi = bad
             msg = f"momentum of group {gi}, param {pi} is non-finite at step {self.step_count + 1}; nothing was sent"
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(msg)
