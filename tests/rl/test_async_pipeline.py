@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from _rl_common import P, _cfg, _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
 from thinwire.collectives import ByteLedger
 from thinwire.compression import build_codec
 from thinwire.optim import DiLoCo
-from thinwire.rl.config import GRPOConfig
 from thinwire.rl.learner import Learner
 from thinwire.rl.objective import GRPOLoss, compute_advantages
 from thinwire.rl.policy import TinyCausalLM, completion_logprobs, sample
@@ -27,28 +27,6 @@ from thinwire.rl.store import (
 )
 from thinwire.rl.tasks.digit_sum import DigitSumEnv
 from thinwire.rl.worker import RolloutWorker, mix_seed
-
-P = 69_390  # TinyCausalLM parameters (spec §3.2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # a 69k-parameter model gains nothing from intra-op threads on a shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _cfg(**kw):
-    base = dict(
-        group_size=4,
-        prompts_per_step=4,
-        max_completion_length=3,
-        epsilon_high=0.28,
-        max_staleness=0,
-    )
-    return GRPOConfig(**{**base, **kw})
 
 
 def test_store_versions_keep_and_fingerprints():

@@ -9,10 +9,10 @@ import threading
 
 import pytest
 import torch
+from _rl_common import P, _cfg, _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
 from thinwire.collectives import InprocCommunicator, WanCommunicator, WanConfig
 from thinwire.compression import build_codec
-from thinwire.rl.config import GRPOConfig
 from thinwire.rl.learner import Learner
 from thinwire.rl.policy import TinyCausalLM
 from thinwire.rl.runtime import SyncOptions, build_optimizer, run_local
@@ -20,27 +20,6 @@ from thinwire.rl.sharing import RolloutSharing, pack_groups, unpack_groups
 from thinwire.rl.store import PolicyStore
 from thinwire.rl.tasks.digit_sum import DigitSumEnv
 from thinwire.rl.worker import RolloutWorker
-
-P = 69_390  # TinyCausalLM parameters (spec §3.2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _cfg(**kw):
-    base = dict(
-        group_size=4,
-        prompts_per_step=4,
-        max_completion_length=3,
-        epsilon_high=0.28,
-        max_staleness=0,
-    )
-    return GRPOConfig(**{**base, **kw})
 
 
 def _relabel(groups, origin):
