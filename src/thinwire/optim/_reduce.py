@@ -101,7 +101,9 @@ class PendingReduce:
                 total, vec = float(self.world), out
             if not bool(torch.isfinite(vec).all()):
                 # A ring sum cannot say whose contribution was bad; skip the round everywhere.
-                logger.warning("the all-reduced vector is non-finite: some peer sent non-finite values; round skipped")
+                logger.warning(
+                    "the all-reduced vector is non-finite: some peer sent non-finite values; round skipped"
+                )
                 vec, total = torch.zeros_like(vec), 0.0
             self._value = (_split(vec, self.like), total)
         elif isinstance(self.codec, SparseCodec):
