@@ -31,12 +31,15 @@ def test_ring_allreduce_hand_values(numel, itemsize, P, expected):
     assert acct.ring_allreduce_bytes(numel, itemsize, P) == (expected, expected)
 
 
-def test_rsagq_formula():
-    wire = lambda n: 2 * n + 6  # noqa: E731 - fp16 payload plus a 6-byte header
-    # numel=10, P=4: chunk = 3 elements, w = 12 bytes, 2*(P-1)*w = 72.
-    assert acct.rsagq_allreduce_bytes(10, 4, wire) == (72, 72)
-    assert acct.rsagq_allreduce_bytes(10, 1, wire) == (0, 0)
-    assert acct.rsagq_allreduce_bytes(0, 4, wire) == (0, 0)
+def test_allgather_tensor_has_no_length_header():
+    # Sizes come from the shape: (P-1) blocks of nbytes each way, 8 bytes per peer fewer than
+    # the ring all_gather_bytes of the same payloads.
+    assert acct.allgather_tensor_bytes(1000, 4) == (3000, 3000)
+    assert acct.allgather_tensor_bytes(0, 3) == (0, 0)
+    assert acct.allgather_tensor_bytes(77, 1) == (0, 0)
+    for P in (2, 3, 5):
+        ring = acct.allgather_ring_bytes([123] * P)
+        assert acct.allgather_tensor_bytes(123, P) == (ring[0] - 8 * (P - 1),) * 2
 
 
 def test_allgather_spec_example():
@@ -49,11 +52,6 @@ def test_allgather_spec_example():
     assert [r for _, r in direct] == [121, 116, 21]
     assert acct.allgather_ring_bytes(sizes) == (216, 216)
     assert sum(s for s, _ in direct) == sum(r for _, r in direct)
-
-
-def test_gather_reduce_is_direct_with_equal_sizes():
-    # (P-1)(8+w) each way for w = 40, P = 4.
-    assert acct.gather_reduce_bytes(40, 4, 2) == (144, 144)
 
 
 def test_binomial_spec_example():
@@ -120,7 +118,7 @@ def test_sum_sent_equals_sum_recv(sizes, numel, itemsize, src_seed):
     wire = lambda n: n + 1024  # noqa: E731 - uint8 codes plus a 256-entry fp32 codebook
     per_op = [
         [acct.ring_allreduce_bytes(numel, itemsize, P)] * P,
-        [acct.rsagq_allreduce_bytes(numel, P, wire)] * P,
+        [acct.allgather_tensor_bytes(numel * itemsize, P)] * P,
         [acct.allgather_ring_bytes(sizes)] * P,
         [acct.allgather_direct_bytes(sizes, r) for r in range(P)],
         [acct.broadcast_binomial_bytes(numel, r, src, P) for r in range(P)],
@@ -204,6 +202,8 @@ def test_validation_messages():
         acct.ring_allreduce_bytes(10, 4, 0)
     with pytest.raises(ValueError, match=r"src must be in \[0, 4\], got 5"):
         acct.binomial_send_count(0, 5, 5)
+    with pytest.raises(ValueError, match=r"nbytes must be in \[0, inf\), got -1"):
+        acct.allgather_tensor_bytes(-1, 2)
     with pytest.raises(ValueError, match=r"sizes\[1\] must be in \[0, inf\), got -1"):
         acct.allgather_ring_bytes([1, -1])
     with pytest.raises(ValueError, match="client"):

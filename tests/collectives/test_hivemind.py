@@ -217,43 +217,59 @@ def test_round_mismatch_leaves_tensors_untouched(duo):
         assert torch.equal(t, x)
 
 
-class _RawFp32:
-    """A WireCodec: raw little-endian float32 bytes (exact), forcing the gather-reduce path."""
-
-    def encode(self, x: torch.Tensor) -> bytes:
-        return x.to(torch.float32).numpy().tobytes()
-
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
-        return torch.frombuffer(bytearray(payload), dtype=torch.float32)[:numel].clone()
-
-    def wire_bytes(self, numel: int) -> int:
-        return 4 * numel
-
-
 @pytest.mark.timeout(90)
-def test_gather_reduce_and_async_ops(duo):
-    xs, ys = _inputs(2, 333, seed=3), _inputs(2, 10, seed=4)
+def test_all_gather_into_tensor_and_async_ops(duo):
+    ys = _inputs(2, 10, seed=4)
     zs = [z.to(torch.bfloat16) for z in _inputs(2, 50, seed=7)]
-    ts, us, vs = [x.clone() for x in xs], [y.clone() for y in ys], [z.clone() for z in zs]
+    us, vs = [y.clone() for y in ys], [z.clone() for z in zs]
+    g = torch.Generator().manual_seed(3)
+    payloads = [torch.randint(0, 256, (1001,), generator=g, dtype=torch.uint8) for _ in duo]
+    mats = [torch.randn(3, 4, generator=g) for _ in duo]
 
-    def issue(c, t, u, v):  # three async ops on different tags, waited in reverse order
-        ha = c.all_reduce(t, "sum", codec=_RawFp32(), async_op=True, tag="gr")
+    def issue(c, p, m, u, v):  # four async ops on different tags, waited in reverse order
+        ha = c.all_gather_into_tensor(p.clone(), async_op=True, tag="agt")
+        hm = c.all_gather_into_tensor(m.clone(), async_op=True, tag="agt32")
         hb = c.all_reduce(u, "mean", async_op=True, tag="ar2")
         hc = c.all_reduce(v, "mean", async_op=True, tag="bf16")
-        for h in (hc, hb, ha):
+        for h in (hc, hb, hm, ha):
             h.wait(timeout=60)
-        return ha
+        return ha, hm
 
-    hs = _together([lambda i=i: issue(duo[i], ts[i], us[i], vs[i]) for i in range(2)])
-    torch.testing.assert_close(ts[0].double(), _mean64(xs) * 2, rtol=0, atol=1e-5)
-    assert torch.equal(ts[0], ts[1])  # rank-order float32 reduction: bit-identical (§2.1 rule 6)
+    out = _together([lambda i=i: issue(duo[i], payloads[i], mats[i], us[i], vs[i])
+                     for i in range(2)])  # fmt: skip
+    ids = sorted(c.peer_id for c in duo)
+    pos = [[c.peer_id for c in duo].index(p) for p in ids]  # sorted-group row -> peer index
+    for ha, hm in out:
+        assert ha.group == hm.group == tuple(ids) and ha.missing == hm.missing == ()
+        rows, mrows = ha.wait(), hm.wait()
+        assert rows.shape == (2, 1001) and rows.dtype == torch.uint8
+        assert mrows.shape == (2, 3, 4) and mrows.dtype == torch.float32
+        for j in range(2):
+            assert torch.equal(rows[j], payloads[pos[j]]) and torch.equal(mrows[j], mats[pos[j]])
+        assert ha.record.op == "all_gather_into_tensor" and ha.record.algorithm == "direct"
+    _check_direct_ledger([ha for ha, _ in out], [b"x" * 1001] * 2)
+    _check_direct_ledger([hm for _, hm in out], [b"x" * 48] * 2)
     for u in us:
         torch.testing.assert_close(u.double(), _mean64(ys), rtol=0, atol=1e-6)
     for v in vs:  # averaged in fp32, rounded once to bf16 (unit roundoff 2^-8)
         assert v.dtype == torch.bfloat16
         torch.testing.assert_close(v.double(), _mean64(zs), rtol=2.0**-8, atol=1e-6)
-    _check_direct_ledger(hs, [b"x" * 1332] * 2)  # w(333) = 4 * 333 bytes per peer
-    assert all(h.record.algorithm == "gather-reduce" for h in hs)
+
+
+@pytest.mark.timeout(90)
+def test_all_gather_into_tensor_wrong_size_gets_zero_row(duo):
+    # peer 1 passes one byte more: each side keeps its own row, zeroes the other, names it missing
+    ts = [torch.full((5 + k,), 7 + k, dtype=torch.uint8) for k in range(2)]
+    hs = _together([lambda c=c, t=t: _waited(c.all_gather_into_tensor(t, async_op=True, tag="bad"))
+                    for c, t in zip(duo, ts, strict=True)])  # fmt: skip
+    ids = sorted(c.peer_id for c in duo)
+    for k, (c, h) in enumerate(zip(duo, hs, strict=True)):
+        rows, me = h.wait(), ids.index(c.peer_id)
+        other = ids[1 - me]
+        assert rows.shape == (2, 5 + k) and torch.equal(rows[me], ts[k])
+        assert not rows[1 - me].any() and h.missing == (other,)
+        rec = h.record  # neither side fetches the other's payload
+        assert rec.sizes[me] == 5 + k and rec.sent == rec.recv == 0
 
 
 def _three_peer_butterfly(peers, codec, op, numel, seed, uniform=False):
@@ -432,6 +448,8 @@ def test_solo_world_and_validation():
         x = torch.arange(5.0)
         assert solo.all_reduce(x, "sum") is x and torch.equal(x, torch.arange(5.0))
         assert solo.all_gather_bytes(b"only") == [b"only"]
+        rows = solo.all_gather_into_tensor(torch.arange(6.0).view(2, 3))
+        assert torch.equal(rows, torch.arange(6.0).view(1, 2, 3))
         assert solo.control_max([3.0]) == [3.0]
         assert all(r.P == 1 and r.sent == r.recv == 0 for r in solo.ledger.records)
         assert [p.peer_id for p in solo.peers()] == [solo.peer_id]

@@ -22,19 +22,6 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2}
 
 
-class Fp16Codec:
-    """Test codec: fp16 cast, 2 bytes per element, no header."""
-
-    def encode(self, x: torch.Tensor) -> bytes:
-        return x.to(torch.float16).numpy().tobytes()
-
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
-        return torch.frombuffer(bytearray(payload), dtype=torch.float16)[:numel].float()
-
-    def wire_bytes(self, numel: int) -> int:
-        return 2 * numel
-
-
 def run_group(P: int, fn: Callable[[InprocCommunicator], Any], **kw: Any) -> list[Any]:
     """Run ``fn(comm)`` on P threads; return per-rank results, or the exception each raised."""
     comms = InprocCommunicator.group(P, **kw)
@@ -121,39 +108,15 @@ def test_all_reduce_ints_noncontiguous_and_errors():
         assert errs[2] == "ValueError: op must be in {'mean', 'sum'}, got 'max'"
 
 
-def test_codec_rsag_q():
-    P, n = 3, 1001
-    codec = Fp16Codec()
-
-    def fn(c: InprocCommunicator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = inputs(P, n, torch.float32, seed=5)[c.rank]
-        s, m = x.clone(), x.clone()
-        c.all_reduce(s, "sum", codec=codec)
-        c.all_reduce(m, "mean", codec=codec, tag="m")
-        return s, m
-
-    res = ok(run_group(P, fn))
-    xs = [x.double() for x in inputs(P, n, torch.float32, seed=5)]
-    oracle = sum(xs)
-    # Each input is rounded to fp16 (rel 2**-11), the shard sum once more: |err| <= 2**-11 *
-    # (sum_j |x_j| + |sum|), plus slack for the fp32 accumulation.
-    bound = 2.0**-11 * (sum(x.abs() for x in xs) + oracle.abs()) * 1.01 + 1e-7
-    for s, m in res:
-        assert torch.equal(s, res[0][0]) and torch.equal(m, res[0][1])
-        assert ((s.double() - oracle).abs() <= bound).all()
-        assert ((m.double() - oracle / P).abs() <= bound / P).all()
-
-
 def test_ledger_matches_formulas():
     P = 4
     sizes = [0, 5, 100, 5]
-    codec = Fp16Codec()
 
     def fn(c: InprocCommunicator) -> list:
         r = c.rank
         c.all_reduce(torch.ones(1000), "mean", tag="dense")
         c.all_reduce(torch.ones(7, dtype=torch.bfloat16), "sum")
-        c.all_reduce(torch.ones(10), "sum", codec=codec)
+        c.all_gather_into_tensor(torch.ones(2, 5))
         c.all_gather_bytes(bytes(sizes[r]), algorithm="ring")
         c.all_gather_bytes(bytes(sizes[r]), algorithm="direct")
         c.all_gather_bytes(bytes(sizes[r]))
@@ -166,11 +129,10 @@ def test_ledger_matches_formulas():
     recs = ok(run_group(P, fn))
     for r in range(P):
         got = [(x.op, x.algorithm, x.sent, x.recv) for x in recs[r]]
-        fp16 = lambda k: 2 * k  # noqa: E731
         expected = [
             ("all_reduce", "ring", *acct.ring_allreduce_bytes(1000, 4, P)),
             ("all_reduce", "ring", *acct.ring_allreduce_bytes(7, 4, P)),  # bf16 travels as fp32
-            ("all_reduce", "rsag-q", *acct.rsagq_allreduce_bytes(10, P, fp16)),
+            ("all_gather_into_tensor", "ring", *acct.allgather_tensor_bytes(40, P)),
             ("all_gather_bytes", "ring", *acct.allgather_ring_bytes(sizes)),
             ("all_gather_bytes", "direct", *acct.allgather_direct_bytes(sizes, r)),
             ("all_gather_bytes", "direct", *acct.allgather_direct_bytes(sizes, r)),
@@ -184,7 +146,8 @@ def test_ledger_matches_formulas():
         assert all(x.control_sent == 0 for x in recs[r][:-1])  # no debug_checks
         assert recs[r][0].tag == "dense" and recs[r][0].numel == 1000 and recs[r][0].itemsize == 4
         assert recs[r][3].sizes == tuple(sizes) and recs[r][7].src == P - 1
-        assert recs[r][2].sizes == (2 * 3,) * P  # encoded chunk w = wire_bytes(ceil(10/4))
+        assert recs[r][2].sizes == (40,) * P and recs[r][2].payload_bytes == 40
+        assert (recs[r][2].numel, recs[r][2].itemsize) == (10, 4)
     for i in range(len(recs[0])):
         assert sum(recs[r][i].sent for r in range(P)) == sum(recs[r][i].recv for r in range(P))
 
@@ -224,16 +187,93 @@ def test_world_of_one():
     def fn(c: InprocCommunicator) -> tuple:
         t = torch.arange(5.0)
         c.all_reduce(t, "mean")
-        c.all_reduce(t, "sum", codec=Fp16Codec())
+        rows = c.all_gather_into_tensor(t)
         g = c.all_gather_bytes(b"abc")
         b = c.broadcast_bytes(b"q")
         h = c.all_reduce(t, async_op=True)
-        return t, g, b, h.done(), c.control_max([3.0]), c.ledger.totals()
+        return t, rows, g, b, h.done(), c.control_max([3.0]), c.ledger.totals()
 
-    ((t, g, b, done, mx, tot),) = ok(run_group(1, fn))
+    ((t, rows, g, b, done, mx, tot),) = ok(run_group(1, fn))
     assert torch.equal(t, torch.arange(5.0)) and g == [b"abc"] and b == b"q" and done
+    assert torch.equal(rows, torch.arange(5.0).view(1, 5)) and rows.data_ptr() != t.data_ptr()
     assert mx == [3.0]
     assert tot == {"sent": 0, "recv": 0, "control_sent": 0, "control_recv": 0, "ops": 6}
+
+
+def _gather_inputs(P: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per rank: a 1-D uint8 payload of random bytes and a 2-D float32 tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randint(0, 256, (1001,), generator=g, dtype=torch.uint8),
+            torch.randn(3, 7, generator=g),
+        )
+        for _ in range(P)
+    ]
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_all_gather_into_tensor(P):
+    xs = _gather_inputs(P, seed=11)
+
+    def fn(c: InprocCommunicator) -> tuple:
+        u8, f32 = (x.clone() for x in xs[c.rank])
+        rows_u8 = c.all_gather_into_tensor(u8, tag="payload")
+        h = c.all_gather_into_tensor(f32, async_op=True)
+        # another op on the wire before the handle is waited
+        c.all_reduce(torch.ones(4), "sum")
+        assert isinstance(h, Handle)
+        rows_f32 = h.wait()
+        # a non-contiguous view and an empty tensor, both with their own dtype
+        view = c.all_gather_into_tensor(f32.t())
+        empty = c.all_gather_into_tensor(torch.zeros(0, 5, dtype=torch.int16))
+        recs = [x for x in c.ledger.records if x.op == "all_gather_into_tensor"]
+        return rows_u8, rows_f32, h.wait() is rows_f32, h.done(), view, empty, recs, (u8, f32)
+
+    for r, (rows_u8, rows_f32, same, done, view, empty, recs, mine) in enumerate(
+        ok(run_group(P, fn))
+    ):
+        assert rows_u8.shape == (P, 1001) and rows_u8.dtype == torch.uint8
+        assert rows_f32.shape == (P, 3, 7) and rows_f32.dtype == torch.float32
+        for j in range(P):
+            assert torch.equal(rows_u8[j], xs[j][0]) and torch.equal(rows_f32[j], xs[j][1])
+            assert torch.equal(view[j], xs[j][1].t())
+        assert same and done
+        assert empty.shape == (P, 0, 5) and empty.dtype == torch.int16
+        assert torch.equal(mine[0], xs[r][0]) and torch.equal(mine[1], xs[r][1])  # inputs kept
+        # ledger: a ring all-gather of equal sizes, no length header
+        for rec, nbytes in zip(recs, (1001, 3 * 7 * 4, 3 * 7 * 4, 0), strict=True):
+            assert (rec.algorithm, rec.P, rec.rank) == ("ring", P, r)
+            assert rec.sent == rec.recv == (P - 1) * nbytes
+            assert rec.payload_bytes == nbytes and rec.sizes == (nbytes,) * P
+        assert recs[0].tag == "payload"
+
+
+def test_all_gather_into_tensor_debug_checks_and_failure_state():
+    def fine(c: InprocCommunicator) -> Any:
+        c.all_gather_into_tensor(torch.full((6,), c.rank, dtype=torch.uint8))
+        return c.ledger.records[-1]
+
+    for rec in ok(run_group(3, fine, debug_checks=True)):
+        assert rec.control_sent == rec.control_recv == 2 * 16  # (P-1) * 16-byte signature
+        assert rec.sent == rec.recv == 2 * 6
+
+    def diverge(c: InprocCommunicator) -> Any:
+        if c.rank == 0:
+            c.all_gather_into_tensor(torch.zeros(4, dtype=torch.uint8), tag="x")
+        else:
+            c.broadcast(torch.zeros(4, dtype=torch.uint8), tag="x")
+
+    for exc in run_group(2, diverge, timeout_s=10, debug_checks=True):
+        assert isinstance(exc, OrderMismatch), exc
+        assert "all_gather_into_tensor" in str(exc) and "broadcast" in str(exc)
+
+    comms = InprocCommunicator.group(2, timeout_s=0.3)
+    h = comms[0].all_gather_into_tensor(torch.ones(3), async_op=True)
+    with pytest.raises(CommTimeout):
+        h.wait()
+    with pytest.raises(CommTimeout):  # failed state: raises at once
+        comms[0].all_gather_into_tensor(torch.ones(3))
 
 
 def test_async_reverse_wait_and_done():

@@ -28,25 +28,24 @@ CASES = [(n, d, op) for n in NUMELS for d in DTYPES for op in ("sum", "mean")]
 # Spec §7 item 1: rtol 1e-5 and atol 1e-6*P for fp32/fp64; bf16 keeps 8 mantissa bits -> 2e-2.
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2}
 LENS = (0, 3, 17, 0)  # payload length of rank r for the variable-size gathers
-CODEC_NUMEL = 1001
-
-
-class Fp16Codec:
-    """Test codec: fp16 cast, 2 bytes per element, no header."""
-
-    def encode(self, x: torch.Tensor) -> bytes:
-        return x.to(torch.float16).numpy().tobytes()
-
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
-        return torch.frombuffer(bytearray(payload), dtype=torch.float16)[:numel].float()
-
-    def wire_bytes(self, numel: int) -> int:
-        return 2 * numel
+PAYLOAD_BYTES = 1001  # uint8 payload of the equal-size tensor gathers
 
 
 def _inputs(P: int, numel: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(numel, generator=g, dtype=torch.float64).to(dtype) for _ in range(P)]
+
+
+def _tensor_inputs(P: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per rank: a 1-D uint8 payload of random bytes and a 2-D float32 tensor."""
+    g = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randint(0, 256, (PAYLOAD_BYTES,), generator=g, dtype=torch.uint8),
+            torch.randn(3, 5, generator=g),
+        )
+        for _ in range(P)
+    ]
 
 
 def _payload(rank: int) -> bytes:
@@ -70,13 +69,19 @@ def _exercise(comm: Any, P: int, seen_ops: list[str]) -> dict[str, Any]:
         assert comm.all_reduce(t, op) is t
         reduced.append(t)
     out["reduced"] = reduced
-    x = _inputs(P, CODEC_NUMEL, torch.float32, seed=99)[rank]
-    out["codec_sum"] = comm.all_reduce(x.clone(), "sum", codec=Fp16Codec())
-    out["codec_mean"] = comm.all_reduce(x.clone(), "mean", codec=Fp16Codec())
+    u8, f32 = _tensor_inputs(P)[rank]
+    out["rows_u8"] = comm.all_gather_into_tensor(u8, tag="payload")
+    # async: three more ops go on the wire before this handle is waited
+    handle = comm.all_gather_into_tensor(f32, async_op=True)
     out["gather"] = {
         alg: comm.all_gather_bytes(_payload(rank), algorithm=alg)
         for alg in ("ring", "direct", "auto")
     }
+    rows = handle.wait()
+    out["rows_f32"] = (rows, handle.done(), handle.wait() is rows)
+    out["inputs_kept"] = torch.equal(u8, _tensor_inputs(P)[rank][0]) and torch.equal(
+        f32, _tensor_inputs(P)[rank][1]
+    )
     out["gather_equal"] = comm.all_gather_bytes(torch.full((3,), rank, dtype=torch.int32))
     b0 = torch.full((5,), float(rank))
     comm.broadcast(b0, src=0)
@@ -127,6 +132,8 @@ def _main_worker(rank: int, nprocs: int, tmp: str) -> None:
         checked = TorchDistCommunicator(debug_group, timeout_s=30, debug_checks=True)
         checked.all_reduce(torch.ones(3), tag="warm")
         out["debug_ctl"] = dataclasses.asdict(checked.ledger.records[-1])
+        got = checked.all_gather_into_tensor(torch.full((6,), rank, dtype=torch.uint8))
+        out["debug_agt"] = (got, dataclasses.asdict(checked.ledger.records[-1]))
         try:
             if rank == 0:
                 checked.all_reduce(torch.ones(3), tag="grad")
@@ -174,16 +181,15 @@ def test_gloo_ops_against_oracles(P, gloo_results):
             res[0]["reduced"][i].double(), oracle, rtol=RTOL[d], atol=1e-6 * P
         )
 
-    # rsag-q with the fp16 codec: |err| <= 2**-11 (sum_j |x_j| + |sum|) (two fp16 roundings).
-    xs = [x.double() for x in _inputs(P, CODEC_NUMEL, torch.float32, seed=99)]
-    oracle = sum(xs)
-    bound = 2.0**-11 * (sum(x.abs() for x in xs) + oracle.abs()) * 1.01 + 1e-7
+    # Equal-size tensor gathers: row j is exactly rank j's input, inputs untouched.
+    xs = _tensor_inputs(P)
     for o in res:
-        assert torch.equal(o["codec_sum"], res[0]["codec_sum"])
-        if P == 1:  # spec §2.1 rule 4: a local no-op, the codec is not applied
-            assert torch.equal(o["codec_sum"].double(), oracle)
-        assert ((o["codec_sum"].double() - oracle).abs() <= bound).all()
-        assert ((o["codec_mean"].double() - oracle / P).abs() <= bound / P).all()
+        rows_f32, done, same = o["rows_f32"]
+        assert o["rows_u8"].shape == (P, PAYLOAD_BYTES) and o["rows_u8"].dtype == torch.uint8
+        assert rows_f32.shape == (P, 3, 5) and rows_f32.dtype == torch.float32
+        for j in range(P):
+            assert torch.equal(o["rows_u8"][j], xs[j][0]) and torch.equal(rows_f32[j], xs[j][1])
+        assert done and same and o["inputs_kept"]
 
     # Gathers and broadcasts: exact bytes in rank order (spec §7 item 2).
     expected = [_payload(j) for j in range(P)]
@@ -208,14 +214,15 @@ def test_gloo_ops_against_oracles(P, gloo_results):
 
     # Ledger: per op and rank, exactly spec §2.4 (spec §7 item 3).
     sizes = [LENS[j] for j in range(P)]
-    fp16 = lambda k: 2 * k  # noqa: E731
     for r, o in enumerate(res):
         rows = [(x["op"], x["algorithm"], x["sent"], x["recv"]) for x in o["records"]]
         want = [
             ("all_reduce", "ring", *acct.ring_allreduce_bytes(n, 8 if d == torch.float64 else 4, P))
             for n, d, _ in CASES
         ]
-        want += [("all_reduce", "rsag-q", *acct.rsagq_allreduce_bytes(CODEC_NUMEL, P, fp16))] * 2
+        agt = "all_gather_into_tensor", "ring"
+        want += [(*agt, *acct.allgather_tensor_bytes(PAYLOAD_BYTES, P))]
+        want += [(*agt, *acct.allgather_tensor_bytes(3 * 5 * 4, P))]
         direct = ("all_gather_bytes", "direct", *acct.allgather_direct_bytes(sizes, r))
         want += [("all_gather_bytes", "ring", *acct.allgather_ring_bytes(sizes)), direct]
         want += [
@@ -234,6 +241,10 @@ def test_gloo_ops_against_oracles(P, gloo_results):
         assert ctl[len(CASES) + 9] == acct.ring_allreduce_bytes(2, 8, P)[0]
         assert sum(ctl) == ctl[len(CASES) + 9]  # control bytes only where thinwire sent them
         assert all(x["P"] == P and x["rank"] == r and x["engine"] == "gloo" for x in o["records"])
+        agt_recs = o["records"][len(CASES) : len(CASES) + 2]
+        assert [x["sent"] for x in agt_recs] == [(P - 1) * PAYLOAD_BYTES, (P - 1) * 60]
+        assert [x["sizes"] for x in agt_recs] == [(PAYLOAD_BYTES,) * P, (60,) * P]
+        assert agt_recs[0]["tag"] == "payload" and agt_recs[1]["payload_bytes"] == 60
         if P > 1:  # local (P == 1) ops take no measured time
             assert all(x["t_real_s"] > 0 for x in o["records"])
     for i in range(len(res[0]["records"])):
@@ -251,6 +262,10 @@ def test_debug_checks_detect_order_mismatch(gloo_results):
         assert o["debug_ctl"]["control_sent"] == (NPROCS - 1) * 16
         assert o["debug_ctl"]["control_recv"] == (NPROCS - 1) * 16
         assert o["debug_ctl"]["sent"] == acct.ring_allreduce_bytes(3, 4, NPROCS)[0]
+        got, rec = o["debug_agt"]
+        assert torch.equal(got, torch.arange(NPROCS, dtype=torch.uint8)[:, None].expand(-1, 6))
+        assert rec["control_sent"] == rec["control_recv"] == (NPROCS - 1) * 16
+        assert rec["sent"] == rec["recv"] == (NPROCS - 1) * 6
         assert "all_reduce" in o["mismatch"] and "broadcast" in o["mismatch"]
         assert o["after_mismatch"] == o["mismatch"]
 

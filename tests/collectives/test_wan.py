@@ -153,7 +153,7 @@ def test_spec_examples():
 
 
 @pytest.mark.parametrize("P", [2, 3, 5])
-def test_all_gather_and_rsag_closed_forms(P):
+def test_all_gather_closed_forms(P):
     alpha, B, up, down = _hom("home_transatlantic")
     m = _model("home_transatlantic", P)
     sizes = tuple(1000 * (r + 1) + 3 * r for r in range(P))
@@ -166,12 +166,26 @@ def test_all_gather_and_rsag_closed_forms(P):
         for r in range(P)
     )
     assert direct == pytest.approx(alpha + worst, rel=REL)
-    w = 12345
-    rsag = m.estimate("all_reduce", "rsag-q", wire_bytes=w)
-    assert rsag == pytest.approx(alpha + (P - 1) * w / B + (P - 1) * (alpha + w / B), rel=REL)
     # a record as an engine fills it gives the same time as the explicit arguments
     rec = OpRecord("all_gather_bytes", "ring", "inproc", P=P, sizes=sizes, sent=(P - 1) * (8 + big))
     assert m.op_time(rec) == ring
+    # equal-size tensor gather: no length phase, P-1 ring steps of one nbytes block
+    nbytes = 12345
+    agt = m.estimate("all_gather_into_tensor", "ring", sizes=(nbytes,) * P)
+    assert agt == pytest.approx((P - 1) * (alpha + nbytes / B), rel=REL)
+    assert agt == pytest.approx(ring_rs_or_ag_time(P * nbytes, P, alpha, B), rel=REL)
+    assert m.estimate("all_gather_into_tensor", "ring", nbytes=nbytes) == agt
+    rec = OpRecord("all_gather_into_tensor", "ring", "gloo", P=P, numel=nbytes, itemsize=1,
+                   payload_bytes=nbytes, sizes=(nbytes,) * P, sent=(P - 1) * nbytes)  # fmt: skip
+    assert m.op_time(rec) == agt and m.is_complete(rec)
+    empty = OpRecord("all_gather_into_tensor", "ring", "gloo", P=P, itemsize=4, sizes=(0,) * P)
+    assert m.op_time(empty) == 0.0  # engines move nothing for an empty tensor
+    # hivemind gathers the same tensor over its direct pulls, length headers included
+    hm = m.estimate("all_gather_into_tensor", "direct", sizes=(nbytes,) * P)
+    assert hm == m.estimate("all_gather_bytes", "direct", sizes=(nbytes,) * P)
+    assert hm == pytest.approx(alpha + (P - 1) * (8 + nbytes) / min(up, down), rel=REL)
+    pending = OpRecord("all_gather_into_tensor", "direct", "hivemind", P=P)
+    assert not m.is_complete(pending)  # sizes arrive with the group
 
 
 @pytest.mark.parametrize("P", [2, 3, 4, 5, 8, 9])
@@ -406,6 +420,23 @@ def test_wrapper_same_times_on_every_rank_and_seed_reproducible():
     alpha, B, up, down = _hom("home_transatlantic")
     floor = 6 * (alpha + 250 * 4 / B)  # ring all-reduce, c = 250 fp32
     assert runs[0][0][3][0] > floor
+
+
+def test_wrapper_all_gather_into_tensor():
+    P, nbytes = 3, 250_000  # 1 Mbit/s, zero latency: 2 ring steps of 250000 B -> exactly 4 s
+
+    def fn(w):
+        mine = torch.full((nbytes,), w.rank, dtype=torch.uint8)
+        h = w.all_gather_into_tensor(mine, async_op=True, tag="payload")
+        w.advance(1.0)
+        rows = h.wait()
+        return rows, w.clock, w.exposed_comm_s, h.record.t_model_s, h.record.sent
+
+    for rows, clock, exposed, t_model, sent in _ranks(P, _five_second_link(P), fn):
+        assert rows.shape == (P, nbytes)
+        assert all(bool((rows[j] == j).all()) for j in range(P))
+        assert t_model == pytest.approx(4.0, rel=REL) and clock == pytest.approx(4.0, rel=REL)
+        assert exposed == pytest.approx(3.0, rel=REL) and sent == (P - 1) * nbytes
 
 
 def test_wrapper_sleep_mode_wall_time():

@@ -24,7 +24,6 @@ from thinwire.collectives.base import (
     PeerInfo,
     PeerLost,
     RoundMismatch,
-    WireCodec,
 )
 from thinwire.collectives.inproc import InprocCommunicator
 from thinwire.collectives.netcheck import main as netcheck_main
@@ -61,7 +60,6 @@ __all__ = [
     "WanCommunicator",
     "WanConfig",
     "WanModel",
-    "WireCodec",
     "netcheck_main",
     "run_netcheck",
     "suggest_timeout",

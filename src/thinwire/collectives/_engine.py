@@ -1,15 +1,15 @@
 """Algorithm layer shared by the in-process and ``torch.distributed`` communicators.
 
 :class:`_CollectiveEngine` implements the public ops of spec §2.1 (validation, the ``ring`` /
-``rsag-q`` / ``direct`` / ``binomial`` algorithms of §2.3, the ledger of §2.4, debug signatures
+``direct`` / ``binomial`` algorithms of §2.3, the ledger of §2.4, debug signatures
 and the failure state of §2.5) over six transport primitives that each engine supplies:
 ``_prim_allreduce`` (SUM or MAX, in place), ``_prim_allgather`` (equal-size tensors),
 ``_prim_alltoall`` (equal-size rows), ``_prim_exchange`` (point-to-point, variable sizes),
 ``_prim_broadcast`` (in place) and ``_prim_barrier``. A primitive starts at once and returns a
 :class:`_Pending` whose ``wait(timeout)`` yields its result.
 
-Ordering: phases before an op's last one (length exchanges, the alltoall of ``rsag-q``) block at
-issue, and only the last phase is asynchronous. Every rank therefore issues primitives in the
+Ordering: phases before an op's last one (length exchanges) block at issue, and only the last
+phase is asynchronous. Every rank therefore issues primitives in the
 same order as it issues ops, whatever order it later waits in.
 """
 
@@ -36,7 +36,6 @@ from thinwire.collectives.base import (
     PeerInfo,
     PeerLost,
     ReduceOpName,
-    WireCodec,
 )
 
 __all__: list[str] = []  # private module: the engines re-export what users need
@@ -62,11 +61,12 @@ _UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 _SIG = struct.Struct("<IIII")
 _OP_CODES = {
     "all_reduce": 1,
-    "all_reduce[rsag-q]": 2,
+    # code 2 is retired (its op no longer exists)
     "all_gather_bytes": 3,
     "broadcast": 4,
     "broadcast_bytes": 5,
     "control_max": 6,
+    "all_gather_into_tensor": 7,
 }
 _OP_NAMES = {v: k for k, v in _OP_CODES.items()}
 
@@ -296,11 +296,10 @@ class _CollectiveEngine:
         t: torch.Tensor,
         op: ReduceOpName = "mean",
         *,
-        codec: WireCodec | None = None,
         async_op: bool = False,
         tag: str = "",
     ) -> Handle[torch.Tensor] | torch.Tensor:
-        """Reduce ``t`` in place across ranks (``ring``, or ``rsag-q`` with a codec; spec §2.3).
+        """Reduce ``t`` in place across ranks (``ring``; spec §2.3).
 
         Collective: every rank must call this, in the same order, with the same ``tag``.
 
@@ -310,15 +309,14 @@ class _CollectiveEngine:
                 4 bytes per element) and cast back.
             op: ``"mean"`` (SUM, then a local divide by ``P``; ReduceOp.AVG is never used) or
                 ``"sum"``.
-            codec: optional :class:`WireCodec`; selects ``rsag-q`` (floating tensors only).
-            async_op: return a :class:`Handle`; the divide/cast/decode runs in ``wait()``.
+            async_op: return a :class:`Handle`; the divide/cast runs in ``wait()``.
             tag: label for the ledger and the debug signature.
 
         Returns:
             ``t`` (reduced), or a Handle whose ``wait()`` returns it.
 
         Raises:
-            TypeError: ``mean`` on an integer tensor, unsupported dtype, codec on integers.
+            TypeError: ``mean`` on an integer tensor, unsupported dtype.
             CommError: transport failure (the communicator then stays ``failed``).
         """
         check_type("t", t, torch.Tensor)
@@ -328,8 +326,6 @@ class _CollectiveEngine:
         if op == "mean" and not t.is_floating_point():
             raise TypeError(f"op must be in {{'sum'}} for integer tensors, got {op!r} ({t.dtype})")
         self._check_usable()
-        if codec is not None:
-            return self._all_reduce_codec(t, op, codec, async_op, tag)
         t0 = time.perf_counter()
         P = self.world_size
         wire_dtype = _UPCAST.get(t.dtype, t.dtype)
@@ -362,71 +358,6 @@ class _CollectiveEngine:
                     buf.div_(P)
                 if not inplace:
                     t.copy_(buf.view(t.shape))
-            return t
-
-        return self._finish("all_reduce", rec, pending, post, async_op, t0)
-
-    def _all_reduce_codec(
-        self, t: torch.Tensor, op: str, codec: WireCodec, async_op: bool, tag: str
-    ) -> Handle[torch.Tensor] | torch.Tensor:
-        if not isinstance(codec, WireCodec):
-            raise TypeError(
-                f"codec must be WireCodec (encode, decode, wire_bytes), got {type(codec).__name__}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"t.dtype must be floating with a codec, got {t.dtype}")
-        t0 = time.perf_counter()
-        P, n = self.world_size, t.numel()
-        chunk = -(-n // P)
-        w = check_int(f"codec.wire_bytes({chunk})", codec.wire_bytes(chunk), 0) if n else 0
-        sent, recv = acct.rsagq_allreduce_bytes(n, P, lambda _k: w)
-        fields = dict(
-            numel=n,
-            itemsize=t.element_size(),
-            payload_bytes=n * t.element_size(),
-            sent=sent,
-            recv=recv,
-            sizes=(w,) * P,
-        )
-        if P == 1 or n == 0:
-            # Spec §2.1 rule 4: P == 1 is a local no-op (the codec is not applied).
-            code = "all_reduce[rsag-q]"
-            return self._local(code, "rsag-q", tag, n, t, async_op, **fields)
-
-        def encode(x: torch.Tensor) -> bytes:
-            b = codec.encode(x)
-            if len(b) != w:
-                raise ValueError(f"len(codec.encode(x)) must be in [{w}, {w}], got {len(b)}")
-            return b
-
-        # Encode before talking to anyone: a codec error here leaves the group usable.
-        flat = torch.zeros(P * chunk, dtype=torch.float32)
-        flat[:n] = t.detach().reshape(-1).to("cpu", torch.float32)
-        rows = b"".join(encode(c) for c in flat.view(P, chunk))
-
-        def issue() -> tuple[tuple[int, int], _Pending]:
-            _, ctl = self._begin("all_reduce[rsag-q]", tag, n)
-            got = self._prim_alltoall(_bytes_tensor(rows, P * w, self._device).view(P, w))
-            got = got.wait(self.timeout_s)
-            # Own shard: decode every rank's encoding (own included) and sum in rank order, fp32.
-            shard = torch.zeros(chunk, dtype=torch.float32)
-            for j in range(P):
-                shard += codec.decode(_tensor_bytes(got[j]), chunk).to(torch.float32)
-            mine = _bytes_tensor(encode(shard), w, self._device)
-            return ctl, self._prim_allgather(mine)
-
-        ctl, pending = self._run("all_reduce", issue)
-        rec = self._record("all_reduce", "rsag-q", tag, ctl, **fields)
-
-        def post(shards: list[torch.Tensor]) -> torch.Tensor:
-            out = torch.cat(
-                [codec.decode(_tensor_bytes(s), chunk).to(torch.float32) for s in shards]
-            )
-            out = out[:n]
-            if op == "mean":
-                out = out / P
-            with torch.no_grad():
-                t.copy_(out.view(t.shape))
             return t
 
         return self._finish("all_reduce", rec, pending, post, async_op, t0)
@@ -514,6 +445,65 @@ class _CollectiveEngine:
             return out
 
         return self._finish("all_gather_bytes", rec, pending, post, async_op, t0)
+
+    def all_gather_into_tensor(
+        self, t: torch.Tensor, *, async_op: bool = False, tag: str = ""
+    ) -> Handle[torch.Tensor] | torch.Tensor:
+        """Gather one equal-shape tensor per rank into a new ``(P, *t.shape)`` tensor (``ring``).
+
+        Collective: every rank must call this with a tensor of the same shape and dtype. Sizes
+        are known from the shape, so there is no length exchange: the bytes of ``t`` (viewed as
+        uint8, any dtype) go straight to the transport's all-gather on the engine's device
+        (CUDA with NCCL; never through host memory there). Row ``j`` of the result is rank
+        ``j``'s tensor; the result is a new tensor on ``t.device``. Ledger:
+        ``accounting.allgather_tensor_bytes`` ((P-1) * nbytes each way, no header).
+
+        Args:
+            t: tensor of any dtype; typically a 1-D uint8 payload.
+            async_op: return a Handle; stacking the rows runs in ``wait()``. The transport reads
+                ``t`` in place, so leave it unchanged until then.
+            tag: label for the ledger and the debug signature.
+
+        Returns:
+            the gathered ``(P, *t.shape)`` tensor, or a Handle whose ``wait()`` returns it.
+        """
+        check_type("t", t, torch.Tensor)
+        check_type("tag", tag, str)
+        self._check_usable()
+        t0 = time.perf_counter()
+        P, nbytes = self.world_size, t.numel() * t.element_size()
+        sent, recv = acct.allgather_tensor_bytes(nbytes, P)
+        fields = dict(
+            numel=t.numel(),
+            itemsize=t.element_size(),
+            payload_bytes=nbytes,
+            sizes=(nbytes,) * P,
+            sent=sent,
+            recv=recv,
+        )
+        if P == 1:
+            out = t.detach().clone(memory_format=torch.contiguous_format).unsqueeze(0)
+            op = "all_gather_into_tensor"
+            return self._local(op, "ring", tag, t.numel(), out, async_op, **fields)
+
+        def issue() -> tuple[tuple[int, int], _Pending]:
+            _, ctl = self._begin("all_gather_into_tensor", tag, t.numel())
+            if not nbytes:
+                return ctl, _Ready(None)
+            # reshape copies only a non-contiguous t; the uint8 view moves any dtype as raw bytes
+            buf = t.detach().to(self._device).reshape(-1).view(torch.uint8)
+            return ctl, self._prim_allgather(buf)
+
+        ctl, pending = self._run("all_gather_into_tensor", issue)
+        rec = self._record("all_gather_into_tensor", "ring", tag, ctl, **fields)
+
+        def post(rows: list[torch.Tensor] | None) -> torch.Tensor:
+            if rows is None:  # nothing to move: an empty (P, *t.shape) result
+                return torch.empty((P, *t.shape), dtype=t.dtype, device=t.device)
+            out = torch.stack(rows)  # [P, nbytes] uint8
+            return out.view(t.dtype).reshape(P, *t.shape).to(t.device)
+
+        return self._finish("all_gather_into_tensor", rec, pending, post, async_op, t0)
 
     def broadcast(
         self, t: torch.Tensor, src: int = 0, *, async_op: bool = False, tag: str = ""

@@ -411,17 +411,15 @@ class WanModel:
             raise ValueError(f"record.P must be in [1, {self.world_size}], got {P}")
         mm = self.config.matchmaking_s if self.config.matchmaking_s is not None else mm
         op, alg = rec.op, rec.algorithm
-        if op in ("all_reduce", "broadcast") and rec.itemsize and rec.numel == 0:
+        if (
+            op in ("all_reduce", "broadcast", "all_gather_into_tensor")
+            and rec.itemsize
+            and rec.numel == 0
+        ):
             return 0.0  # engines complete an empty dense op locally (nothing on the wire)
         if op == "all_reduce" and alg == "ring":
             c = math.ceil(rec.numel / P) * rec.itemsize if rec.itemsize else _per(rec, 2 * (P - 1))
             t = sum(self._ring_step(c, P, op_seq, k) for k in range(2 * (P - 1)))
-        elif op == "all_reduce" and alg == "rsag-q":
-            w = float(rec.sizes[0]) if rec.sizes else _per(rec, 2 * (P - 1))  # w(ceil(numel/P))
-            nb = np.full((P, P), float(w))
-            np.fill_diagonal(nb, 0.0)
-            t = self._direct_phase(nb, op_seq, 0)
-            t += sum(self._ring_step(w, P, op_seq, k) for k in range(1, P))
         elif op == "all_reduce" and alg == "butterfly":
             w = _sizes(rec)  # wire bytes of each peer's share w(e_j)
             nb1 = np.tile(w[None, :], (P, 1))  # phase 1: i sends its part of j's share to j
@@ -429,14 +427,8 @@ class WanModel:
             t = 2.0 * float(np.max(2.0 * self.alpha[:P, :P])) + mm  # 2 RTT, matchmaking
             t += self._direct_phase(nb1, op_seq, 0) + self._direct_phase(nb1.T.copy(), op_seq, 1)
             return float(t)
-        elif (op == "all_reduce" and alg == "gather-reduce") or (
-            op == "all_gather_bytes" and alg == "direct"
-        ):
-            # sent is rank-dependent for direct gathers, so only gather-reduce (equal m_j) may use it
-            if rec.sizes or alg == "direct":
-                m = _sizes(rec)
-            else:
-                m = np.full(P, _per(rec, P - 1) - 8.0)
+        elif op in ("all_gather_bytes", "all_gather_into_tensor") and alg == "direct":
+            m = _sizes(rec)  # hivemind pulls: every payload with its 8-byte length header
             nb = np.tile(8.0 + m[:, None], (1, P))  # i sends 8 + m_i to every j
             np.fill_diagonal(nb, 0.0)
             t = self._direct_phase(nb, op_seq, 0)
@@ -444,6 +436,13 @@ class WanModel:
             big = float(_sizes(rec).max()) if rec.sizes else _per(rec, P - 1) - 8.0
             t = sum(self._ring_step(8.0, P, op_seq, k) for k in range(P - 1))
             t += sum(self._ring_step(big, P, op_seq, k) for k in range(P - 1, 2 * (P - 1)))
+        elif op == "all_gather_into_tensor" and alg == "ring":
+            # equal sizes known from the shape: no length phase, P-1 ring steps of one tensor
+            if rec.sizes:
+                m = float(max(rec.sizes))
+            else:
+                m = float(rec.payload_bytes) if rec.payload_bytes else _per(rec, P - 1)
+            t = sum(self._ring_step(m, P, op_seq, k) for k in range(P - 1))
         elif op == "broadcast" and alg == "binomial":
             nbytes = rec.numel * rec.itemsize if rec.itemsize else rec.payload_bytes
             t = self._binomial(float(nbytes), rec.src, P, op_seq, 0)
@@ -460,8 +459,9 @@ class WanModel:
             t = self._direct_phase(nb, op_seq, 0)
         else:
             raise ValueError(
-                "op/algorithm must be in {all_reduce: ring|rsag-q|butterfly|gather-reduce, "
-                "all_gather_bytes: ring|direct, broadcast(_bytes): binomial|pull}, "
+                "op/algorithm must be in {all_reduce: ring|butterfly, all_gather_bytes: "
+                "ring|direct, all_gather_into_tensor: ring|direct, broadcast(_bytes): "
+                "binomial|pull}, "
                 f"got {op}/{alg}"
             )
         return float(t) + mm
@@ -477,20 +477,19 @@ class WanModel:
         sizes: tuple[int, ...] = (),
         src: int = 0,
         nbytes: int = 0,
-        wire_bytes: int | None = None,
         op_seq: int = 0,
     ) -> float:
         """:meth:`op_time` from explicit arguments instead of a record.
 
         ``numel``/``itemsize``: dense tensor (all_reduce ring, broadcast); ``sizes``: per-rank
-        payload lengths (all_gather_bytes) or per-peer share wire bytes ``w(e_j)`` (butterfly);
-        ``nbytes``: payload length of ``src`` (broadcast_bytes, pull); ``wire_bytes``: codec
-        bytes ``w(ceil(numel/P))`` (rsag-q); ``P`` defaults to ``world_size``.
+        payload lengths (all_gather_bytes, all_gather_into_tensor) or per-peer share wire bytes
+        ``w(e_j)`` (butterfly); ``nbytes``: payload length of ``src`` (broadcast_bytes, pull) or
+        of every rank's tensor (all_gather_into_tensor ring, when ``sizes`` is empty); ``P``
+        defaults to ``world_size``.
         """
         P = self.world_size if P is None else check_int("P", P, 1, self.world_size)
-        sent = 0 if wire_bytes is None else 2 * (P - 1) * wire_bytes
         rec = OpRecord(op, algorithm, "model", P=P, numel=numel, itemsize=itemsize,
-                       sizes=tuple(sizes), src=src, sent=sent, payload_bytes=nbytes)  # fmt: skip
+                       sizes=tuple(sizes), src=src, payload_bytes=nbytes)  # fmt: skip
         return self.op_time(rec, op_seq)
 
     def is_complete(self, record: OpRecord) -> bool:

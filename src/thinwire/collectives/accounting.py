@@ -5,7 +5,7 @@ normative table of ``specs/collectives_wan_bench.md`` §2.4 defines them: paddin
 and the 8-byte length headers are counted; TCP/IP framing, rendezvous traffic and debug
 signatures are not; a rank never counts its own contribution as received. Engines fill their
 ledgers from these functions and tests compare the ledgers with them, so they are pure and take
-only integers (plus, for codecs, a ``wire_bytes(numel) -> int`` callable).
+only integers (plus, for the butterfly, a per-part ``wire_bytes(numel) -> int`` callable).
 
 For every op the sum of ``sent`` over ranks equals the sum of ``recv``; ``P == 1`` gives zeros.
 """
@@ -23,10 +23,9 @@ __all__ = [
     "LENGTH_HEADER_BYTES",
     "HIVEMIND_PART_SIZE_BYTES",
     "ring_allreduce_bytes",
-    "rsagq_allreduce_bytes",
     "allgather_ring_bytes",
+    "allgather_tensor_bytes",
     "allgather_direct_bytes",
-    "gather_reduce_bytes",
     "binomial_send_count",
     "broadcast_binomial_bytes",
     "broadcast_payload_bytes",
@@ -82,26 +81,6 @@ def ring_allreduce_bytes(numel: int, itemsize: int, P: int) -> tuple[int, int]:
     return b, b
 
 
-def rsagq_allreduce_bytes(numel: int, P: int, wire_bytes: Callable[[int], int]) -> tuple[int, int]:
-    """Codec all-reduce ``rsag-q`` (alltoall of encoded chunks, then all-gather of shards).
-
-    Args:
-        numel: elements of the reduced tensor, ``>= 0``.
-        P: participants, ``>= 1``.
-        wire_bytes: the codec's exact encoded length for ``n`` elements (spec §2.1 rule 5).
-
-    Returns:
-        ``(2(P-1)w, 2(P-1)w)`` with ``w = wire_bytes(ceil(numel/P))``; zeros when ``P == 1`` or
-        ``numel == 0`` (nothing is sent).
-    """
-    check_int("numel", numel, 0)
-    _check_world(P)
-    if P == 1 or numel == 0:
-        return 0, 0
-    b = 2 * (P - 1) * _wire(wire_bytes, -(-numel // P))
-    return b, b
-
-
 def allgather_ring_bytes(sizes: Sequence[int]) -> tuple[int, int]:
     """``all_gather_bytes`` with the ``ring`` algorithm: lengths, then payloads padded to ``M``.
 
@@ -113,6 +92,25 @@ def allgather_ring_bytes(sizes: Sequence[int]) -> tuple[int, int]:
     """
     m = _check_sizes(sizes)
     b = (len(m) - 1) * (LENGTH_HEADER_BYTES + max(m))
+    return b, b
+
+
+def allgather_tensor_bytes(nbytes: int, P: int) -> tuple[int, int]:
+    """``all_gather_into_tensor``: ring all-gather of one equal-size tensor per rank.
+
+    Every rank knows the size from the shape, so no length is exchanged and no header is sent:
+    in each of the ``P-1`` ring steps a rank forwards one ``nbytes`` block and receives one.
+
+    Args:
+        nbytes: bytes of each rank's tensor (``numel * itemsize``), ``>= 0``.
+        P: participants, ``>= 1``.
+
+    Returns:
+        ``((P-1) nbytes, (P-1) nbytes)``; identical on every rank.
+    """
+    check_int("nbytes", nbytes, 0)
+    _check_world(P)
+    b = (P - 1) * nbytes
     return b, b
 
 
@@ -132,22 +130,6 @@ def allgather_direct_bytes(sizes: Sequence[int], rank: int) -> tuple[int, int]:
     sent = (P - 1) * (LENGTH_HEADER_BYTES + m[rank])
     recv = sum(LENGTH_HEADER_BYTES + m[j] for j in range(P) if j != rank)
     return sent, recv
-
-
-def gather_reduce_bytes(wire_len: int, P: int, rank: int) -> tuple[int, int]:
-    """hivemind ``gather-reduce`` all-reduce: ``direct`` all-gather of ``w(numel)``-byte payloads.
-
-    Args:
-        wire_len: encoded length ``w(numel)`` each rank contributes.
-        P: participants.
-        rank: the rank whose bytes are returned.
-
-    Returns:
-        ``((P-1)(8+w), (P-1)(8+w))``.
-    """
-    check_int("wire_len", wire_len, 0)
-    _check_world(P, rank)
-    return allgather_direct_bytes([wire_len] * P, rank)
 
 
 def binomial_send_count(rank: int, src: int, P: int) -> int:

@@ -29,7 +29,6 @@ __all__ = [
     "OpRecord",
     "ByteLedger",
     "Handle",
-    "WireCodec",
     "Communicator",
     "ReduceOpName",
 ]
@@ -173,7 +172,7 @@ class ByteLedger:
 class Handle(Generic[T]):
     """Result of a collective issued with ``async_op=True`` (and, completed, of a blocking one).
 
-    ``wait()`` runs the op's post-processing (divide for mean, unpad, decode) exactly once and
+    ``wait()`` runs the op's post-processing (divide for mean, unpad, reshape) exactly once and
     caches the value; a second ``wait()`` returns the same object. An exception raised by the op
     is re-raised by every ``wait()``. ``group``/``missing`` name the peers that took part and
     those that did not (hivemind); ``t_done_virtual`` is set by the WAN wrapper.
@@ -244,20 +243,6 @@ class Handle(Generic[T]):
 
 
 @runtime_checkable
-class WireCodec(Protocol):
-    """Codec a communicator may apply to a dense all-reduce (spec §2.1 rule 5).
-
-    Collectives never import ``thinwire.compression``; any object with these three methods works.
-    """
-
-    def encode(self, x: torch.Tensor) -> bytes: ...
-
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor: ...
-
-    def wire_bytes(self, numel: int) -> int: ...
-
-
-@runtime_checkable
 class Communicator(Protocol):
     """One API over every engine (spec §2.1). Collective: every rank must call each op, in the
     same order and with the same ``tag``."""
@@ -275,7 +260,6 @@ class Communicator(Protocol):
         t: torch.Tensor,
         op: ReduceOpName = "mean",
         *,
-        codec: WireCodec | None = None,
         async_op: bool = False,
         tag: str = "",
     ) -> Handle[torch.Tensor] | torch.Tensor: ...
@@ -288,6 +272,17 @@ class Communicator(Protocol):
         async_op: bool = False,
         tag: str = "",
     ) -> Handle[list[bytes | None]] | list[bytes | None]: ...
+
+    def all_gather_into_tensor(
+        self, t: torch.Tensor, *, async_op: bool = False, tag: str = ""
+    ) -> Handle[torch.Tensor] | torch.Tensor:
+        """Gather one equal-shape tensor per rank into a new ``(P, *t.shape)`` tensor.
+
+        Every rank passes a tensor of the same shape and dtype (typically a 1-D uint8 payload
+        whose size every rank knows from parameter shapes), so no length is exchanged. Row ``j``
+        of the result is rank ``j``'s tensor; the result lives on ``t.device``.
+        """
+        ...
 
     def broadcast(
         self, t: torch.Tensor, src: int = 0, *, async_op: bool = False, tag: str = ""

@@ -1,7 +1,7 @@
 """The hivemind engine: :class:`HivemindCommunicator`, collectives over a hivemind DHT swarm.
 
-Spec: ``specs/collectives_wan_bench.md`` §4 (engine), §2.3 (``butterfly``, ``direct``, ``pull``,
-``gather-reduce``) and §2.4 (byte ledger). Peers find each other through a ``hivemind.DHT``
+Spec: ``specs/collectives_wan_bench.md`` §4 (engine), §2.3 (``butterfly``, ``direct``, ``pull``)
+and §2.4 (byte ledger). Peers find each other through a ``hivemind.DHT``
 (NAT traversal and relays come with libp2p); dense all-reduces run hivemind's butterfly
 (``DecentralizedAverager``), byte payloads travel as P2P pulls after a group has formed on a
 one-element averager whose ``gather`` metadata carries ``{round, tag, len, sha256}``.
@@ -32,8 +32,8 @@ Deviations (hivemind 1.1.12 forces them):
     * With ``expected_world_size=None`` the round waits for the peers the membership table lists
       as alive; when set, it is also hivemind's ``target_group_size`` so a full group forms without
       waiting out the matchmaking window.
-    * Client-mode peers cannot serve fetches, so ``all_gather_bytes``/``broadcast*``/
-      ``gather-reduce`` raise :class:`CommError` there (spec §4 "excluded from gather groups").
+    * Client-mode peers cannot serve fetches, so ``all_gather_bytes``/``all_gather_into_tensor``/
+      ``broadcast*`` raise :class:`CommError` there (spec §4 "excluded from gather groups").
     * A butterfly whose reducer failed returns a partial average (hivemind keeps local values
       for those parts); the ledger still follows the §2.4 formula.
     * hivemind's uint8 codec ships ``8 + 1024 + n`` bytes per part (an int64 codebook length
@@ -77,7 +77,6 @@ from thinwire.collectives.base import (
     PeerInfo,
     PeerLost,
     RoundMismatch,
-    WireCodec,
 )
 
 __all__ = ["HivemindCommunicator"]
@@ -734,18 +733,16 @@ class HivemindCommunicator:
         return grp, got
 
     # ---- collectives ---------------------------------------------------------------------------
-    def all_reduce(self, t: torch.Tensor, op: str = "mean", *, codec: str | WireCodec | None = None,
+    def all_reduce(self, t: torch.Tensor, op: str = "mean", *, codec: str | None = None,
                    async_op: bool = False, tag: str = "", round: int | None = None
                    ) -> Handle[torch.Tensor] | torch.Tensor:  # fmt: skip
-        """In-place mean/sum of ``t`` over the group (spec §2.3 ``butterfly``/``gather-reduce``).
+        """In-place mean/sum of ``t`` over the group (spec §2.3 ``butterfly``).
 
         Args:
             t: floating tensor (fp16/bf16/fp32/fp64); untouched on any error.
             op: ``"mean"`` (hivemind's mean with weight 1) or ``"sum"`` (mean times group size).
-            codec: None, ``"fp16"``, ``"int8"`` (hivemind NoCompression / Float16Compression /
-                Uniform8BitQuantization on the butterfly) or a :class:`WireCodec` object
-                (``gather-reduce``: all_gather of ``encode(t)``, decode, reduce in rank order in
-                float32, mean over the payloads received).
+            codec: None, ``"fp16"`` or ``"int8"``: hivemind's own NoCompression /
+                Float16Compression / Uniform8BitQuantization on the butterfly (this engine only).
             async_op: return a :class:`Handle` instead of the tensor.
             tag: op name; one averager per (tag, numel, dtype, codec).
             round: round id (outer step); default: this tag's op counter.
@@ -758,13 +755,9 @@ class HivemindCommunicator:
         if t.dtype not in _FLOATS:
             raise TypeError(f"t.dtype must be in {{{', '.join(map(str, _FLOATS))}}} for the hivemind "
                             f"engine (it averages in floating point), got {t.dtype}")  # fmt: skip
-        if isinstance(codec, str):
+        if codec is not None:
             check_choice("codec", codec, ("fp16", "int8"))
-        elif codec is not None and not isinstance(codec, WireCodec):
-            raise TypeError(f"codec must be None, 'fp16', 'int8' or a WireCodec, got {codec!r}")
         rid = self._next_round(tag, round)
-        if isinstance(codec, WireCodec):
-            return self._gather_reduce(t, op, codec, async_op, tag, rid)
         numel, dtype = t.numel(), (torch.float32 if t.dtype == torch.bfloat16 else t.dtype)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         rec = self._record("all_reduce", "butterfly", tag, numel=numel, itemsize=itemsize,
@@ -801,24 +794,6 @@ class HivemindCommunicator:
 
         return self._launch(tag, rec, body, lambda out: _copy_into(t, out), async_op)
 
-    def _gather_reduce(self, t: torch.Tensor, op: str, codec: WireCodec, async_op: bool, tag: str,
-                       rid: int) -> Handle[torch.Tensor] | torch.Tensor:  # fmt: skip
-        numel = t.numel()
-        data = codec.encode(t.detach().reshape(-1).float())
-        rec = self._record("all_reduce", "gather-reduce", tag, numel=numel, payload_bytes=len(data))
-
-        def body(h: Handle) -> torch.Tensor:
-            grp, got = self._gather_payloads(h, rec, tag, rid, data, _others)
-            acc, n = torch.zeros(numel, dtype=torch.float32), 0
-            # rank order, float32 accumulation: bit-identical on every rank (§2.1 rule 6)
-            for p in grp.ids:
-                if got.get(p) is not None:
-                    acc += codec.decode(got[p], numel).to(torch.float32).reshape(-1)
-                    n += 1
-            return acc / n if op == "mean" else acc
-
-        return self._launch(tag, rec, body, lambda out: _copy_into(t, out), async_op)
-
     def all_gather_bytes(self, payload: bytes | memoryview | torch.Tensor, *, algorithm: str = "direct",
                          async_op: bool = False, tag: str = "", round: int | None = None
                          ) -> Handle[list[bytes | None]] | list[bytes | None]:  # fmt: skip
@@ -838,6 +813,50 @@ class HivemindCommunicator:
             return [got.get(p) for p in grp.ids]
 
         return self._launch(tag, rec, body, None, async_op)
+
+    def all_gather_into_tensor(self, t: torch.Tensor, *, async_op: bool = False, tag: str = "",
+                               round: int | None = None
+                               ) -> Handle[torch.Tensor] | torch.Tensor:  # fmt: skip
+        """Every member's equal-shape tensor as row ``j`` of a new ``(P, *t.shape)`` tensor.
+
+        Row order is the sorted group, as in :meth:`all_gather_bytes` (``handle.group`` gives
+        the ids). The bytes of ``t`` travel on the same ``direct`` pull path; a member that
+        delivered nothing, or announced a size other than ``t``'s, gets an all-zero row and is
+        listed in ``handle.missing`` (its payload is not fetched). The result is on
+        ``t.device``; the group size ``P`` is known only when the op completes.
+
+        Raises:
+            GroupTooSmall, RoundMismatch, CommTimeout, CommError (client-mode peers too).
+        """
+        check_type("t", t, torch.Tensor)
+        nbytes = t.numel() * t.element_size()
+        data = _as_bytes(t)
+        rid = self._next_round(tag, round)
+        rec = self._record("all_gather_into_tensor", "direct", tag, numel=t.numel(),
+                           itemsize=t.element_size(), payload_bytes=nbytes)  # fmt: skip
+
+        def same_size(g: _Group) -> list[str]:
+            return [p for p in _others(g) if g.metas[p].get("len") == nbytes]
+
+        def body(h: Handle) -> torch.Tensor:
+            grp, got = self._gather_payloads(h, rec, tag, rid, data, same_size)
+            # members of another size do not pull from this peer either
+            pullers = sum(1 for j, n in enumerate(rec.sizes) if j != rec.rank and n == nbytes)
+            rec.sent = pullers * (LENGTH_HEADER_BYTES + nbytes)
+            rows = torch.zeros((len(grp.ids), nbytes), dtype=torch.uint8)  # [P, nbytes]
+            for i, p in enumerate(grp.ids):
+                b = got.get(p)
+                if b is not None and len(b) == nbytes and nbytes:
+                    rows[i] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+            return rows
+
+        def post(rows: torch.Tensor) -> torch.Tensor:
+            P = rows.shape[0]
+            if not nbytes:
+                return torch.zeros((P, *t.shape), dtype=t.dtype, device=t.device)
+            return rows.view(t.dtype).reshape(P, *t.shape).to(t.device)
+
+        return self._launch(tag, rec, body, post, async_op)
 
     def broadcast_bytes(self, payload: bytes | None, src: int = 0, *, async_op: bool = False,
                         tag: str = "", round: int | None = None) -> Handle[bytes] | bytes:  # fmt: skip

@@ -62,9 +62,9 @@ class TorchDistCommunicator(_CollectiveEngine):
     expires counts as such an error, because the group's state is then unknown. Recover by
     restarting the job (torchrun ``--max-restarts``) and resuming from a checkpoint.
 
-    Ordering: phases before an op's last one (length exchanges, the alltoall of ``rsag-q``)
-    block at issue, and only the last phase runs asynchronously, so the process group sees ops
-    in issue order whatever order handles are waited in.
+    Ordering: phases before an op's last one (length exchanges) block at issue, and only the
+    last phase runs asynchronously, so the process group sees ops in issue order whatever order
+    handles are waited in.
 
     Args:
         process_group: group to use; default the initialised default group, or a new one.

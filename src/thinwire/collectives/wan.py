@@ -349,14 +349,11 @@ class WanCommunicator:
         t: torch.Tensor,
         op: str = "mean",
         *,
-        codec: Any = None,
         async_op: bool = False,
         tag: str = "",
     ) -> Handle[torch.Tensor] | torch.Tensor:
         """``inner.all_reduce`` with modelled timing (same arguments and result)."""
-        return self._run(
-            lambda: self.inner.all_reduce(t, op, codec=codec, async_op=True, tag=tag), async_op
-        )
+        return self._run(lambda: self.inner.all_reduce(t, op, async_op=True, tag=tag), async_op)
 
     def all_gather_bytes(
         self,
@@ -372,6 +369,14 @@ class WanCommunicator:
                 payload, algorithm=algorithm, async_op=True, tag=tag
             ),
             async_op,
+        )
+
+    def all_gather_into_tensor(
+        self, t: torch.Tensor, *, async_op: bool = False, tag: str = ""
+    ) -> Handle[torch.Tensor] | torch.Tensor:
+        """``inner.all_gather_into_tensor`` with modelled timing."""
+        return self._run(
+            lambda: self.inner.all_gather_into_tensor(t, async_op=True, tag=tag), async_op
         )
 
     def broadcast(

@@ -2,9 +2,9 @@
 
 A codec turns a tensor into one self-describing payload (see :mod:`.payload`) and back, and says
 exactly how many bytes that payload has from the shape alone. The interface is shaped like
-hivemind's ``CompressionBase`` (compress / extract / estimate ratio) and also satisfies the
-communicator's ``WireCodec`` protocol (``encode``, ``decode(payload, numel)``, ``wire_bytes(numel)``),
-so a codec can be handed to ``Communicator.all_reduce(codec=...)`` as it is.
+hivemind's ``CompressionBase`` (compress / extract / estimate ratio). Communicators never see a
+codec: its payloads travel as bytes (``all_gather_bytes``) or, since ``wire_bytes`` gives their
+size from the shape, as equal-size uint8 tensors (``all_gather_into_tensor``).
 """
 
 from __future__ import annotations

@@ -135,6 +135,10 @@ class TaggedComm:
         """Inner ``all_gather_bytes`` with a prefixed tag."""
         return self.inner.all_gather_bytes(payload, tag=self.prefix + tag, **kw)
 
+    def all_gather_into_tensor(self, t: torch.Tensor, *, tag: str = "", **kw: Any) -> Any:
+        """Inner ``all_gather_into_tensor`` with a prefixed tag."""
+        return self.inner.all_gather_into_tensor(t, tag=self.prefix + tag, **kw)
+
     def broadcast(self, t: torch.Tensor, src: int = 0, *, tag: str = "", **kw: Any) -> Any:
         """Inner ``broadcast`` with a prefixed tag."""
         return self.inner.broadcast(t, src, tag=self.prefix + tag, **kw)
