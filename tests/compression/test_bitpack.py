@@ -13,12 +13,17 @@ from hypothesis import strategies as st
 from thinwire.compression.bitpack import (
     pack12_pairs,
     pack_bits,
+    pack_bits_rows,
     pack_uint,
+    pack_uint_rows,
     packed_nbytes,
+    padding_ok_rows,
     uint_nbytes,
     unpack12_pairs,
     unpack_bits,
+    unpack_bits_rows,
     unpack_uint,
+    unpack_uint_rows,
 )
 
 ODD_LENGTHS = [0, 1, 3, 7, 8, 9, 13, 101]
@@ -259,3 +264,91 @@ def test_nbytes_formulas():
             assert uint_nbytes(n, width) == math.ceil(n * width / 8)
         for bits in (1, 2, 4, 8):
             assert packed_nbytes(n, bits) == math.ceil(n * bits / 8)
+
+
+# ----------------------------------------------------------------------------- batched row ops
+
+ROW_COUNTS = [0, 1, 3]
+
+
+def random_rows(rows: int, n: int, width: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << width, (rows, n), generator=g, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("rows", ROW_COUNTS)
+@pytest.mark.parametrize("n", ODD_LENGTHS)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_bits_rows_matches_reference_per_row(rows, n, bits):
+    codes = random_rows(rows, n, bits, seed=rows * 1000 + n * 10 + bits).to(torch.uint8)
+    packed = pack_bits_rows(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, packed_nbytes(n, bits))
+    for r in range(rows):
+        assert packed[r].tolist() == ref_pack(codes[r].tolist(), bits)
+    unpacked = unpack_bits_rows(packed, bits, n)
+    assert unpacked.dtype == torch.uint8 and torch.equal(unpacked, codes)
+    assert padding_ok_rows(packed, n * bits).tolist() == [True] * rows
+
+
+@pytest.mark.parametrize("rows", ROW_COUNTS)
+@pytest.mark.parametrize("n", ODD_LENGTHS)
+@pytest.mark.parametrize("width", UINT_WIDTHS)
+def test_pack_uint_rows_matches_reference_per_row(rows, n, width):
+    values = random_rows(rows, n, width, seed=rows * 1000 + n * 40 + width)
+    packed = pack_uint_rows(values, width)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, uint_nbytes(n, width))
+    for r in range(rows):
+        assert packed[r].tolist() == ref_pack(values[r].tolist(), width)
+    unpacked = unpack_uint_rows(packed, width, n)
+    assert unpacked.dtype == torch.int64 and torch.equal(unpacked, values)
+
+
+def test_pack_bits_rows_masks_high_bits():
+    # Only the low `bits` of each code are written, so a bad code cannot spill into its neighbour.
+    codes = torch.tensor([[0xFF, 0x00, 0x01, 0x02]], dtype=torch.uint8)
+    assert pack_bits_rows(codes, 2)[0].tolist() == ref_pack([3, 0, 1, 2], 2)
+
+
+@pytest.mark.parametrize("nbits", [1, 5, 7, 8, 13, 16, 60])
+def test_padding_ok_rows_flags_each_padding_bit(nbits):
+    nbytes = math.ceil(nbits / 8)
+    base = torch.zeros(1, nbytes, dtype=torch.uint8)
+    base[0, :] = 0xFF
+    if nbits % 8:
+        base[0, -1] = (1 << (nbits % 8)) - 1  # every stream bit set, padding clear
+    rows = [base[0].clone()]
+    for bit in range(nbits, nbytes * 8):  # one row per padding bit, that bit set
+        row = base[0].clone()
+        row[bit // 8] |= 1 << (bit % 8)
+        rows.append(row)
+    ok = padding_ok_rows(torch.stack(rows), nbits)
+    assert ok.dtype == torch.bool
+    assert ok.tolist() == [True] + [False] * (nbytes * 8 - nbits)
+
+
+def test_unpack_rows_ignore_padding_and_agree_with_checked_unpack():
+    codes = torch.ones(1, 13, dtype=torch.uint8)
+    buf = pack_bits_rows(codes, 1)
+    dirty = buf.clone()
+    dirty[0, -1] |= 1 << 7  # bit 15 is padding for 13 codes
+    assert torch.equal(unpack_bits_rows(dirty, 1, 13), codes)
+    assert padding_ok_rows(torch.cat([buf, dirty]), 13).tolist() == [True, False]
+    with pytest.raises(ValueError, match="padding bits must be zero"):
+        unpack_bits(dirty[0], 1, 13)
+
+
+def test_row_ops_validate_shapes():
+    with pytest.raises(ValueError, match="2-D"):
+        pack_bits_rows(torch.zeros(4, dtype=torch.uint8), 1)
+    with pytest.raises(TypeError, match="codes.dtype"):
+        pack_bits_rows(torch.zeros(1, 4, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="bits must be in"):
+        pack_bits_rows(torch.zeros(1, 4, dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="exactly 2 bytes"):
+        unpack_bits_rows(torch.zeros(1, 3, dtype=torch.uint8), 1, 13)
+    with pytest.raises(ValueError, match="width must be in"):
+        pack_uint_rows(torch.zeros(1, 4, dtype=torch.int64), 33)
+    with pytest.raises(ValueError, match="exactly 8 bytes"):
+        unpack_uint_rows(torch.zeros(2, 7, dtype=torch.uint8), 12, 5)
+    with pytest.raises(ValueError, match="exactly 2 bytes"):
+        padding_ok_rows(torch.zeros(2, 1, dtype=torch.uint8), 13)

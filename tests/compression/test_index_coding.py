@@ -370,3 +370,153 @@ def test_decode_and_nbytes_validation(coder):
         coder.bits_per_index(0, 8)
     with pytest.raises(TypeError, match="buf.dtype"):
         coder.decode(torch.zeros(1, dtype=torch.int64), 1, 1, 8)
+
+
+# ----------------------------------------------------------------------------- batched, sync-free
+
+
+def buffer_bits(buf: list[int]) -> list[int]:
+    return [(byte >> j) & 1 for byte in buf for j in range(8)]
+
+
+def reference_decode(coder, buf: list[int], N: int, k: int, C: int) -> list[list[int]] | None:
+    """Pure-Python decoder from the layout definitions: the index sets, or None if invalid."""
+    bits = buffer_bits(buf)
+    chunk = reference_chunk_bits(coder, k, C)
+    if any(bits[N * chunk :]):
+        return None  # nonzero padding
+    rows = []
+    for c in range(N):
+        cb = bits[c * chunk : (c + 1) * chunk]
+        if isinstance(coder, FixedIndexCoder):
+            width = chunk // k
+            row = [sum(cb[i * width + j] << j for j in range(width)) for i in range(k)]
+        else:
+            L = ef_low_bits(k, C)
+            lows = [sum(cb[i * L + j] << j for j in range(L)) for i in range(k)]
+            ones = [p for p, b in enumerate(cb[k * L :]) if b]
+            if len(ones) != k:
+                return None
+            row = [((p - i) << L) | lows[i] for i, p in enumerate(ones)]
+        if any(x >= C for x in row) or any(b <= a for a, b in zip(row, row[1:], strict=False)):
+            return None
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("coder", CODERS, ids=lambda c: c.name)
+@pytest.mark.parametrize("N,C,k", EDGE_CASES)
+def test_encode_trusted_equals_reference(coder, N, C, k):
+    idx = random_sets(N, C, k, seed=N * 31 + C + k)
+    buf = coder.encode_trusted(idx, C)
+    ref = fixed_reference(idx, C) if coder is FIXED else ef_reference(idx, C)
+    assert buf.dtype == torch.uint8 and buf.dim() == 1 and buf.tolist() == ref
+
+
+@pytest.mark.parametrize("coder", CODERS, ids=lambda c: c.name)
+@pytest.mark.parametrize("N,C,k", EDGE_CASES)
+@pytest.mark.parametrize("rows", [0, 1, 3])
+def test_decode_rows_of_valid_buffers(coder, N, C, k, rows):
+    sets = [random_sets(N, C, k, seed=100 * r + N + C + k) for r in range(rows)]
+    bufs = [
+        torch.tensor(fixed_reference(s, C) if coder is FIXED else ef_reference(s, C)) for s in sets
+    ]
+    stacked = (
+        torch.stack(bufs).to(torch.uint8)
+        if rows
+        else torch.zeros(0, coder.nbytes(N, k, C), dtype=torch.uint8)
+    )
+    idx, ok = coder.decode_rows(stacked, N, k, C)
+    assert idx.dtype == torch.int64 and idx.shape == (rows, N, k)
+    assert ok.dtype == torch.bool and ok.shape == (rows,) and ok.tolist() == [True] * rows
+    for r in range(rows):
+        assert torch.equal(idx[r], sets[r])
+
+
+def _check_flags(coder, bufs: torch.Tensor, N: int, k: int, C: int) -> list[bool]:
+    """decode_rows against the pure-Python decoder, row by row; returns the ok flags."""
+    idx, ok = coder.decode_rows(bufs, N, k, C)
+    assert idx.shape == (bufs.shape[0], N, k) and ok.shape == (bufs.shape[0],)
+    assert bool((idx >= 0).all()) and bool((idx < C).all())  # safe to scatter even when not ok
+    for r in range(bufs.shape[0]):
+        ref = reference_decode(coder, bufs[r].tolist(), N, k, C)
+        assert bool(ok[r]) == (ref is not None)
+        if ref is not None:
+            assert idx[r].tolist() == ref
+    return ok.tolist()
+
+
+@pytest.mark.parametrize("coder", CODERS, ids=lambda c: c.name)
+@pytest.mark.parametrize("N,C,k", [(2, 100, 9), (3, 16, 3), (2, 97, 40)])
+def test_decode_rows_every_bit_flip_matches_reference(coder, N, C, k):
+    # All single-bit flips at once, one per row: flags and indices as the pure-Python decoder.
+    buf = coder.encode(random_sets(N, C, k, seed=C + k), C)
+    nbits = 8 * buf.numel()
+    bad = buf.repeat(nbits, 1)
+    s = torch.arange(nbits)
+    bad[s, s // 8] ^= (1 << (s % 8)).to(torch.uint8)
+    flags = _check_flags(coder, bad, N, k, C)
+    assert not all(flags)
+
+
+@pytest.mark.parametrize("coder", CODERS, ids=lambda c: c.name)
+def test_decode_rows_random_bytes_match_reference(coder):
+    N, C, k = 2, 24, 5
+    g = torch.Generator().manual_seed(17)
+    bufs = torch.randint(0, 256, (300, coder.nbytes(N, k, C)), generator=g, dtype=torch.uint8)
+    bufs[:100] = coder.encode(random_sets(N, C, k, seed=4), C)  # some valid rows
+    _check_flags(coder, bufs, N, k, C)
+
+
+def test_decode_rows_flags_each_corruption_only_in_its_row():
+    C, k, N = 16, 3, 1
+    L, high_len = EF.layout(k, C)
+    assert (L, high_len) == (2, 7)  # 13 bits per chunk, 3 padding bits
+    good = [2, 5, 13]
+
+    def ef_buf(lows: list[int], high: list[int]) -> list[int]:
+        assert len(high) == high_len
+        return bits_to_bytes([(v >> j) & 1 for v in lows for j in range(L)] + high)
+
+    rows = [
+        ef_reference(torch.tensor([good]), C),  # valid
+        ef_buf([2, 1, 1], [1, 1, 1, 1, 0, 0, 0]),  # 4 ones: too many
+        ef_buf([2, 1, 1], [1, 0, 0, 0, 0, 0, 0]),  # 1 one: too few
+        ef_buf([3, 1, 1], [1, 1, 0, 0, 0, 1, 0]),  # h = 0, 0, 3: x = [3, 1, 13], decreasing
+        ef_buf([0, 1, 2], [1, 1, 0, 0, 0, 0, 1]),  # last h = 4: x = 18 >= C
+    ]
+    pad = list(rows[0])
+    pad[-1] |= 0x80  # padding bit (13 bits used of 16)
+    rows.append(pad)
+    bufs = torch.tensor(rows, dtype=torch.uint8)
+    idx, ok = EF.decode_rows(bufs, N, k, C)
+    assert ok.tolist() == [True, False, False, False, False, False]
+    assert idx[0].tolist() == [good]
+    assert bool((idx >= 0).all()) and bool((idx < C).all())
+    for r in range(1, len(rows)):  # the raising decoder rejects the same buffers
+        with pytest.raises(IndexCodingError):
+            EF.decode(bufs[r], N, k, C)
+
+    fixed_rows = [
+        FIXED.encode(torch.tensor([[1, 4, 9]]), 10).tolist(),
+        fixed_reference(torch.tensor([[4, 1, 9]]), 10),  # not increasing
+        fixed_reference(torch.tensor([[1, 4, 12]]), 10),  # >= C (width 4 holds up to 15)
+        fixed_reference(torch.tensor([[1, 4, 4]]), 10),  # repeated index
+    ]
+    idx, ok = FIXED.decode_rows(torch.tensor(fixed_rows, dtype=torch.uint8), 1, 3, 10)
+    assert ok.tolist() == [True, False, False, False]
+    assert idx[0].tolist() == [[1, 4, 9]] and int(idx.max()) <= 9
+
+
+@pytest.mark.parametrize("coder", CODERS, ids=lambda c: c.name)
+def test_row_methods_validate_shapes(coder):
+    with pytest.raises(ValueError, match=r"shape \(R, 2\)"):
+        coder.decode_rows(torch.zeros(2, 3, dtype=torch.uint8), 1, 3, 16)
+    with pytest.raises(ValueError, match=r"shape \(R, 2\)"):
+        coder.decode_rows(torch.zeros(2, dtype=torch.uint8), 1, 3, 16)
+    with pytest.raises(TypeError, match="buf.dtype"):
+        coder.decode_rows(torch.zeros(1, 2, dtype=torch.int32), 1, 3, 16)
+    with pytest.raises(ValueError, match="k must be in"):
+        coder.decode_rows(torch.zeros(1, 2, dtype=torch.uint8), 1, 17, 16)
+    with pytest.raises(ValueError, match="shape"):
+        coder.encode_trusted(torch.zeros(3, dtype=torch.int64), 16)

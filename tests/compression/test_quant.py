@@ -5,6 +5,7 @@ item 8 golden vector.
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
 
@@ -592,3 +593,108 @@ def test_property_error_bounds(name, n, block, dtype, seed) -> None:
         )
         mags = r.side.double().repeat_interleave(block)[:n]
         assert torch.equal(deq, torch.where(r.codes.bool(), -mags, mags))
+
+
+# --------------------------------------------------------------------------- sync-free cores
+
+CORE_CASES = [
+    *REGISTRY_CASES,
+    ("int8", {"block": 16, "stochastic": True}),
+    ("int4", {"block": 16, "stochastic": True}),
+    ("2bit", {"n_bins": 8}),
+    ("fp4_e3m0", {"block": 16}),
+    ("fp4_e3m0", {"block": 16, "stochastic": True}),
+]
+CORE_IDS = [f"{name}-{params}" for name, params in CORE_CASES]
+
+
+def _quantize_public(name: str, params: dict, x: torch.Tensor, seed: int) -> Q.QuantResult:
+    kw = dict(params)
+    if params.get("stochastic"):
+        kw["generator"] = torch.Generator().manual_seed(seed)
+    return Q.QUANTIZERS[name][0](x, **kw)
+
+
+def _dequantize_public(name: str, params: dict, codes, side, n) -> torch.Tensor:
+    fn = Q.QUANTIZERS[name][1]
+    keys = inspect.signature(fn).parameters
+    return fn(codes, side, n, **{k: v for k, v in params.items() if k in keys})
+
+
+@pytest.mark.parametrize(("name", "params"), CORE_CASES, ids=CORE_IDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_qcore_equals_public_quantizer(name, params, n) -> None:
+    x = _data(n, 900 + n)
+    ref = _quantize_public(name, params, x, seed=n)
+    qcore = Q.QUANTIZER_CORES[name][0]
+    kw = dict(params)
+    if params.get("stochastic"):
+        kw["generator"] = torch.Generator().manual_seed(n)  # same stream as the public call
+    got = qcore(x.reshape(-1).to(torch.float32), **kw)
+    assert got.bits == ref.bits
+    assert got.codes.dtype == torch.uint8 and torch.equal(got.codes, ref.codes)
+    assert got.side.dtype == torch.float32 and torch.equal(got.side, ref.side)
+
+
+@pytest.mark.parametrize(("name", "params"), CORE_CASES, ids=CORE_IDS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("rows", [0, 1, 3])
+def test_dcore_rows_equal_public_dequantizer_per_row(name, params, n, rows) -> None:
+    results = [_quantize_public(name, params, _data(n, 1000 * r + n), seed=r) for r in range(rows)]
+    width = 2 * n if name in ("fp16", "bf16") else n
+    n_side = Q.side_len(name, n, **params)
+    codes = torch.zeros(rows, width, dtype=torch.uint8)
+    side = torch.zeros(rows, n_side, dtype=torch.float32)
+    for r, res in enumerate(results):
+        codes[r], side[r] = res.codes, res.side
+    out = Q.QUANTIZER_CORES[name][1](codes, side, n, **params)
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    for r, res in enumerate(results):
+        assert torch.equal(out[r], _dequantize_public(name, params, res.codes, res.side, n))
+
+
+@pytest.mark.parametrize(("name", "params"), CORE_CASES, ids=CORE_IDS)
+def test_code_range_bounds_emitted_codes_and_public_check(name, params) -> None:
+    rng = Q.code_range(name, **params)
+    if name in ("fp8_e4m3", "fp8_e5m2", "fp16", "bf16"):
+        assert rng is None  # invalid patterns show up as non-finite decoded values instead
+        return
+    lo, hi = rng
+    res = _quantize_public(name, params, _data(1000, 7), seed=7)
+    assert lo <= int(res.codes.min()) and int(res.codes.max()) <= hi
+    n_side = Q.side_len(name, 1, **params)
+    side = torch.ones(n_side, dtype=torch.float32)
+    for code in (lo, hi):  # accepted by the checked dequantizer
+        _dequantize_public(name, params, torch.tensor([code], dtype=torch.uint8), side, 1)
+    for code in (lo - 1, hi + 1):
+        if 0 <= code <= 255:
+            with pytest.raises(ValueError, match="codes must be in"):
+                bad = torch.tensor([code], dtype=torch.uint8)
+                _dequantize_public(name, params, bad, side, 1)
+
+
+@pytest.mark.parametrize(("name", "params"), CORE_CASES, ids=CORE_IDS)
+def test_dcore_never_raises_on_any_code(name, params) -> None:
+    # Every byte value as a code, with every side value 0.5: the core decodes each one without an
+    # out-of-bounds read, and inside code_range it equals the checked dequantizer of that code.
+    n = 256
+    codes = torch.arange(256, dtype=torch.uint8).reshape(1, n)
+    if name in ("fp16", "bf16"):
+        codes = torch.stack([codes[0], codes[0]], dim=1).reshape(1, 2 * n)
+    side = torch.full((1, Q.side_len(name, n, **params)), 0.5, dtype=torch.float32)
+    out = Q.QUANTIZER_CORES[name][1](codes, side, n, **params)
+    assert out.shape == (1, n) and out.dtype == torch.float32
+    rng = Q.code_range(name, **params)
+    if rng is None:
+        return
+    assert torch.isfinite(out).all()  # out-of-range codes are flagged by range, not by NaN
+    side1 = torch.full((Q.side_len(name, 1, **params),), 0.5, dtype=torch.float32)
+    for code in range(rng[0], rng[1] + 1):
+        one = torch.tensor([code], dtype=torch.uint8)
+        assert torch.equal(out[0, code : code + 1], _dequantize_public(name, params, one, side1, 1))
+
+
+def test_fp4_device_tables_equal_constants() -> None:
+    levels, thresholds = Q._fp4_tables(torch.device("cpu"))
+    assert levels.dtype == torch.float32 and levels.tolist() == list(Q.FP4_E3M0_LEVELS)
+    assert thresholds.dtype == torch.float32 and thresholds.tolist() == list(Q._FP4_THRESHOLDS)

@@ -7,7 +7,15 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from thinwire.compression.topk import k_for_chunk, scatter_chunks, topk_chunks
+import thinwire.compression.topk as topk_mod
+from thinwire.compression.topk import (
+    k_for_chunk,
+    scatter_chunks,
+    scatter_chunks_fast,
+    topk_chunks,
+    topk_chunks_fast,
+    topk_chunks_reference,
+)
 
 
 def _topk_oracle(row: list[float], k: int) -> list[int]:
@@ -215,3 +223,191 @@ def test_k_for_chunk_validation() -> None:
         k_for_chunk(16, 1, 0)
     with pytest.raises(TypeError, match=r"topk must be int"):
         k_for_chunk(16, 1.0)
+
+
+# --- topk_chunks_fast against the stable-sort reference, bit for bit ------------------------------
+
+_ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _kind_values(
+    kind: str, n: int, c: int, gen: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
+    """(n, c) finite test data of a given flavour, built in float64 and cast (exactly) to dtype."""
+    r = torch.rand(n, c, generator=gen, dtype=torch.float64)
+    if kind == "normal":
+        x = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    elif kind == "ties":  # a few distinct magnitudes, both signs
+        x = torch.randint(-3, 4, (n, c), generator=gen).double()
+    elif kind == "zeros":
+        x = torch.zeros(n, c, dtype=torch.float64)
+    elif kind == "signed_zeros":  # -0.0 and 0.0 mixed, with a few nonzeros
+        x = torch.where(r < 0.5, -0.0, 0.0).double()
+        x = torch.where(r > 0.9, torch.randn(n, c, generator=gen, dtype=torch.float64), x)
+    elif kind == "extremes":  # largest finite, smallest subnormal, zeros, both signs
+        fi = torch.finfo(dtype)
+        picks = [fi.max, -fi.max, fi.smallest_normal, fi.tiny / 4, 0.0, -0.0, 1.0]
+        picks = torch.tensor(picks, dtype=torch.float64).to(dtype).double()
+        x = picks[torch.randint(0, len(picks), (n, c), generator=gen)]
+    else:
+        raise AssertionError(kind)
+    return x.to(dtype)
+
+
+def _assert_fast_matches_reference(x: torch.Tensor, k: int) -> None:
+    idx, val = topk_chunks_fast(x, k)
+    ref_idx, ref_val = topk_chunks_reference(x, k)
+    assert idx.dtype == torch.int64 and val.dtype == x.dtype
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(val, ref_val)
+    # Bit-level equality of values: -0.0 and 0.0 compare equal, their bit patterns do not.
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    assert torch.equal(val.view(as_int), ref_val.view(as_int))
+
+
+@pytest.mark.parametrize("dtype", _ALL_DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "signed_zeros", "extremes"])
+@pytest.mark.parametrize(
+    ("n", "c", "k"), [(5, 40, 7), (3, 17, 1), (4, 13, 13), (6, 1, 1), (0, 9, 3)]
+)
+def test_fast_matches_reference(dtype, kind, n, c, k) -> None:
+    gen = torch.Generator().manual_seed(n * 1000 + c * 10 + k)
+    _assert_fast_matches_reference(_kind_values(kind, n, c, gen, dtype), k)
+
+
+def test_fast_tie_exactly_at_kth_place() -> None:
+    # Two strictly larger entries, then five tied at the 3rd..5th kept places, scattered so
+    # that the tie set straddles the cut; magnitudes tie across signs.
+    row = [0.5, 1.0, 3.0, -1.0, 0.25, 1.0, -2.0, -1.0, 0.0, 1.0]
+    x = torch.tensor([row, row[::-1]], dtype=torch.float64)
+    for dtype in _ALL_DTYPES:
+        for k in range(1, len(row) + 1):
+            _assert_fast_matches_reference(x.to(dtype), k)
+    idx, _ = topk_chunks_fast(x.float(), 4)
+    assert idx[0].tolist() == [1, 2, 3, 6]
+
+
+def test_fast_matches_reference_long_rows() -> None:
+    # 70 x 4096 elements exceed one CPU key block, so the blocked loop runs (64 rows, then 6).
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-40, 41, (70, 4096), generator=gen).float() / 8
+    for k in (1, 64, 4096):
+        _assert_fast_matches_reference(x, k)
+    _assert_fast_matches_reference(torch.full((3, 4096), -0.25), 64)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 40, 64])
+def test_fast_blocked_key_matches_reference(monkeypatch, budget) -> None:
+    # Tiny key blocks: one row at a time, several rows with a partial last block, and C > budget.
+    monkeypatch.setitem(topk_mod._KEY_BLOCK_ELEMS, "cpu", budget)
+    gen = torch.Generator().manual_seed(budget)
+    for kind in ("normal", "ties", "signed_zeros"):
+        x = _kind_values(kind, 23, 20, gen, torch.float32)
+        for k in (1, 5, 20):
+            _assert_fast_matches_reference(x, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_two_pass_selection_matches_reference(dtype) -> None:
+    # The float64 selection also serves 16/32-bit input; check it there too, ties included.
+    gen = torch.Generator().manual_seed(11)
+    for kind in ("normal", "ties", "zeros", "signed_zeros", "extremes"):
+        x = _kind_values(kind, 6, 31, gen, dtype)
+        for k in (1, 4, 30, 31):
+            idx = torch.sort(topk_mod._topk_rows_two_pass(x, k), dim=1).values
+            assert torch.equal(idx, topk_chunks_reference(x, k)[0])
+
+
+@pytest.mark.parametrize("dtype", _ALL_DTYPES)
+def test_fast_non_contiguous_input(dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    base = _kind_values("ties", 30, 24, gen, dtype)
+    for x in (base.t(), base[::2, 1::3], base.t()[3:, ::2]):
+        assert not x.is_contiguous()
+        for k in (1, 3, x.shape[1]):
+            _assert_fast_matches_reference(x, k)
+
+
+def test_public_topk_is_fast_path() -> None:
+    gen = torch.Generator().manual_seed(8)
+    x = _kind_values("ties", 9, 50, gen, torch.bfloat16)
+    for got, want in zip(topk_chunks(x, 10), topk_chunks_fast(x, 10), strict=True):
+        assert torch.equal(got, want)
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(
+    n=st.integers(0, 6),
+    c=st.integers(1, 90),
+    kfrac=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["normal", "ties", "zeros", "signed_zeros", "extremes"]),
+    dtype=st.sampled_from(_ALL_DTYPES),
+    transpose=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fast_matches_reference_property(n, c, kfrac, kind, dtype, transpose, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = (
+        _kind_values(kind, c, n, gen, dtype).t()
+        if transpose
+        else _kind_values(kind, n, c, gen, dtype)
+    )
+    k = max(1, min(c, round(kfrac * c)))
+    _assert_fast_matches_reference(x, k)
+
+
+def test_scatter_fast_matches_scatter() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = _kind_values("ties", 8, 33, gen, torch.bfloat16)
+    idx, val = topk_chunks_fast(x, 6)
+    assert torch.equal(scatter_chunks_fast(idx, val, 33), scatter_chunks(idx, val, 33))
+    empty = torch.zeros(0, 6, dtype=torch.int64)
+    assert scatter_chunks_fast(empty, empty.float(), 33).shape == (0, 33)
+
+
+class _HostPullForbidden(RuntimeError):
+    pass
+
+
+class _NoHostPull(torch.overrides.TorchFunctionMode):
+    """Raises on every call that reads tensor data back to the host (a device sync on a GPU)."""
+
+    _FORBIDDEN = {
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.cpu,
+        torch.Tensor.numpy,
+        torch.Tensor.__bool__,
+        torch.Tensor.__int__,
+        torch.Tensor.__float__,
+        torch.Tensor.__index__,
+        torch.Tensor.nonzero,
+        torch.nonzero,
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._FORBIDDEN:
+            raise _HostPullForbidden(getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_pull_guard_catches_a_pull() -> None:
+    # The guard is live: the validating entry point's finiteness count is caught.
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    with _NoHostPull(), pytest.raises(_HostPullForbidden):
+        topk_chunks(x, 3)
+    with _NoHostPull(), pytest.raises(_HostPullForbidden):
+        torch.nonzero(x > 0)
+
+
+@pytest.mark.parametrize("dtype", _ALL_DTYPES)
+def test_fast_paths_do_not_pull_to_host(dtype) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = _kind_values("ties", 12, 40, gen, dtype)
+    with _NoHostPull():
+        idx, val = topk_chunks_fast(x, 9)
+        idx_t, _ = topk_chunks_fast(x.t(), 5)
+        dense = scatter_chunks_fast(idx, val, 40)
+    _assert_fast_matches_reference(x, 9)
+    assert torch.equal(idx_t, topk_chunks_reference(x.t(), 5)[0])
+    assert torch.equal(dense, scatter_chunks(idx, val, 40))

@@ -11,6 +11,8 @@ aggregate"; this package holds each step once (``specs/demo_sparseloco.md`` §1-
 * packing: :func:`pack_bits`, :func:`pack_uint`, index coders (fixed width and Elias-Fano);
 * error feedback: :class:`ErrorFeedback`;
 * wire format: :class:`DenseCodec`, :class:`SparseCodec`, :func:`build_codec`, :class:`PayloadError`;
+* buckets: :class:`DenseBucket` / :class:`SparseBucket` frame many tensors as one payload on their
+  own device, in the 16-byte :class:`Envelope` (:func:`crc32` checksums it on device);
 * fused hot paths with Triton kernels (``_triton/``) behind one dispatch rule: :func:`dct_topk`,
   :func:`ef_quantize_pack`, :func:`decode_accumulate` (each with its torch reference);
 * aggregation: :func:`aggregate_sparse` (deterministic, bit-identical on every rank) and the
@@ -31,8 +33,10 @@ from thinwire.compression.bitpack import (
     unpack_bits,
     unpack_uint,
 )
+from thinwire.compression.bucket import DenseBucket, SparseBucket, SparsePart, make_bucket
 from thinwire.compression.bundle import bundle_nbytes, pack_bundle, unpack_bundle
 from thinwire.compression.chunk import ChunkGeometry, split
+from thinwire.compression.crc import crc32, crc32_rows
 from thinwire.compression.dct import dct_basis, dct_chunks, dct_tiles, idct_chunks, idct_tiles
 from thinwire.compression.error_feedback import (
     ErrorFeedback,
@@ -84,9 +88,31 @@ from thinwire.compression.quant import (
 )
 from thinwire.compression.robust import ROBUST_RULES, clip_scales, clip_to_norm, robust_mean
 from thinwire.compression.topk import k_for_chunk, scatter_chunks, topk_chunks
+from thinwire.compression.wire import (
+    ENVELOPE_BYTES,
+    STATUS_EMPTY,
+    STATUS_OK,
+    STATUS_REASONS,
+    WIRE_VERSION,
+    Envelope,
+    layout_digest,
+)
 
 __all__ = [
     "AGGREGATE_MODES",
+    "DenseBucket",
+    "ENVELOPE_BYTES",
+    "Envelope",
+    "SparseBucket",
+    "SparsePart",
+    "STATUS_EMPTY",
+    "STATUS_OK",
+    "STATUS_REASONS",
+    "WIRE_VERSION",
+    "crc32",
+    "crc32_rows",
+    "layout_digest",
+    "make_bucket",
     "ChunkGeometry",
     "EF_FORMATS",
     "EF_FORMAT_BITS",

@@ -22,6 +22,14 @@ Public ops:
   bytes as :func:`pack_bits`, its slow twin.
 * :func:`pack12_pairs` / :func:`unpack12_pairs`: templar's 12-bit pair layout (spec §4.1
   ``pack12``, parity A6); for an even count it equals ``pack_uint(idx, 12)``.
+
+Batched, unchecked row ops for code running inside an optimizer step, where reading a tensor's
+values on the host (``.item()``, ``int(t)``, ``nonzero()``) would stall the device:
+:func:`pack_bits_rows` / :func:`unpack_bits_rows`, :func:`pack_uint_rows` /
+:func:`unpack_uint_rows` and :func:`padding_ok_rows`. They treat each row of an ``(R, ...)``
+tensor as one independent stream with exactly the byte layout above, check only shapes (Python
+ints), and report bad padding as a device bool per row instead of raising. The checked
+single-stream functions are these row ops on one row plus their validation.
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ __all__ = [
     "uint_nbytes",
     "pack12_pairs",
     "unpack12_pairs",
+    "pack_bits_rows",
+    "unpack_bits_rows",
+    "pack_uint_rows",
+    "unpack_uint_rows",
+    "padding_ok_rows",
 ]
 
 # Widths that divide a byte, so codes never straddle a byte boundary (spec §4.1: `8/b` codes per
@@ -98,27 +111,158 @@ def _check_padding(buf: Tensor, nbits: int) -> None:
         )
 
 
-def _pack_bits_unchecked(codes: Tensor, bits: int) -> Tensor:
-    """Pack a flat tensor of codes already known to lie in ``[0, 2^bits)``."""
+def _check_rows(name: str, t: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    """Shape/dtype checks of a row op's input (metadata only: nothing is read from the device)."""
+    check_type(name, t, Tensor)
+    check_dtype(f"{name}.dtype", t.dtype, dtypes)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, elements), got shape {tuple(t.shape)}")
+
+
+def _check_row_bytes(buf: Tensor, expected: int, what: str) -> None:
+    _check_rows("buf", buf, (torch.uint8,))
+    if buf.shape[1] != expected:
+        raise ValueError(
+            f"buf rows must have exactly {expected} bytes for {what}, got shape {tuple(buf.shape)}"
+        )
+
+
+def pack_bits_rows(codes: Tensor, bits: int) -> Tensor:
+    """Pack each row of ``codes`` like :func:`pack_bits`, without checking the code values.
+
+    Sync-free: only shapes are inspected. Codes must already lie in ``[0, 2^bits)``; any higher
+    bits are masked off (a valid code is unchanged), so a bad code cannot spill into its
+    neighbours.
+
+    Args:
+        codes: ``(R, n)`` uint8 codes, one stream per row.
+        bits: bits per code, one of 1, 2, 4, 8.
+
+    Returns:
+        ``(R, packed_nbytes(n, bits))`` uint8 on ``codes.device``; row ``r`` equals
+        ``pack_bits(codes[r], bits)``.
+
+    Raises:
+        TypeError: ``codes`` is not a uint8 tensor. ValueError: not 2-D, or bad ``bits``.
+    """
+    check_choice("bits", bits, PACK_BITS_WIDTHS)
+    _check_rows("codes", codes, (torch.uint8,))
+    rows, n = codes.shape
     per_byte = 8 // bits
-    n = codes.numel()
     nbytes = _ceil_div(n * bits, 8)
-    padded = torch.zeros(nbytes * per_byte, dtype=torch.uint8, device=codes.device)
-    padded[:n] = codes
-    groups = padded.view(nbytes, per_byte)
-    out = groups[:, 0].clone()
+    padded = torch.zeros(rows, nbytes * per_byte, dtype=torch.uint8, device=codes.device)
+    padded[:, :n] = codes if bits == 8 else codes & ((1 << bits) - 1)
+    groups = padded.view(rows, nbytes, per_byte)
+    out = groups[:, :, 0].clone()
     # Slot j of a byte holds the code at bits [j*bits, (j+1)*bits); codes < 2^bits, so the shifted
     # slots are disjoint and OR never carries.
     for j in range(1, per_byte):
-        out |= groups[:, j] << (j * bits)
+        out |= groups[:, :, j] << (j * bits)
     return out
 
 
-def _unpack_bits_unchecked(buf: Tensor, bits: int) -> Tensor:
-    """Every code slot of ``buf`` (``len(buf) * 8 / bits`` codes, padding included), as uint8."""
+def _unpack_slots(buf: Tensor, bits: int) -> Tensor:
+    """Every code slot of each row (``8 / bits`` per byte, padding included): ``(R, nb * 8/bits)``."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=buf.device)
     mask = (1 << bits) - 1
-    return ((buf.unsqueeze(1) >> shifts) & mask).reshape(-1)
+    rows, nbytes = buf.shape
+    return ((buf.unsqueeze(-1) >> shifts) & mask).reshape(rows, nbytes * (8 // bits))
+
+
+def unpack_bits_rows(buf: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_bits_rows`; padding bits are ignored (see :func:`padding_ok_rows`).
+
+    Args:
+        buf: ``(R, packed_nbytes(n, bits))`` uint8.
+        bits: bits per code, one of 1, 2, 4, 8.
+        n: codes per row, ``>= 0``.
+
+    Returns:
+        ``(R, n)`` uint8 codes on ``buf.device``.
+
+    Raises:
+        TypeError: ``buf`` is not uint8. ValueError: bad ``bits``/``n`` or row length.
+    """
+    nbytes = packed_nbytes(n, bits)
+    _check_row_bytes(buf, nbytes, f"n={n} codes of {bits} bits")
+    if bits == 8:
+        return buf.clone()
+    return _unpack_slots(buf, bits)[:, :n]
+
+
+def pack_uint_rows(values: Tensor, width: int) -> Tensor:
+    """Pack each row of ``values`` like :func:`pack_uint`, without checking the values.
+
+    Sync-free. Values must lie in ``[0, 2^width)``; only their low ``width`` bits are written.
+
+    Args:
+        values: ``(R, n)`` integer tensor (bool, uint8, int8, int16, int32 or int64).
+        width: bits per value, in ``[1, 32]``.
+
+    Returns:
+        ``(R, uint_nbytes(n, width))`` uint8 on ``values.device``; row ``r`` equals
+        ``pack_uint(values[r], width)``.
+
+    Raises:
+        TypeError: not an integer tensor. ValueError: not 2-D, or ``width`` out of range.
+    """
+    check_int("width", width, 1, MAX_UINT_WIDTH)
+    _check_rows("values", values, _CODE_DTYPES)
+    rows, n = values.shape
+    vals = values.to(torch.int64)
+    # One uint8 per stream bit: column i*width + j of a row is bit j of value i.
+    bit_matrix = torch.empty(rows, n, width, dtype=torch.uint8, device=values.device)
+    for j in range(width):
+        bit_matrix[:, :, j] = (vals >> j) & 1
+    return pack_bits_rows(bit_matrix.view(rows, n * width), 1)
+
+
+def unpack_uint_rows(buf: Tensor, width: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_uint_rows`; padding bits are ignored (see :func:`padding_ok_rows`).
+
+    Args:
+        buf: ``(R, uint_nbytes(n, width))`` uint8.
+        width: bits per value, in ``[1, 32]``.
+        n: values per row, ``>= 0``.
+
+    Returns:
+        ``(R, n)`` int64 values in ``[0, 2^width)`` on ``buf.device``.
+
+    Raises:
+        TypeError: ``buf`` is not uint8. ValueError: bad ``width``/``n`` or row length.
+    """
+    nbytes = uint_nbytes(n, width)
+    _check_row_bytes(buf, nbytes, f"n={n} values of width {width}")
+    rows = buf.shape[0]
+    bit_matrix = _unpack_slots(buf, 1)[:, : n * width].reshape(rows, n, width)
+    out = torch.zeros(rows, n, dtype=torch.int64, device=buf.device)
+    for j in range(width):
+        out |= bit_matrix[:, :, j].to(torch.int64) << j
+    return out
+
+
+def padding_ok_rows(buf: Tensor, nbits: int) -> Tensor:
+    """Per row, whether the padding bits after the first ``nbits`` stream bits are all zero.
+
+    Sync-free: the answer stays on the device as a bool per row.
+
+    Args:
+        buf: ``(R, ceil(nbits / 8))`` uint8.
+        nbits: stream bits in use per row, ``>= 0``.
+
+    Returns:
+        ``(R,)`` bool on ``buf.device``: True where the last byte has no bit set at or above
+        ``nbits % 8`` (always True when ``nbits`` is a multiple of 8).
+
+    Raises:
+        TypeError: ``buf`` is not uint8. ValueError: bad ``nbits`` or row length.
+    """
+    check_int("nbits", nbits, 0)
+    _check_row_bytes(buf, _ceil_div(nbits, 8), f"{nbits} stream bits")
+    used = nbits % 8
+    if not used:
+        return torch.ones(buf.shape[0], dtype=torch.bool, device=buf.device)
+    return (buf[:, -1] >> used) == 0
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -160,7 +304,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """
     check_choice("bits", bits, PACK_BITS_WIDTHS)
     flat = _check_codes("codes", codes, bits)
-    return _pack_bits_unchecked(flat.to(torch.uint8), bits)
+    return pack_bits_rows(flat.to(torch.uint8).reshape(1, -1), bits).reshape(-1)
 
 
 def unpack_bits(buf: Tensor, bits: int, n: int) -> Tensor:
@@ -183,7 +327,7 @@ def unpack_bits(buf: Tensor, bits: int, n: int) -> Tensor:
     nbytes = packed_nbytes(n, bits)
     _check_buffer(buf, nbytes, f"n={n} codes of {bits} bits")
     _check_padding(buf, n * bits)
-    return _unpack_bits_unchecked(buf, bits)[:n]
+    return unpack_bits_rows(buf.reshape(1, -1), bits, n).reshape(-1)
 
 
 def uint_nbytes(n: int, width: int) -> int:
@@ -226,12 +370,8 @@ def pack_uint(values: Tensor, width: int) -> Tensor:
         ValueError: ``width`` outside ``[1, 32]`` or a value outside ``[0, 2^width - 1]``.
     """
     check_int("width", width, 1, MAX_UINT_WIDTH)
-    flat = _check_codes("values", values, width).to(torch.int64)
-    n = flat.numel()
-    bit_matrix = torch.empty(n, width, dtype=torch.uint8, device=flat.device)
-    for j in range(width):
-        bit_matrix[:, j] = (flat >> j) & 1
-    return _pack_bits_unchecked(bit_matrix.reshape(-1), 1)
+    flat = _check_codes("values", values, width)
+    return pack_uint_rows(flat.reshape(1, -1), width).reshape(-1)
 
 
 def unpack_uint(buf: Tensor, width: int, n: int) -> Tensor:
@@ -254,11 +394,7 @@ def unpack_uint(buf: Tensor, width: int, n: int) -> Tensor:
     nbytes = uint_nbytes(n, width)
     _check_buffer(buf, nbytes, f"n={n} values of width {width}")
     _check_padding(buf, n * width)
-    bit_matrix = _unpack_bits_unchecked(buf, 1)[: n * width].view(n, width)
-    out = torch.zeros(n, dtype=torch.int64, device=buf.device)
-    for j in range(width):
-        out |= bit_matrix[:, j].to(torch.int64) << j
-    return out
+    return unpack_uint_rows(buf.reshape(1, -1), width, n).reshape(-1)
 
 
 def _check_pack12_count(n: int) -> None:

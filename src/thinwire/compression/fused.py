@@ -28,7 +28,7 @@ from torch import Tensor
 
 from thinwire._validate import check_choice, check_dtype, check_float, check_int, check_type
 from thinwire.compression._dispatch import dispatch, register
-from thinwire.compression.bitpack import pack_bits
+from thinwire.compression.bitpack import pack_bits, pack_bits_rows
 from thinwire.compression.error_feedback import (
     BUFFER_DTYPE,
     error_feedback_subtract,
@@ -39,10 +39,11 @@ from thinwire.compression.quant import (
     INPUT_DTYPES,
     INT4_DEFAULT_BLOCK,
     INT8_DEFAULT_BLOCK,
+    QUANTIZER_CORES,
     QUANTIZERS,
     code_bits,
 )
-from thinwire.compression.topk import topk_chunks
+from thinwire.compression.topk import topk_chunks, topk_chunks_fast
 
 #: How several peers' values at one coordinate combine (``specs/demo_sparseloco.md`` §1.4): the
 #: mean over the peers that selected it (reference parity) or the sum over all peers / P.
@@ -121,7 +122,7 @@ def _check_dct_topk_args(x_tiles: Any, basis1: Any, basis2: Any, k: Any) -> None
 
 
 def _check_decode_args(
-    idx_list: Any, val_list: Any, num_chunks: Any, chunk_len: Any, mode: Any
+    idx_list: Any, val_list: Any, num_chunks: Any, chunk_len: Any, mode: Any, checked: bool = True
 ) -> list[int]:
     """Validate :func:`decode_accumulate` arguments; return each peer's ``k``."""
     check_type("idx_list", idx_list, (list, tuple))
@@ -149,7 +150,7 @@ def _check_decode_args(
         device = idx.device if device is None else device
         if idx.device != device or val.device != device:
             raise ValueError(f"peer {p} tensors must be on {device}, got {idx.device}/{val.device}")
-        if idx.numel():
+        if checked and idx.numel():  # reads two values back from the device
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= chunk_len:
                 raise ValueError(
@@ -170,33 +171,43 @@ def ef_quantize_pack_torch(
     scale: float = 1.0,
     fmt: str,
     block: int | None = None,
+    checked: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`ef_quantize_pack`, composed from the toolkit's references.
 
     ``p = decay * residual + scale * inp`` through :func:`error_feedback_update` with the input
     pre-scaled, so each product is rounded to float32 on its own before the one rounded add (the
-    kernel disables multiply-add contraction to match bit for bit); then ``QUANTIZERS[fmt]``,
-    :func:`pack_bits`, the quantizer's dequantizer and :func:`error_feedback_subtract`.
+    kernel disables multiply-add contraction to match bit for bit); then the quantizer of
+    ``fmt``, LSB-first packing, its dequantizer and :func:`error_feedback_subtract`. Unchecked,
+    it runs the quantizers' sync-free cores (``quant.QUANTIZER_CORES``): no value is read back.
     """
     decay, scale, block = _check_ef_args(residual, inp, decay, scale, fmt, block)
     p = residual.reshape(-1).clone()  # (n,) float32; the caller's buffer is left untouched
     error_feedback_update(p, inp.reshape(-1).to(torch.float32) * scale, decay=decay)
-    quantize, dequantize = QUANTIZERS[fmt]
     params = {} if fmt == "2bit" else {"block": block}
-    q = quantize(p, **params)
-    packed = pack_bits(q.codes, q.bits)
-    error_feedback_subtract(p, dequantize(q.codes, q.side, p.numel(), **params))
+    if checked:
+        quantize, dequantize = QUANTIZERS[fmt]
+        q = quantize(p, **params)
+        packed = pack_bits(q.codes, q.bits)
+        deq = dequantize(q.codes, q.side, p.numel(), **params)
+    else:
+        qcore, dcore = QUANTIZER_CORES[fmt]
+        q = qcore(p, **params)
+        packed = pack_bits_rows(q.codes.reshape(1, -1), q.bits).reshape(-1)
+        deq = dcore(q.codes, q.side, p.numel(), **params)
+    error_feedback_subtract(p, deq)
     return packed, q.side, p.view(residual.shape)
 
 
 def dct_topk_torch(
-    x_tiles: Tensor, basis1: Tensor, basis2: Tensor, k: int
+    x_tiles: Tensor, basis1: Tensor, basis2: Tensor, k: int, *, checked: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Reference of :func:`dct_topk`: ``basis1^T X basis2`` per tile, then :func:`topk_chunks`."""
     _check_dct_topk_args(x_tiles, basis1, basis2, k)
     n_tiles, n1, n2 = x_tiles.shape
     coeffs = basis1.mT @ x_tiles.to(torch.float32) @ basis2  # (N, n1, n2)
-    return topk_chunks(coeffs.reshape(n_tiles, n1 * n2), k)
+    select = topk_chunks if checked else topk_chunks_fast
+    return select(coeffs.reshape(n_tiles, n1 * n2), k)
 
 
 def decode_accumulate_torch(
@@ -206,17 +217,20 @@ def decode_accumulate_torch(
     chunk_len: int,
     *,
     mode: str = "index_mean",
+    checked: bool = True,
 ) -> Tensor:
     """Reference of :func:`decode_accumulate`: :func:`aggregate_sparse`'s fold, peer by peer."""
-    _check_decode_args(idx_list, val_list, num_chunks, chunk_len, mode)
+    _check_decode_args(idx_list, val_list, num_chunks, chunk_len, mode, checked)
     device = idx_list[0].device
     acc = torch.zeros(num_chunks, chunk_len, dtype=torch.float32, device=device)
     if mode == "index_mean":
-        count = torch.zeros_like(acc)
-        for idx, val in zip(idx_list, val_list, strict=True):
-            acc.scatter_add_(1, idx, val.to(torch.float32))
-            count.scatter_add_(1, idx, torch.ones_like(val, dtype=torch.float32))
-        return torch.where(count > 0, acc / count.clamp_min(1.0), acc)
+        # One scatter-reduce over the peers' entries laid side by side in rank order: each slot
+        # sums its values in peer order and divides by its count, touching only the selected
+        # slots (a count buffer and a dense divide cost two extra passes over the output).
+        # Ordered on the CPU; the CUDA path is the kernel, which keeps the same order.
+        idx = torch.cat(list(idx_list), dim=1)
+        val = torch.cat([v.to(torch.float32) for v in val_list], dim=1)
+        return acc.scatter_reduce_(1, idx, val, "mean", include_self=False)
     for idx, val in zip(idx_list, val_list, strict=True):
         acc.scatter_add_(1, idx, val.to(torch.float32))
     return acc / float(len(idx_list))
@@ -245,6 +259,7 @@ def ef_quantize_pack(
     scale: float = 1.0,
     fmt: str,
     block: int | None = None,
+    checked: bool = True,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Error-feedback update, quantize, pack and subtract in one pass (spec §3.2 steps 2 and 7).
@@ -272,6 +287,9 @@ def ef_quantize_pack(
             or ``"fp4_e3m0"``.
         block: elements per scale, >= 1; None picks the quantizer default (256 for int8, 128
             for int4 and FP4, one scale per tensor for sign); must be None for 2bit.
+        checked: raise on a non-finite ``p`` (reads a count back from the device). The
+            optimizers pass False and check their inputs once per bucket instead; unchecked,
+            a non-finite ``p`` gives non-finite side data, which the caller can test on device.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (``thinwire.compression._dispatch``).
 
     Returns:
@@ -292,11 +310,18 @@ def ef_quantize_pack(
         scale=scale,
         fmt=fmt,
         block=block,
+        checked=checked,
     )
 
 
 def dct_topk(
-    x_tiles: Tensor, basis1: Tensor, basis2: Tensor, k: int, *, backend: str = "auto"
+    x_tiles: Tensor,
+    basis1: Tensor,
+    basis2: Tensor,
+    k: int,
+    *,
+    checked: bool = True,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Chunked DCT fused with per-chunk top-k (spec §1.2, §1.3; DeMo's compressor).
 
@@ -315,6 +340,10 @@ def dct_topk(
         basis1: ``(n1, n1)`` float32 on the same device.
         basis2: ``(n2, n2)`` float32 on the same device.
         k: entries kept per tile, in ``[1, n1 * n2]``.
+        checked: raise on non-finite coefficients (reads a count back from the device). The
+            optimizers pass False: they check their whole bucket for finiteness once, and the
+            step then runs without a host round trip. Unchecked, non-finite input gives an
+            unspecified selection.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``. The kernel handles tile sides up to
             64, the default chunk side (one tile per program), and raises beyond.
 
@@ -325,7 +354,7 @@ def dct_topk(
         TypeError: wrong tensor or dtype. ValueError: bad shapes, devices or ``k``, non-finite
         coefficients, or (kernel only) a tile side above 64.
     """
-    return dispatch("dct_topk", backend, x_tiles, basis1, basis2, k)
+    return dispatch("dct_topk", backend, x_tiles, basis1, basis2, k, checked=checked)
 
 
 def decode_accumulate(
@@ -335,6 +364,7 @@ def decode_accumulate(
     chunk_len: int,
     *,
     mode: str = "index_mean",
+    checked: bool = True,
     backend: str = "auto",
 ) -> Tensor:
     """Fold many peers' sparse payloads into a dense float32 tensor, bit-identically (spec §1.4).
@@ -353,6 +383,9 @@ def decode_accumulate(
         num_chunks: rows of the output, >= 0.
         chunk_len: columns of the output, >= 1.
         mode: ``"index_mean"`` (default; parity A1/A3/A5/A6) or ``"global_mean"``.
+        checked: check every index against ``[0, chunk_len)`` (reads two values back from the
+            device per peer). The optimizers pass False: their decoders already clamp and flag
+            out-of-range indices on device.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -364,5 +397,12 @@ def decode_accumulate(
         index out of range, bad mode.
     """
     return dispatch(
-        "decode_accumulate", backend, idx_list, val_list, num_chunks, chunk_len, mode=mode
+        "decode_accumulate",
+        backend,
+        idx_list,
+        val_list,
+        num_chunks,
+        chunk_len,
+        mode=mode,
+        checked=checked,
     )

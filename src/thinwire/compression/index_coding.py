@@ -20,6 +20,12 @@ length, nonzero padding, an Elias–Fano high part without exactly ``k`` set bit
 are not strictly increasing within ``[0, C)``. Both codes are bijections between valid index
 sets and accepted buffers, so a buffer that decodes re-encodes to the same bytes; a corrupted
 buffer either raises or decodes to another valid index set, never to garbage.
+
+For use inside an optimizer step every coder also has two sync-free methods that never read a
+tensor value back to the host: :meth:`IndexCoder.encode_trusted` (no validation; for indices
+that are valid by construction, such as top-k output) and :meth:`IndexCoder.decode_rows`, which
+decodes ``R`` buffers at once and reports each one's validity as a device bool instead of
+raising. :meth:`IndexCoder.decode` is ``decode_rows`` on one buffer plus the raise.
 """
 
 from __future__ import annotations
@@ -31,7 +37,13 @@ import torch
 from torch import Tensor
 
 from thinwire._validate import check_dtype, check_int, check_type
-from thinwire.compression.bitpack import pack_bits, pack_uint, unpack_bits, unpack_uint
+from thinwire.compression.bitpack import (
+    pack_bits_rows,
+    pack_uint_rows,
+    padding_ok_rows,
+    unpack_bits_rows,
+    unpack_uint_rows,
+)
 
 __all__ = [
     "IndexCodingError",
@@ -83,8 +95,8 @@ def _check_geometry(N: int, k: int, C: int) -> None:
     check_int("N", N, 0)
 
 
-def _check_idx(idx: Tensor, C: int) -> Tensor:
-    """Validate an ``(N, k)`` index tensor for chunk length ``C``; return it as int64."""
+def _check_trusted(idx: Tensor, C: int) -> None:
+    """Shape and dtype checks of :meth:`IndexCoder.encode_trusted` (metadata only)."""
     check_type("idx", idx, Tensor)
     check_dtype("idx.dtype", idx.dtype, _IDX_DTYPES)
     check_int("C", C, 1, MAX_CHUNK_LEN)
@@ -92,6 +104,11 @@ def _check_idx(idx: Tensor, C: int) -> Tensor:
         raise ValueError(
             f"idx must have shape (N, k) with k in [1, C={C}], got shape {tuple(idx.shape)}"
         )
+
+
+def _check_idx(idx: Tensor, C: int) -> Tensor:
+    """Validate an ``(N, k)`` index tensor for chunk length ``C``; return it as int64."""
+    _check_trusted(idx, C)
     idx = idx.to(torch.int64)
     if idx.numel() == 0:
         return idx
@@ -108,8 +125,8 @@ def _check_idx(idx: Tensor, C: int) -> Tensor:
     return idx
 
 
-def _check_buf(buf: Tensor, expected: int, N: int, k: int, C: int, nbits: int) -> None:
-    """Length, dtype and zero-padding checks shared by both decoders."""
+def _check_buf(buf: Tensor, expected: int, N: int, k: int, C: int) -> None:
+    """Dtype and length checks shared by both decoders (metadata only)."""
     check_type("buf", buf, Tensor)
     check_dtype("buf.dtype", buf.dtype, (torch.uint8,))
     if buf.dim() != 1 or buf.numel() != expected:
@@ -117,6 +134,28 @@ def _check_buf(buf: Tensor, expected: int, N: int, k: int, C: int, nbits: int) -
             f"index buffer must be 1-D with exactly {expected} bytes for N={N}, k={k}, C={C}, "
             f"got shape {tuple(buf.shape)}"
         )
+
+
+def _check_rows_buf(buf: Tensor, expected: int, N: int, k: int, C: int) -> None:
+    """Dtype and shape checks of :meth:`IndexCoder.decode_rows` (metadata only)."""
+    check_type("buf", buf, Tensor)
+    check_dtype("buf.dtype", buf.dtype, (torch.uint8,))
+    if buf.dim() != 2 or buf.shape[1] != expected:
+        raise ValueError(
+            f"buf must have shape (R, {expected}) for N={N}, k={k}, C={C}, "
+            f"got shape {tuple(buf.shape)}"
+        )
+
+
+def _rows_ok(out: Tensor, C: int) -> Tensor:
+    """``(R,)`` bool: every chunk of a row strictly increasing within ``[0, C)`` (sync-free)."""
+    ok = ((out >= 0) & (out < C)).flatten(1).all(dim=1)
+    if out.shape[-1] > 1:
+        ok &= (out[..., 1:] > out[..., :-1]).flatten(1).all(dim=1)
+    return ok
+
+
+def _raise_padding(buf: Tensor, nbits: int) -> None:
     used = nbits % 8
     if used and int(buf[-1]) >> used:
         raise IndexCodingError(
@@ -125,10 +164,10 @@ def _check_buf(buf: Tensor, expected: int, N: int, k: int, C: int, nbits: int) -
         )
 
 
-def _check_decoded(out: Tensor, C: int) -> Tensor:
-    """Reject decoded rows that are not strictly increasing within ``[0, C)``."""
+def _raise_decoded(out: Tensor, C: int) -> None:
+    """Raise on decoded chunks that are not strictly increasing within ``[0, C)`` (host reads)."""
     if out.numel() == 0:
-        return out
+        return
     hi = int(out.max())
     if hi >= C:
         row = int((out >= C).any(dim=1).nonzero()[0, 0])
@@ -140,7 +179,6 @@ def _check_decoded(out: Tensor, C: int) -> Tensor:
             raise IndexCodingError(
                 f"decoded indices of chunk {row} are not strictly increasing: {out[row].tolist()}"
             )
-    return out
 
 
 class IndexCoder(abc.ABC):
@@ -157,7 +195,6 @@ class IndexCoder(abc.ABC):
     def chunk_bits(self, k: int, C: int) -> int:
         """Bits spent on one chunk of ``C`` elements with ``k`` kept indices (before padding)."""
 
-    @abc.abstractmethod
     def encode(self, idx: Tensor, C: int) -> Tensor:
         """Encode sorted per-chunk index sets.
 
@@ -173,8 +210,8 @@ class IndexCoder(abc.ABC):
             TypeError: ``idx`` is not an integer tensor.
             ValueError: bad shape, values outside ``[0, C)`` or rows not strictly increasing.
         """
+        return self.encode_trusted(_check_idx(idx, C), C)
 
-    @abc.abstractmethod
     def decode(self, buf: Tensor, N: int, k: int, C: int) -> Tensor:
         """Exact inverse of :meth:`encode`.
 
@@ -192,6 +229,60 @@ class IndexCoder(abc.ABC):
             ValueError: ``N``, ``k`` or ``C`` out of range.
             IndexCodingError: ``buf`` is not a valid code for ``(N, k, C)``.
         """
+        _check_geometry(N, k, C)
+        _check_buf(buf, self.nbytes(N, k, C), N, k, C)
+        out, ok = self.decode_rows(buf.reshape(1, -1), N, k, C)
+        if not bool(ok[0]):
+            self._raise_invalid(buf, N, k, C)
+            raise IndexCodingError(f"index buffer is not a valid code for N={N}, k={k}, C={C}")
+        return out[0]
+
+    @abc.abstractmethod
+    def encode_trusted(self, idx: Tensor, C: int) -> Tensor:
+        """:meth:`encode` without validation and without reading any value back to the host.
+
+        For indices valid by construction (top-k output); invalid ones give an unspecified
+        buffer (possibly one that :meth:`decode_rows` flags), never an error.
+
+        Args:
+            idx: ``(N, k)`` int64 tensor, each row strictly increasing in ``[0, C)``.
+            C: chunk length, in ``[1, 2^32]``.
+
+        Returns:
+            1-D uint8 tensor of exactly ``nbytes(N, k, C)`` bytes on ``idx.device``, equal to
+            ``encode(idx, C)``.
+
+        Raises:
+            ValueError: ``C`` or the shape of ``idx`` out of range (metadata only).
+        """
+
+    @abc.abstractmethod
+    def decode_rows(self, buf: Tensor, N: int, k: int, C: int) -> tuple[Tensor, Tensor]:
+        """Decode ``R`` buffers at once, reporting validity per buffer instead of raising.
+
+        Sync-free: nothing is read back to the host, so it can run inside an optimizer step.
+
+        Args:
+            buf: ``(R, nbytes(N, k, C))`` uint8, one encoded buffer per row.
+            N: number of chunks, ``>= 0``.
+            k: indices per chunk, in ``[1, C]``.
+            C: chunk length, in ``[1, 2^32]``.
+
+        Returns:
+            ``(idx, ok)``: ``idx`` int64 ``(R, N, k)``, ``ok`` bool ``(R,)``. Where ``ok`` is
+            True, ``idx[r]`` equals ``decode(buf[r], N, k, C)``. ``ok`` is False when the
+            padding bits are not zero, an Elias–Fano high bit vector has a set-bit count other
+            than ``k``, or a decoded chunk is not strictly increasing within ``[0, C)``; those
+            rows still hold indices clamped to ``[0, C)``, so a scatter cannot go out of bounds.
+
+        Raises:
+            TypeError: ``buf`` is not uint8. ValueError: ``N``, ``k``, ``C`` out of range, or
+            ``buf`` not of shape ``(R, nbytes(N, k, C))`` (metadata only).
+        """
+
+    @abc.abstractmethod
+    def _raise_invalid(self, buf: Tensor, N: int, k: int, C: int) -> None:
+        """Slow error path of :meth:`decode`: raise naming why the 1-D ``buf`` is invalid."""
 
     def nbytes(self, N: int, k: int, C: int) -> int:
         """Exact encoded size in bytes, ``ceil(N * chunk_bits(k, C) / 8)``, from the shape alone.
@@ -234,21 +325,34 @@ class FixedIndexCoder(IndexCoder):
     def chunk_bits(self, k: int, C: int) -> int:
         return k * self.width(C)
 
-    def encode(self, idx: Tensor, C: int) -> Tensor:
-        idx = _check_idx(idx, C)
+    def encode_trusted(self, idx: Tensor, C: int) -> Tensor:
+        _check_trusted(idx, C)
         width = self.width(C)
         if width == 0:
             return torch.zeros(0, dtype=torch.uint8, device=idx.device)
-        return pack_uint(idx, width)
+        return pack_uint_rows(idx.reshape(1, -1), width).reshape(-1)
 
-    def decode(self, buf: Tensor, N: int, k: int, C: int) -> Tensor:
-        _check_geometry(N, k, C)
+    def _unchecked_rows(self, buf: Tensor, N: int, k: int, C: int) -> tuple[Tensor, Tensor]:
+        """Raw decoded fields ``(R, N, k)`` (possibly >= C or unsorted) and padding flags."""
         width = self.width(C)
-        _check_buf(buf, self.nbytes(N, k, C), N, k, C, N * k * width)
+        R = buf.shape[0]
         if width == 0:
-            return torch.zeros(N, k, dtype=torch.int64, device=buf.device)
-        out = unpack_uint(buf, width, N * k).view(N, k)
-        return _check_decoded(out, C)
+            ok = torch.ones(R, dtype=torch.bool, device=buf.device)
+            return torch.zeros(R, N, k, dtype=torch.int64, device=buf.device), ok
+        out = unpack_uint_rows(buf, width, N * k).view(R, N, k)
+        return out, padding_ok_rows(buf, N * k * width)
+
+    def decode_rows(self, buf: Tensor, N: int, k: int, C: int) -> tuple[Tensor, Tensor]:
+        _check_geometry(N, k, C)
+        _check_rows_buf(buf, self.nbytes(N, k, C), N, k, C)
+        out, ok = self._unchecked_rows(buf, N, k, C)
+        ok = ok & _rows_ok(out, C)
+        return out.clamp_(max=C - 1), ok
+
+    def _raise_invalid(self, buf: Tensor, N: int, k: int, C: int) -> None:
+        _raise_padding(buf, N * k * self.width(C))
+        out, _ = self._unchecked_rows(buf.reshape(1, -1), N, k, C)
+        _raise_decoded(out[0], C)
 
 
 class EliasFanoIndexCoder(IndexCoder):
@@ -290,8 +394,8 @@ class EliasFanoIndexCoder(IndexCoder):
         low_bits, high_len = self.layout(k, C)
         return k * low_bits + high_len
 
-    def encode(self, idx: Tensor, C: int) -> Tensor:
-        idx = _check_idx(idx, C)
+    def encode_trusted(self, idx: Tensor, C: int) -> Tensor:
+        _check_trusted(idx, C)
         N, k = idx.shape
         low_bits, high_len = self.layout(k, C)
         low_len = k * low_bits
@@ -303,35 +407,56 @@ class EliasFanoIndexCoder(IndexCoder):
                 low_view[:, :, j] = (idx >> j) & 1
         rank = torch.arange(k, dtype=torch.int64, device=idx.device)
         ones = torch.ones(N, k, dtype=torch.uint8, device=idx.device)
-        bits.scatter_(1, low_len + (idx >> low_bits) + rank, ones)
-        return pack_bits(bits.reshape(-1), 1)
+        # Clamped only so that invalid input cannot scatter out of bounds (no-op for valid idx).
+        high_pos = (low_len + (idx >> low_bits) + rank).clamp_(low_len, low_len + high_len - 1)
+        bits.scatter_(1, high_pos, ones)
+        return pack_bits_rows(bits.reshape(1, -1), 1).reshape(-1)
 
-    def decode(self, buf: Tensor, N: int, k: int, C: int) -> Tensor:
-        _check_geometry(N, k, C)
+    def _unchecked_rows(self, buf: Tensor, N: int, k: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw decode of ``(R, nbytes)``: values ``(R, N, k)`` (unchecked), padding flags ``(R,)``
+        and the set-bit count of each high bit vector ``(R, N)``."""
         low_bits, high_len = self.layout(k, C)
         low_len = k * low_bits
         chunk = low_len + high_len
-        _check_buf(buf, self.nbytes(N, k, C), N, k, C, N * chunk)
-        bits = unpack_bits(buf, 1, N * chunk).view(N, chunk)
-        high = bits[:, low_len:]
-        counts = high.sum(dim=1, dtype=torch.int64)
-        bad = counts != k
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise IndexCodingError(
-                f"Elias-Fano high bit vector of chunk {row} has {int(counts[row])} set bits, "
-                f"expected k={k}"
-            )
-        # Every row has exactly k set bits, so the row-major nonzero list splits into (N, k)
-        # positions, ascending within each row; the unary code puts x_i's one at h_i + i.
-        pos = high.nonzero()[:, 1].view(N, k)
+        R = buf.shape[0]
+        bits = unpack_bits_rows(buf, 1, N * chunk).view(R, N, chunk)
+        high = bits[..., low_len:]
+        # Position of the j-th set bit (j = 1..k) of each high vector, without nonzero(): the
+        # first position where the running count of ones reaches j. A vector with fewer than j
+        # ones yields high_len (out of range; clamped by the caller, flagged by `counts`).
+        cdtype = torch.int32 if high_len < 2**31 else torch.int64
+        running = high.cumsum(dim=-1, dtype=cdtype)
+        counts = running[..., -1].to(torch.int64)
+        targets = torch.arange(1, k + 1, dtype=cdtype, device=buf.device)
+        pos = torch.searchsorted(running, targets.expand(R, N, k).contiguous())
+        # The unary code puts x_i's one at h_i + i.
         rank = torch.arange(k, dtype=torch.int64, device=buf.device)
         out = (pos - rank) << low_bits
         if low_bits:
-            low_view = bits[:, :low_len].view(N, k, low_bits)
+            low_view = bits[..., :low_len].reshape(R, N, k, low_bits)
             for j in range(low_bits):
-                out |= low_view[:, :, j].to(torch.int64) << j
-        return _check_decoded(out, C)
+                out |= low_view[..., j].to(torch.int64) << j
+        return out, padding_ok_rows(buf, N * chunk), counts
+
+    def decode_rows(self, buf: Tensor, N: int, k: int, C: int) -> tuple[Tensor, Tensor]:
+        _check_geometry(N, k, C)
+        _check_rows_buf(buf, self.nbytes(N, k, C), N, k, C)
+        out, ok, counts = self._unchecked_rows(buf, N, k, C)
+        ok = ok & (counts == k).all(dim=1) & _rows_ok(out, C)
+        return out.clamp_(0, C - 1), ok
+
+    def _raise_invalid(self, buf: Tensor, N: int, k: int, C: int) -> None:
+        low_bits, high_len = self.layout(k, C)
+        _raise_padding(buf, N * (k * low_bits + high_len))
+        out, _, counts = self._unchecked_rows(buf.reshape(1, -1), N, k, C)
+        bad = counts[0] != k
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise IndexCodingError(
+                f"Elias-Fano high bit vector of chunk {row} has {int(counts[0, row])} set bits, "
+                f"expected k={k}"
+            )
+        _raise_decoded(out[0], C)
 
 
 #: The index coders by setting name (spec §4.1): ``"fixed"`` and ``"entropy"`` (Elias–Fano).

@@ -14,34 +14,24 @@ them. Every payload carries the codec's canonical settings; the byte count is ex
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from thinwire._validate import check_choice, check_int, check_type
-from thinwire.compression import quant as _quant
 from thinwire.compression.aggregate import SparseMessage, densify
 from thinwire.compression.base import Codec, as_shape
-from thinwire.compression.bitpack import (
-    pack_bits,
-    pack_uint,
-    packed_nbytes,
-    uint_nbytes,
-    unpack_bits,
-    unpack_uint,
-)
 from thinwire.compression.chunk import ChunkGeometry
 from thinwire.compression.dct import dct_basis, dct_tiles
 from thinwire.compression.fused import dct_topk
 from thinwire.compression.index_coding import INDEX_CODERS
 from thinwire.compression.payload import PayloadError, body_tensor, pack_payload
 from thinwire.compression.topk import k_for_chunk, topk_chunks
+from thinwire.compression.values import VALUE_FORMATS, ValueFormat
 
 __all__ = [
     "VALUE_FORMATS",
@@ -52,14 +42,8 @@ __all__ = [
     "build_codec",
 ]
 
-# "fp32" is raw float32; every other name is a quantizer of thinwire.compression.quant.
-VALUE_FORMATS = ("fp32",) + tuple(_quant.QUANTIZERS)
 _BITS_TO_FORMAT = {1: "sign", 2: "2bit", 4: "int4", 8: "int8", 16: "fp16", 32: "fp32"}
 _ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _fmt_params(params: Mapping[str, Any]) -> str:
-    return "".join(f";{k}={params[k]}" for k in sorted(params))
 
 
 def _check_input(x: Any) -> torch.Tensor:
@@ -69,109 +53,6 @@ def _check_input(x: Any) -> torch.Tensor:
             f"x.dtype must be in {{torch.float32, torch.float16, torch.bfloat16}}, got {x.dtype}"
         )
     return x
-
-
-class ValueFormat:
-    """How a flat vector of values is quantized and packed, with its exact byte size.
-
-    Args:
-        name: one of :data:`VALUE_FORMATS`.
-        **params: the quantizer's keyword settings (e.g. ``block=256``), validated by it.
-    """
-
-    def __init__(self, name: str, **params: Any) -> None:
-        self.name = check_choice("values", name, VALUE_FORMATS)
-        self.params = dict(params)
-        if name == "fp32" and params:
-            raise ValueError(f"values 'fp32' takes no settings, got {sorted(params)}")
-        # FIX (helper, issue 2 tests): only quantizers with a `generator` keyword get one (the
-        # others raised TypeError on any encode(generator=...)), and the dequantizer gets only
-        # the keywords it takes (`stochastic=True` reached it and raised TypeError on decode).
-        self._takes_generator = False
-        self._deq_params: dict[str, Any] = {}
-        if name != "fp32":
-            qfn, dfn = _quant.QUANTIZERS[name]
-            self._takes_generator = "generator" in inspect.signature(qfn).parameters
-            dkeys = inspect.signature(dfn).parameters
-            self._deq_params = {k: v for k, v in self.params.items() if k in dkeys}
-            # Validate the settings once, on an empty vector, so a bad value fails at construction.
-            # FIX: stochastic=True needs a generator to pass this check; a throwaway one suffices.
-            probe = dict(self.params)
-            if probe.get("stochastic") is True and self._takes_generator:
-                probe.setdefault("generator", torch.Generator())
-            qfn(torch.zeros(0), **probe)
-        self.bits = 32 if name == "fp32" else _quant.code_bits(name, **self.params)
-
-    @property
-    def settings(self) -> str:
-        return f"v={self.name}{_fmt_params(self.params)}"
-
-    def _codes_nbytes(self, n: int) -> int:
-        if self.bits in (1, 2, 4, 8):
-            return packed_nbytes(n, self.bits)
-        if self.bits < 8:
-            # FIX: 3/5/6/7-bit codes (2bit with n_bins 8, 32, 64, 128) were sent one per byte
-            # while counted as n*bits//8; they are now packed as fixed-width fields.
-            return uint_nbytes(n, self.bits)
-        return n * self.bits // 8  # 16-bit casts and raw fp32: whole bytes per element
-
-    def nbytes(self, n: int) -> int:
-        """Exact body bytes for ``n`` values: packed codes then float32 side data."""
-        side = 0 if self.name == "fp32" else _quant.side_len(self.name, n, **self.params)
-        return self._codes_nbytes(n) + 4 * side
-
-    def encode(
-        self, v: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[bytes, torch.Tensor]:
-        """Quantize a flat vector; return the body bytes and the dequantized float32 values."""
-        n = v.numel()
-        if self.name == "fp32":
-            v32 = v.detach().to(torch.float32).contiguous().cpu()
-            if n and not bool(torch.isfinite(v32).all()):
-                raise ValueError(
-                    f"x must be finite, got {int((~torch.isfinite(v32)).sum())} non-finite values"
-                )
-            return v32.numpy().tobytes(), v32.clone()
-        kw = dict(self.params)
-        if generator is not None and self._takes_generator:
-            kw["generator"] = generator
-        q = _quant.QUANTIZERS[self.name][0](v.detach().cpu(), **kw)
-        if self.bits in (1, 2, 4, 8):
-            codes = pack_bits(q.codes, self.bits)
-        elif self.bits < 8:
-            codes = pack_uint(q.codes, self.bits)  # FIX: see _codes_nbytes
-        else:
-            codes = q.codes
-        side = q.side.to(torch.float32).contiguous()
-        deq = _quant.QUANTIZERS[self.name][1](q.codes, side, n, **self._deq_params)
-        # FIX: finite inputs near the float32 limit can overflow a quantizer's side data (sign's
-        # mean |x|, 2bit's mean/centroids give inf/NaN); such a payload would be rejected by every
-        # receiver, so refuse it here instead of sending it.
-        if not (bool(torch.isfinite(side).all()) and bool(torch.isfinite(deq).all())):
-            raise ValueError(
-                f"x must quantize to finite values with {self.name!r}, got non-finite side "
-                "data or dequantized values (|x| too close to the float32 limit)"
-            )
-        body = codes.contiguous().numpy().tobytes() + side.numpy().tobytes()
-        return body, deq.to(torch.float32)
-
-    def decode(self, body: bytes, start: int, n: int) -> torch.Tensor:
-        """Inverse of :meth:`encode` on ``body[start:start+nbytes(n)]`` (bounds checked by caller)."""
-        cn = self._codes_nbytes(n)
-        if self.name == "fp32":
-            arr = np.frombuffer(body, dtype="<f4", count=n, offset=start).copy()
-            return torch.from_numpy(arr)
-        codes = body_tensor(body, start, cn)
-        if self.bits in (1, 2, 4, 8):
-            codes = unpack_bits(codes, self.bits, n)
-        elif self.bits < 8:
-            codes = unpack_uint(codes, self.bits, n).to(torch.uint8)  # FIX: see _codes_nbytes
-        n_side = _quant.side_len(self.name, n, **self.params)
-        side = torch.from_numpy(
-            np.frombuffer(body, dtype="<f4", count=n_side, offset=start + cn).copy()
-        )
-        deq = _quant.QUANTIZERS[self.name][1](codes, side, n, **self._deq_params)
-        return deq.to(torch.float32)
 
 
 def _finite_or_raise(t: torch.Tensor, what: str) -> torch.Tensor:

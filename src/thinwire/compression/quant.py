@@ -14,6 +14,15 @@ short (conceptually zero-padded, which changes neither its absmax nor its codes)
 scale is 0 (all zeros) decodes to exact zeros; no path divides by zero or emits NaN. Non-finite
 inputs raise ``ValueError``. Stochastic rounding needs an explicit ``torch.Generator``.
 
+Each public function is its checks plus a *core* that does the arithmetic without reading any
+tensor value back to the host (no ``.item()``, ``int(t)``, ``nonzero()``), so it can run inside an
+optimizer step on a GPU without stalling it. :data:`QUANTIZER_CORES` lists them by name:
+``qcore(flat, **params)`` takes a flat float32 tensor assumed finite; ``dcore(codes, side, n,
+**params)`` works on any leading batch shape (``codes (..., n)``, ``side (..., n_side)`` ->
+``(..., n)``) and never raises on bad codes: an out-of-range code decodes to some value without
+an out-of-bounds index, and the caller flags it with :func:`code_range` or a finiteness check.
+For valid input the public functions return exactly the core's result.
+
 Specs: ``specs/demo_sparseloco.md`` §3.3 (2-bit) and §7 item 8 (golden vector),
 ``specs/diloco.md`` §1.6 (FP4 E3M0), STYLE.md §4 (reference conventions). Every bound quoted below
 is tested in ``tests/compression/test_quant.py``.
@@ -64,6 +73,8 @@ __all__ = [
     "dequantize_cast",
     "side_len",
     "code_bits",
+    "QUANTIZER_CORES",
+    "code_range",
 ]
 
 #: Accepted input dtypes (STYLE.md §4: others raise ``TypeError`` listing these).
@@ -184,7 +195,31 @@ def _check_code_range(codes: Tensor, lo: int, hi: int) -> None:
 
 
 def _per_element(side: Tensor, block: int, n: int) -> Tensor:
-    return side.repeat_interleave(block)[:n]
+    """Side value of each element's block along the last dim: ``(..., n_blocks) -> (..., n)``."""
+    owner = torch.arange(n, device=side.device) // block
+    return side.index_select(-1, owner)
+
+
+def _fp4_level_bits(e3: Tensor) -> Tensor:
+    """``FP4_E3M0_LEVELS[e3]`` for int32 ``e3`` in ``[0, 7]``, built from float32 bit patterns.
+
+    ``2**(e3 - 7)`` has biased exponent ``e3 + 120`` and a zero mantissa, so the values are exact
+    and no host table has to be copied to the device (a blocking copy on CUDA).
+    """
+    return torch.where(e3 > 0, (e3 + 120) << 23, 0).view(torch.float32)
+
+
+def _fp4_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """``FP4_E3M0_LEVELS`` (8,) and ``_FP4_THRESHOLDS`` (7,) as float32 on ``device``.
+
+    The threshold between levels ``j - 1`` and ``j`` is ``2**-7`` for ``j = 1`` and
+    ``1.5 * 2**(j - 8)`` otherwise (biased exponent ``j + 119``, mantissa bit 22 set).
+    """
+    e3 = torch.arange(8, dtype=torch.int32, device=device)
+    levels = _fp4_level_bits(e3)
+    j = e3[1:]
+    thr = torch.where(j == 1, 120 << 23, ((j + 119) << 23) | (1 << 22)).view(torch.float32)
+    return levels, thr
 
 
 # --- Absmax integer quantizers (int8, int4) --------------------------------------------------
@@ -195,7 +230,12 @@ def _absmax_quantize(
 ) -> QuantResult:
     check_int("block", block, 1)
     _check_generator(stochastic, generator)
-    flat = _prepare(x)
+    return _absmax_qcore(_prepare(x), block, levels, bits, stochastic, generator)
+
+
+def _absmax_qcore(
+    flat: Tensor, block: int, levels: int, bits: int, stochastic: bool, generator: Any
+) -> QuantResult:
     n = flat.numel()
     blocks = _to_blocks(flat, block)
     scale, safe = _block_scales(blocks, levels)
@@ -216,8 +256,56 @@ def _absmax_dequantize(codes: Tensor, side: Tensor, n: int, block: int, levels: 
     check_int("block", block, 1)
     _check_payload(codes, side, n, n, _n_blocks(n, block))
     _check_code_range(codes, 1, 2 * levels + 1)
+    return _absmax_dcore(codes, side, n, block, levels)
+
+
+def _absmax_dcore(codes: Tensor, side: Tensor, n: int, block: int, levels: int) -> Tensor:
     q = codes.to(torch.float32) - (levels + 1)
     return q * _per_element(side, block, n)
+
+
+def _quantize_int8_core(
+    flat: Tensor,
+    *,
+    block: int = INT8_DEFAULT_BLOCK,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> QuantResult:
+    return _absmax_qcore(flat, block, INT8_LEVELS, 8, stochastic, generator)
+
+
+def _dequantize_int8_core(
+    codes: Tensor,
+    side: Tensor,
+    n: int,
+    *,
+    block: int = INT8_DEFAULT_BLOCK,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    return _absmax_dcore(codes, side, n, block, INT8_LEVELS)
+
+
+def _quantize_int4_core(
+    flat: Tensor,
+    *,
+    block: int = INT4_DEFAULT_BLOCK,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> QuantResult:
+    return _absmax_qcore(flat, block, INT4_LEVELS, 4, stochastic, generator)
+
+
+def _dequantize_int4_core(
+    codes: Tensor,
+    side: Tensor,
+    n: int,
+    *,
+    block: int = INT4_DEFAULT_BLOCK,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    return _absmax_dcore(codes, side, n, block, INT4_LEVELS)
 
 
 def quantize_int8(
@@ -316,7 +404,15 @@ def quantize_2bit_centroid(
     """
     _check_n_bins(n_bins)
     check_float("range_sigmas", range_sigmas, 0.0, lo_open=True)
-    v = _prepare(x)
+    return _quantize_2bit_core(_prepare(x), n_bins=n_bins, range_sigmas=range_sigmas)
+
+
+def _quantize_2bit_core(
+    v: Tensor,
+    *,
+    n_bins: int = TWO_BIT_DEFAULT_BINS,
+    range_sigmas: float = TWO_BIT_DEFAULT_RANGE_SIGMAS,
+) -> QuantResult:
     n = v.numel()
     bits = n_bins.bit_length() - 1
     if n == 0:
@@ -328,13 +424,14 @@ def quantize_2bit_centroid(
     c = v - mu
     sigma = c.norm() / math.sqrt(n - 1) if n > 1 else torch.zeros_like(mu)
     scale = range_sigmas * sigma / n_bins
-    if not (math.isfinite(float(scale)) and float(scale) != 0.0):
-        scale = torch.ones_like(mu)
+    scale = torch.where(torch.isfinite(scale) & (scale != 0), scale, torch.ones_like(scale))
     q = torch.round(c / scale + n_bins // 2).clamp(0, n_bins - 1)
     codes = q.to(torch.uint8)
     idx = codes.long()
     sums = torch.zeros(n_bins, dtype=torch.float32, device=v.device).index_add_(0, idx, c)
-    counts = torch.bincount(idx, minlength=n_bins)
+    # Not torch.bincount: on CUDA it reads the max code back to size its output.
+    counts = torch.zeros(n_bins, dtype=torch.int64, device=v.device)
+    counts.index_add_(0, idx, torch.ones_like(idx))
     table = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
     return QuantResult(codes=codes, side=torch.cat([mu.reshape(1), table]), bits=bits)
 
@@ -347,7 +444,20 @@ def dequantize_2bit_centroid(
     check_int("n", n, 0)
     _check_payload(codes, side, n, n, 1 + n_bins)
     _check_code_range(codes, 0, n_bins - 1)
-    return side[1:][codes.long()] + side[0]
+    return _dequantize_2bit_core(codes, side, n, n_bins=n_bins)
+
+
+def _dequantize_2bit_core(
+    codes: Tensor,
+    side: Tensor,
+    n: int,
+    *,
+    n_bins: int = TWO_BIT_DEFAULT_BINS,
+    range_sigmas: float = TWO_BIT_DEFAULT_RANGE_SIGMAS,
+) -> Tensor:
+    # Clamped so a bad code gathers a real centroid instead of reading out of bounds.
+    idx = codes.long().clamp(max=n_bins - 1)
+    return torch.gather(side[..., 1:], -1, idx) + side[..., :1]
 
 
 # --- 1-bit sign ------------------------------------------------------------------------------
@@ -383,7 +493,12 @@ def quantize_sign(x: Tensor, *, block: int | None = None, scale: bool = True) ->
     if block is not None:
         check_int("block", block, 1)
     check_type("scale", scale, bool)
-    flat = _prepare(x)
+    return _quantize_sign_core(_prepare(x), block=block, scale=scale)
+
+
+def _quantize_sign_core(
+    flat: Tensor, *, block: int | None = None, scale: bool = True
+) -> QuantResult:
     n = flat.numel()
     codes = torch.signbit(flat).to(torch.uint8)
     if not scale:
@@ -405,7 +520,16 @@ def dequantize_sign(
     blen, nb = _sign_blocks(n, block)
     _check_payload(codes, side, n, n, nb if scale else 0)
     _check_code_range(codes, 0, 1)
-    mag = _per_element(side, blen, n) if scale else torch.ones(n, device=codes.device)
+    return _dequantize_sign_core(codes, side, n, block=block, scale=scale)
+
+
+def _dequantize_sign_core(
+    codes: Tensor, side: Tensor, n: int, *, block: int | None = None, scale: bool = True
+) -> Tensor:
+    if scale:
+        mag = _per_element(side, _sign_blocks(n, block)[0], n)
+    else:
+        mag = torch.ones(codes.shape, dtype=torch.float32, device=codes.device)
     return torch.where(codes.bool(), -mag, mag)
 
 
@@ -433,8 +557,13 @@ def quantize_fp8(x: Tensor, *, fmt: str = "e4m3", block: int = FP8_DEFAULT_BLOCK
     """
     check_choice("fmt", fmt, tuple(_FP8))
     check_int("block", block, 1)
+    return _quantize_fp8_core(_prepare(x), fmt=fmt, block=block)
+
+
+def _quantize_fp8_core(
+    flat: Tensor, *, fmt: str = "e4m3", block: int = FP8_DEFAULT_BLOCK
+) -> QuantResult:
     dtype, fmax = _FP8[fmt]
-    flat = _prepare(x)
     n = flat.numel()
     blocks = _to_blocks(flat, block)
     scale, safe = _block_scales(blocks, fmax)
@@ -459,6 +588,14 @@ def dequantize_fp8(
     bad = int((~torch.isfinite(vals)).sum()) if n else 0
     if bad:
         raise ValueError(f"codes must be finite {fmt} values, got {bad} NaN/inf bit patterns")
+    return _dequantize_fp8_core(codes, side, n, fmt=fmt, block=block)
+
+
+def _dequantize_fp8_core(
+    codes: Tensor, side: Tensor, n: int, *, fmt: str = "e4m3", block: int = FP8_DEFAULT_BLOCK
+) -> Tensor:
+    # Out-of-range here means a NaN/inf bit pattern; it decodes to a non-finite value.
+    vals = codes.contiguous().view(_FP8[fmt][0]).to(torch.float32)
     return vals * _per_element(side, block, n)
 
 
@@ -498,12 +635,21 @@ def quantize_fp4_e3m0(
     """
     check_int("block", block, 1)
     _check_generator(stochastic, generator)
-    flat = _prepare(x)
+    return _quantize_fp4_core(_prepare(x), block=block, stochastic=stochastic, generator=generator)
+
+
+def _quantize_fp4_core(
+    flat: Tensor,
+    *,
+    block: int = FP4_DEFAULT_BLOCK,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> QuantResult:
     n = flat.numel()
     blocks = _to_blocks(flat, block)
     scale, safe = _block_scales(blocks, 1.0)
     y = (blocks.abs() / safe[:, None]).clamp(max=1.0).reshape(-1)[:n]
-    levels = torch.tensor(FP4_E3M0_LEVELS, dtype=torch.float32, device=flat.device)
+    levels, thresholds = _fp4_tables(flat.device)
     if stochastic:
         lo_idx = torch.bucketize(y, levels[1:], right=True)  # largest level <= y
         hi_idx = (lo_idx + 1).clamp(max=len(FP4_E3M0_LEVELS) - 1)
@@ -513,7 +659,6 @@ def quantize_fp4_e3m0(
         u = torch.rand(y.shape, generator=generator, dtype=torch.float32, device=y.device)
         e3 = lo_idx + (u < p).long()
     else:
-        thresholds = torch.tensor(_FP4_THRESHOLDS, dtype=torch.float32, device=flat.device)
         e3 = torch.bucketize(y, thresholds, right=True)  # number of thresholds <= y
     codes = (torch.signbit(flat).long() << 3 | e3).to(torch.uint8)
     return QuantResult(codes=codes, side=scale, bits=4)
@@ -527,9 +672,21 @@ def dequantize_fp4_e3m0(
     check_int("block", block, 1)
     _check_payload(codes, side, n, n, _n_blocks(n, block))
     _check_code_range(codes, 0, 15)
-    levels = torch.tensor(FP4_E3M0_LEVELS, dtype=torch.float32, device=codes.device)
-    mag = levels[(codes & 7).long()] * _per_element(side, block, n)
-    return torch.where((codes >> 3).bool(), -mag, mag)
+    return _dequantize_fp4_core(codes, side, n, block=block)
+
+
+def _dequantize_fp4_core(
+    codes: Tensor,
+    side: Tensor,
+    n: int,
+    *,
+    block: int = FP4_DEFAULT_BLOCK,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    # Only the low 4 bits are read, so a code above 15 cannot index out of bounds.
+    mag = _fp4_level_bits((codes & 7).to(torch.int32)) * _per_element(side, block, n)
+    return torch.where((codes & 8).bool(), -mag, mag)
 
 
 # --- 16-bit casts ----------------------------------------------------------------------------
@@ -560,6 +717,12 @@ def quantize_cast(x: Tensor, *, dtype: torch.dtype = torch.float16) -> QuantResu
                 f"|x| must be in [0, {fmax}] to cast to {dtype} without overflow, got max |x| = "
                 f"{amax}"
             )
+    return _quantize_cast_core(flat, dtype=dtype)
+
+
+def _quantize_cast_core(flat: Tensor, *, dtype: torch.dtype = torch.float16) -> QuantResult:
+    # No overflow check here (it would read max |x| back); an overflow casts to inf, which a
+    # finiteness check of the dequantized values catches.
     codes = flat.to(dtype).view(torch.uint8)
     return QuantResult(codes=codes, side=flat.new_zeros(0), bits=16)
 
@@ -571,11 +734,24 @@ def dequantize_cast(
     check_choice("dtype", dtype, _CAST_DTYPES)
     check_int("n", n, 0)
     _check_payload(codes, side, n, 2 * n, 0)
-    vals = codes.contiguous().view(dtype).to(torch.float32)
+    vals = _dequantize_cast_core(codes, side, n, dtype=dtype)
     bad = int((~torch.isfinite(vals)).sum()) if n else 0
     if bad:
         raise ValueError(f"codes must be finite {dtype} values, got {bad} NaN/inf bit patterns")
     return vals
+
+
+def _dequantize_cast_core(
+    codes: Tensor, side: Tensor, n: int, *, dtype: torch.dtype = torch.float16
+) -> Tensor:
+    if codes.numel() == 0:
+        # An empty (possibly stride-0) buffer cannot be viewed as a 2-byte dtype.
+        return torch.zeros(*codes.shape[:-1], n, dtype=torch.float32, device=codes.device)
+    # view(dtype) needs unit stride along the last dim and even strides and storage offset; a
+    # slice of a larger buffer (even one that counts as contiguous) may have neither.
+    if codes.stride(-1) != 1 or any(st % 2 for st in (codes.storage_offset(), *codes.stride())):
+        codes = codes.clone(memory_format=torch.contiguous_format)
+    return codes.view(dtype).to(torch.float32)
 
 
 # --- Registry and exact sizes ----------------------------------------------------------------
@@ -603,6 +779,41 @@ QUANTIZERS: dict[str, tuple[Callable[..., QuantResult], Callable[..., Tensor]]] 
     "bf16": (
         functools.partial(quantize_cast, dtype=torch.bfloat16),
         functools.partial(dequantize_cast, dtype=torch.bfloat16),
+    ),
+}
+
+
+#: name -> (qcore, dcore): the sync-free cores of :data:`QUANTIZERS`, same names and keywords.
+#:
+#: ``qcore(flat, **params) -> QuantResult`` takes a 1-D float32 tensor that the caller knows is
+#: finite and does no validation (for fp16/bf16 no overflow check either: an overflow casts to
+#: inf). ``dcore(codes, side, n, **params) -> Tensor`` takes uint8 ``codes (..., n)`` (``2n`` for
+#: the casts), float32 ``side (..., side_len)`` and returns float32 ``(..., n)``, one decode per
+#: leading index (e.g. ``R`` peers' payloads at once); it accepts the quantizer's keywords
+#: (rounding ones are ignored) and never raises on bad codes: codes outside :func:`code_range`
+#: decode to arbitrary values without out-of-bounds reads, fp8/fp16/bf16 NaN or inf patterns to
+#: non-finite values. For valid input both equal the public functions bit for bit.
+QUANTIZER_CORES: dict[str, tuple[Callable[..., QuantResult], Callable[..., Tensor]]] = {
+    "int8": (_quantize_int8_core, _dequantize_int8_core),
+    "int4": (_quantize_int4_core, _dequantize_int4_core),
+    "2bit": (_quantize_2bit_core, _dequantize_2bit_core),
+    "sign": (_quantize_sign_core, _dequantize_sign_core),
+    "fp8_e4m3": (
+        functools.partial(_quantize_fp8_core, fmt="e4m3"),
+        functools.partial(_dequantize_fp8_core, fmt="e4m3"),
+    ),
+    "fp8_e5m2": (
+        functools.partial(_quantize_fp8_core, fmt="e5m2"),
+        functools.partial(_dequantize_fp8_core, fmt="e5m2"),
+    ),
+    "fp4_e3m0": (_quantize_fp4_core, _dequantize_fp4_core),
+    "fp16": (
+        functools.partial(_quantize_cast_core, dtype=torch.float16),
+        functools.partial(_dequantize_cast_core, dtype=torch.float16),
+    ),
+    "bf16": (
+        functools.partial(_quantize_cast_core, dtype=torch.bfloat16),
+        functools.partial(_dequantize_cast_core, dtype=torch.bfloat16),
     ),
 }
 
@@ -674,3 +885,28 @@ def code_bits(name: str, **params: Any) -> int:
         "fp16": 16,
         "bf16": 16,
     }[name]
+
+
+def code_range(name: str, **params: Any) -> tuple[int, int] | None:
+    """Closed range ``(lo, hi)`` of the codes quantizer ``name`` can emit, or None.
+
+    None means every code that fits the wire width is valid or, for fp8/fp16/bf16, that an
+    invalid (NaN/inf) pattern is found by checking the decoded values for finiteness instead.
+    ``(1, 255)`` for int8, ``(1, 15)`` for int4, ``(0, n_bins - 1)`` for 2bit, ``(0, 1)`` for
+    sign, ``(0, 15)`` for fp4_e3m0. A pure function of the settings: no tensor is read.
+
+    Raises:
+        ValueError: unknown name or invalid ``n_bins``. TypeError: unknown parameter.
+    """
+    p = _params(name, params)
+    if name == "int8":
+        return 1, 2 * INT8_LEVELS + 1
+    if name == "int4":
+        return 1, 2 * INT4_LEVELS + 1
+    if name == "2bit":
+        return 0, _check_n_bins(p["n_bins"]) - 1
+    if name == "sign":
+        return 0, 1
+    if name == "fp4_e3m0":
+        return 0, 15
+    return None

@@ -78,7 +78,7 @@ def robust_mean(
     if rule == "clip":
         xs = clip_to_norm(xs, max_norm)
     if rule in ("mean", "clip"):
-        acc = torch.zeros(shape, dtype=torch.float32)
+        acc = torch.zeros(shape, dtype=torch.float32, device=xs[0].device)
         for x in xs:  # rank order: every worker folds identically
             acc += x
         return acc / len(xs)
@@ -91,7 +91,7 @@ def robust_mean(
         return (ordered[P // 2 - 1] + ordered[P // 2]) / 2  # even P: mean of the two middles
     t = int(trim_ratio * P)
     kept = ordered[t : P - t]
-    acc = torch.zeros(shape, dtype=torch.float32)
+    acc = torch.zeros(shape, dtype=torch.float32, device=kept.device)
     for x in kept:
         acc += x
     return acc / kept.shape[0]

@@ -88,6 +88,7 @@ def decode_accumulate_triton(
     chunk_len: int,
     *,
     mode: str = "index_mean",
+    checked: bool = True,
 ) -> Tensor:
     """Triton launcher of :func:`thinwire.compression.fused.decode_accumulate` (same contract).
 
@@ -95,7 +96,7 @@ def decode_accumulate_triton(
     and value buffer (a copy of the sparse payloads, about ``12 * sum k_p`` bytes per chunk),
     because a Triton program cannot follow a list of pointers.
     """
-    ks = _check_decode_args(idx_list, val_list, num_chunks, chunk_len, mode)
+    ks = _check_decode_args(idx_list, val_list, num_chunks, chunk_len, mode, checked)
     device = idx_list[0].device
     acc = torch.zeros(num_chunks, chunk_len, dtype=torch.float32, device=device)
     if num_chunks == 0:

@@ -297,7 +297,14 @@ def _grid1(programs: int) -> tuple[int]:
 
 
 def _blocked(
-    res: Tensor, x: Tensor, out: Tensor, decay: float, scale: float, fmt: str, block: int | None
+    res: Tensor,
+    x: Tensor,
+    out: Tensor,
+    decay: float,
+    scale: float,
+    fmt: str,
+    block: int | None,
+    checked: bool,
 ) -> tuple[Tensor, Tensor]:
     """int8 / int4 / FP4 / sign: fused or split path; writes ``out``, returns ``(packed, side)``."""
     n = res.numel()
@@ -329,7 +336,8 @@ def _blocked(
             res, x, out, side, codes, bad, n, n_blocks, row, nbytes, decay, scale,
             ROWS=rows, BP=bp, **consts, **LAUNCH_OPTIONS,
         )  # fmt: skip
-        check_finite_flags(bad, "x")
+        if checked:
+            check_finite_flags(bad, "x")
     else:
         chunk = min(TILE, triton.next_power_of_2(row))
         n_chunks = triton.cdiv(row, chunk)
@@ -341,7 +349,8 @@ def _blocked(
             res, x, out, partial, bad, n, row, n_chunks, decay, scale,
             STAT=stat, CHUNK=chunk, **LAUNCH_OPTIONS,
         )  # fmt: skip
-        check_finite_flags(bad, "x")
+        if checked:
+            check_finite_flags(bad, "x")
         partial = partial.view(n_blocks, n_chunks)
         if fmt == "sign":
             # quant.quantize_sign: block sums / real element counts (float32).
@@ -361,7 +370,7 @@ def _blocked(
 
 
 def _two_bit(
-    res: Tensor, x: Tensor, out: Tensor, decay: float, scale: float
+    res: Tensor, x: Tensor, out: Tensor, decay: float, scale: float, checked: bool
 ) -> tuple[Tensor, Tensor]:
     """SparseLoCo 2-bit centroids (spec §3.3): update, torch stats, codes + bins, subtract."""
     n = res.numel()
@@ -374,13 +383,13 @@ def _two_bit(
         res, x, out, bad, bad, n, n, programs, decay, scale,
         STAT=STAT_NONE.value, CHUNK=TILE, **LAUNCH_OPTIONS,
     )  # fmt: skip
-    check_finite_flags(bad, "x")
+    if checked:
+        check_finite_flags(bad, "x")
     # The reference's statistics, with its torch reductions (see the module docstring).
     mu = out.mean()
     sigma = (out - mu).norm() / math.sqrt(n - 1) if n > 1 else torch.zeros_like(mu)
     sc = quant.TWO_BIT_DEFAULT_RANGE_SIGMAS * sigma / n_bins
-    if not (math.isfinite(float(sc)) and float(sc) != 0.0):
-        sc = torch.ones_like(mu)
+    sc = torch.where(torch.isfinite(sc) & (sc != 0), sc, torch.ones_like(mu))  # no host read
     stats = torch.stack([mu, sc])
     packed = torch.empty(nbytes, dtype=torch.uint8, device=res.device)
     sums = torch.empty(programs, n_bins, dtype=torch.float32, device=res.device)
@@ -410,6 +419,7 @@ def ef_quantize_pack_triton(
     scale: float = 1.0,
     fmt: str,
     block: int | None = None,
+    checked: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton launcher of :func:`thinwire.compression.fused.ef_quantize_pack` (same contract).
 
@@ -426,7 +436,7 @@ def ef_quantize_pack_triton(
         side = torch.zeros(quant.side_len(fmt, 0, **params), dtype=torch.float32, device=res.device)
         packed = torch.empty(0, dtype=torch.uint8, device=res.device)
     elif fmt == "2bit":
-        packed, side = _two_bit(res, x, out, decay, scale)
+        packed, side = _two_bit(res, x, out, decay, scale, checked)
     else:
-        packed, side = _blocked(res, x, out, decay, scale, fmt, block)
+        packed, side = _blocked(res, x, out, decay, scale, fmt, block, checked)
     return packed, side, out.view(residual.shape)
