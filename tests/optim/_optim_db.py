@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 
 from thinwire.collectives import InprocCommunicator
-from thinwire.compression import DenseCodec
+from thinwire.compression import DenseBucket, DenseCodec
 from thinwire.optim import DeMo, DiLoCo, LocalSGD, SparseLoCo, StreamingDiLoCo
 
 __all__ = [
@@ -238,15 +238,22 @@ U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 / float64 (IEEE 754 bi
 
 
 class RecordingComm(InprocCommunicator):
-    """The real inproc engine, keeping a copy of every payload this rank all-gathers."""
+    """The real inproc engine, keeping a copy of every frame this rank all-gathers."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.payloads: list[bytes] = []
+        self.payloads: list[torch.Tensor] = []
 
-    def all_gather_bytes(self, payload: Any, **kw: Any) -> Any:
-        self.payloads.append(bytes(payload))
-        return super().all_gather_bytes(payload, **kw)
+    def all_gather_into_tensor(self, t: torch.Tensor, **kw: Any) -> Any:
+        self.payloads.append(t.detach().clone())
+        return super().all_gather_into_tensor(t, **kw)
+
+
+def frame_values(codec: DenseCodec, frame: torch.Tensor, shapes: Sequence[tuple]) -> torch.Tensor:
+    """Decode one dense bucket frame to its flat float32 values, checking that it opens cleanly."""
+    vals, status = DenseBucket(codec, shapes).decode(frame[None])
+    assert status.tolist() == [0], "the frame must open cleanly"
+    return vals[0]
 
 
 def capture(opt: Any) -> dict[str, list[Any]]:

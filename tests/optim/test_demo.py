@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from thinwire.collectives import InprocCommunicator
-from thinwire.compression import unpack_bundle
+from thinwire.compression import ENVELOPE_BYTES, SparseBucket, SparsePart
 from thinwire.optim import DeMo, demo_compressor
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -176,23 +176,27 @@ def index_bits(k: int, C: int, coding: str) -> int:
     return k * L + k + ((C - 1) >> L) + 1
 
 
-def payload_bytes(shape, *, s, k_of, values, coding, settings) -> int:
-    """One tensor's payload: header 8 + 4 ndim + len(settings) + 8, indices, values, side data."""
+def payload_bytes(shape, *, s, k_of, values, coding) -> int:
+    """One tensor's section of a bucket frame: its index stream, then values and side data."""
     rows, cols, n1, n2 = ref_layout(tuple(shape), s)
     C, N = n1 * n2, (rows // n1) * (cols // n2)
     k = k_of(C)
     nv = N * k
     vb = {"fp32": 4 * nv, "sign": -(-nv // 8), "2bit": -(-2 * nv // 8) + 20}[values]
-    return 8 + 4 * len(shape) + len(settings) + 8 + -(-N * index_bits(k, C, coding) // 8) + vb
+    return -(-N * index_bits(k, C, coding) // 8) + vb
 
 
-def bundle_bytes(sizes: list[int]) -> int:
-    return 8 + 4 * len(sizes) + sum(sizes)
+def frame_bytes(sizes: list[int]) -> int:
+    """A bucket frame: the 16-byte envelope (magic, version, flags, digest, length, CRC32) and
+    the tensors' sections back to back."""
+    return 16 + sum(sizes)
 
 
-def demo_settings(s: int, topk: int, values: str, coding: str) -> str:
-    v = "v=fp32" if values == "float" else "v=sign;scale=False"
-    return f"sparse;s={s};k={topk};t=dct;r=per_chunk;i={coding};{v}"
+def frame_messages(codec, shapes, frame: torch.Tensor) -> list[SparsePart]:
+    """Decode one rank's frame into per-tensor ``(idx (N, k), val (N, k))``, checking it."""
+    parts, status = SparseBucket(codec, shapes).decode(frame[None])
+    assert status.tolist() == [0], "the frame must open cleanly"
+    return [SparsePart(p.idx[0], p.val[0]) for p in parts]
 
 
 # ------------------------------------------------------------------ harness
@@ -206,15 +210,15 @@ def tiny_model(seed: int = 0, dims=(64, 32, 8), dtype=torch.float32) -> nn.Modul
     )
 
 
-def spy_gather(comm: Any, sink: list[bytes]) -> None:
-    """Record what this rank hands to all_gather_bytes, then run the real collective."""
-    real = comm.all_gather_bytes
+def spy_gather(comm: Any, sink: list[torch.Tensor]) -> None:
+    """Record the frame this rank hands to all_gather_into_tensor, then run the real collective."""
+    real = comm.all_gather_into_tensor
 
-    def wrapped(payload, **kw):
-        sink.append(bytes(payload))
-        return real(payload, **kw)
+    def wrapped(frame, **kw):
+        sink.append(frame.detach().clone())
+        return real(frame, **kw)
 
-    comm.all_gather_bytes = wrapped
+    comm.all_gather_into_tensor = wrapped
 
 
 def set_grads(model: nn.Module, gen: torch.Generator, mode: str) -> None:
@@ -261,7 +265,7 @@ def run_ranks(P: int, fn, *, timeout_s: float = 30.0) -> list[Any]:
 
 def demo_rank(r, comm, model, steps, *, kw, grads="model", seed=100, groups=None, delay=None):
     """One DeMo worker; returns per step {pre, post, blobs} and the optimizer."""
-    blobs: list[bytes] = []
+    blobs: list[torch.Tensor] = []
     if comm is not None:
         spy_gather(comm, blobs)
     opt = DeMo(groups(model) if groups else model.parameters(), comm=comm, **kw)
@@ -405,8 +409,12 @@ def check_demo_step(step_recs: list[dict], cfg_of, contrib=None, codec_of=None) 
             assert (err[~amb] <= tol[~amb]).all(), f"rank {r} tensor {j} theta"
             assert (err[amb] <= 2 * cfg["lr"] + tol[amb]).all()
             if codec_of is not None and ref["sel"] is not None and rec["blobs"] and contrib[r]:
-                parts = unpack_bundle(rec["blobs"][cfg["bucket"]])
-                msg = codec_of(j).decode_sparse(parts[cfg["pos"]])
+                shapes = [
+                    tuple(rec["pre"][i]["theta"].shape)
+                    for i in range(n_tensors)
+                    if cfg_of(i)["bucket"] == cfg["bucket"]
+                ]
+                msg = frame_messages(codec_of(j), shapes, rec["blobs"][cfg["bucket"]])[cfg["pos"]]
                 assert msg.idx.tolist() == ref["sel"][r], f"rank {r} tensor {j} kept indices"
     return amb_total, total
 
@@ -520,11 +528,10 @@ def test_demo_keep_all_is_sign_of_mean_gradient():
             )
 
 
-def _captured_deltas(blob: bytes, codec, shapes) -> list[torch.Tensor]:
+def _captured_deltas(blob: torch.Tensor, codec, shapes) -> list[torch.Tensor]:
     """What this rank transmitted, decoded from its own bytes and inverse-DCT'd in float64."""
     out = []
-    for part, shape in zip(unpack_bundle(blob), shapes, strict=True):
-        msg = codec.decode_sparse(part)
+    for msg, shape in zip(frame_messages(codec, shapes, blob), shapes, strict=True):
         s = codec.chunk
         rows, cols, n1, n2 = ref_layout(shape, s)
         tiles = []
@@ -551,8 +558,8 @@ def test_demo_error_feedback_conservation(values, subtract):
             sent = _captured_deltas(rec["blobs"][0], codec, shapes)
             if values == "sign":  # every decoded value is ±1
                 assert all(
-                    set(codec.decode_sparse(p).val.unique().tolist()) <= {-1.0, 1.0}
-                    for p in unpack_bundle(rec["blobs"][0])
+                    set(m.val.unique().tolist()) <= {-1.0, 1.0}
+                    for m in frame_messages(codec, shapes, rec["blobs"][0])
                 )
             for j, q in enumerate(sent):
                 mid = 0.9 * rec["pre"][j]["delta"] + kw["lr"] * rec["pre"][j]["grad"]
@@ -571,10 +578,10 @@ def test_psyche_unquantized_subtraction_zeroes_kept_coefficients():
     models = [copy.deepcopy(base) for _ in range(2)]
     out = run_ranks(2, lambda r, c: demo_rank(r, c, models[r], 2, kw=kw))
     codec = demo_compressor(topk=4, chunk=8, values="sign")
+    shapes = [tuple(p.shape) for p in base.parameters()]
     for hist, _ in out:
         rec = hist[1]
-        for j, part in enumerate(unpack_bundle(rec["blobs"][0])):
-            msg = codec.decode_sparse(part)
+        for j, msg in enumerate(frame_messages(codec, shapes, rec["blobs"][0])):
             mid = 0.9 * rec["pre"][j]["delta"] + kw["lr"] * rec["pre"][j]["grad"]
             before = [ref_dct2(t).reshape(-1) for t in ref_tiles(mid, 8)]
             after = [ref_dct2(t).reshape(-1) for t in ref_tiles(rec["post"][j]["delta"], 8)]
@@ -611,7 +618,7 @@ def test_overlap_applies_each_aggregate_one_step_late():
 
 
 def test_bytes_match_spec_formulas():
-    # Spec §4: per rank per step (M-1)(8 + bundle), payload sizes computed from the formulas.
+    # Per rank per step (M-1) * frame bytes: one frame per bucket, sizes from the formulas.
     model = tiny_model()
     shapes = [tuple(p.shape) for p in model.parameters()]
     for values, coding, s, topk in [
@@ -620,7 +627,6 @@ def test_bytes_match_spec_formulas():
         ("float", "fixed", 64, 32),
         ("sign", "entropy", 64, 32),
     ]:
-        settings = demo_settings(s, topk, values, coding)
         sizes = [
             payload_bytes(
                 sh,
@@ -628,11 +634,10 @@ def test_bytes_match_spec_formulas():
                 k_of=lambda C, topk=topk: min(topk, C),
                 values="fp32" if values == "float" else "sign",
                 coding=coding,
-                settings=settings,
             )
             for sh in shapes
         ]
-        M = bundle_bytes(sizes)
+        M = frame_bytes(sizes)
         for P in (2, 3):
             models = [copy.deepcopy(model) for _ in range(P)]
             kw = dict(lr=1e-2, topk=topk, chunk=s, values=values, index_coding=coding)
@@ -646,10 +651,10 @@ def test_bytes_match_spec_formulas():
             for c in comms:
                 recs = c.ledger.records
                 assert [(x.op, x.algorithm, x.tag) for x in recs] == [
-                    ("all_gather_bytes", "ring", "demo/g0")
+                    ("all_gather_into_tensor", "ring", "demo/g0")
                 ] * 2
-                assert all(x.sent == x.recv == (P - 1) * (8 + M) for x in recs)
-            assert all(len(b) == M for hist, _ in out for rec in hist for b in rec["blobs"])
+                assert all(x.sent == x.recv == (P - 1) * M for x in recs)
+            assert all(b.numel() == M for hist, _ in out for rec in hist for b in rec["blobs"])
 
 
 def test_compress_false_group_is_sent_dense():
@@ -717,7 +722,7 @@ def test_nonfinite_skip_contributes_nothing():
     def rank(r, c):
         comms[r] = c
         gen = torch.Generator().manual_seed(r)
-        blobs: list[bytes] = []
+        blobs: list[torch.Tensor] = []
         spy_gather(c, blobs)
         opt = DeMo(models[r].parameters(), comm=c, **kw)
         set_grads(models[r], gen, "model")
@@ -728,8 +733,9 @@ def test_nonfinite_skip_contributes_nothing():
         return {"pre": pre, "post": snap(opt, ("delta",)), "blobs": blobs}
 
     recs = run_ranks(2, rank)
-    assert recs[0]["blobs"] == [b""]
-    assert comms[0].ledger.records[0].payload_bytes == 0  # rank 0 put no payload on the wire
+    # Rank 0 contributes nothing: its frame carries flag 0 and an all-zero body.
+    (frame,) = recs[0]["blobs"]
+    assert int(frame[3]) == 0 and not frame[12:-4].any()
     assert all(float(d["delta"].abs().max()) == 0.0 for d in recs[0]["post"])  # momentum reset
     check_demo_step(recs, group_cfg(kw, 4), contrib=[False, True])
     for a, b in zip(recs[0]["post"], recs[1]["post"], strict=True):
@@ -832,9 +838,8 @@ def test_entropy_index_bits_near_bound():
         return demo_rank(r, c, nn.Sequential(models[r]), 1, kw=dict(lr=1e-3), grads="random")
 
     run_ranks(2, rank)
-    M = comms[0].ledger.records[0].sent - 8
-    settings = demo_settings(64, 32, "float", "entropy")
-    idx_bytes = M - bundle_bytes([0]) - (8 + 8 + len(settings) + 8) - 4 * 8 * 32
+    M = comms[0].ledger.records[0].sent  # one frame, P - 1 = 1 peer
+    idx_bytes = M - ENVELOPE_BYTES - 4 * 8 * 32
     bits = 8 * idx_bytes / (8 * 32)
     bound = math.log2(math.comb(4096, 32)) / 32
     assert bits == index_bits(32, 4096, "entropy") / 32

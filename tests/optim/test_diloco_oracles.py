@@ -28,6 +28,7 @@ from _optim_db import (
     batches,
     capture,
     flat,
+    frame_values,
     loss_fn,
     run_ranks,
     step,
@@ -229,6 +230,10 @@ def test_first_round_overshoots_the_average_by_a_third() -> None:
         assert bool(((g1 - mean_local) + 0.33 * dbar).abs().le(tol).all())
 
 
+#: Shapes of :func:`tiny_model`'s parameters: one param group, so one bucket per sync.
+SHAPES = [tuple(p.shape) for p in tiny_model().parameters()]
+
+
 # ------------------------------------------------------------------ §6.4 closed form
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("M", [0, 2, 3])
@@ -292,7 +297,7 @@ def test_consistency_and_float64_mean_of_decoded_payloads(
             sent = [flat(rec["anchor"][s]) - flat(rec["theta"][s]) for rec in res]
         else:
             assert all(len(rec["payloads"]) == R for rec in res)  # one payload per sync
-            sent = [codec.decode(rec["payloads"][t]).to(F64) for rec in res]
+            sent = [frame_values(codec, rec["payloads"][t], SHAPES).to(F64) for rec in res]
         # float32 fold of M terms then a divide: ≤ (M + 1) roundings of the largest term.
         tol = (M + 1) * U32 * max(float(x.abs().max()) for x in sent)
         assert float((dbar - sum(sent) / M).abs().max()) <= tol
@@ -313,7 +318,7 @@ def test_error_feedback_conserves_what_was_not_sent(compressor: str, decay: floa
         for t in range(R):
             s = (t + 1) * H - 1
             delta = flat(rec["anchor"][s]) - flat(rec["theta"][s])  # float64 model: exact Δ
-            sent = codec.decode(rec["payloads"][t]).to(F64)  # what the peers decoded
+            sent = frame_values(codec, rec["payloads"][t], SHAPES).to(F64)  # what peers decoded
             peak = max(peak, float((decay * res_t + delta).abs().max()))
             res_t = decay * res_t + delta - sent
             sum_sent += sent
@@ -368,7 +373,7 @@ def test_skip_gives_the_bad_worker_weight_zero(compressor: Any) -> None:
     good, bad = run_workers(2, make, H=H, base=base, grad_hook=poison)
     delta = [a - th for a, th in zip(good["anchor"][H - 1], good["theta"][H - 1], strict=True)]
     if compressor is not None:  # what the good worker transmitted
-        dec = build_codec(compressor).decode(good["payloads"][0])
+        dec = frame_values(build_codec(compressor), good["payloads"][0], SHAPES)
         delta = [
             d.reshape(x.shape)
             for d, x in zip(dec.split([x.numel() for x in delta]), delta, strict=True)
@@ -598,11 +603,10 @@ def test_ledger_bytes_per_sync(compressor: Any, bits: int, block: Any, M: int) -
         expected = 2 * (M - 1) * -(-N // M) * 4
         spec = 2 * (M - 1) / M * N * 4
     else:
-        # Envelope (payload.py): 8-byte prefix, 4 bytes per dim, the settings text, length + CRC;
-        # body: packed codes then one float32 scale per block. Ring all-gather: (M−1)(8 + w).
-        header = 8 + 4 * 1 + len(build_codec(compressor).settings) + 8
-        w = header + -(-N * bits // 8) + 4 * -(-N // block)
-        expected = (M - 1) * (8 + w)
+        # One frame per bucket: the 16-byte envelope, then packed codes and one float32 scale
+        # per block. Ring all-gather of equal frames, no length exchange: (M−1) w.
+        w = 16 + -(-N * bits // 8) + 4 * -(-N // block)
+        expected = (M - 1) * w
         spec = (M - 1) * N * (bits + 32 / block) / 8  # spec §3, all-gather row
     for per_sync in _ledger_run(M, compressor):
         for rec in per_sync:

@@ -21,17 +21,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_demo import (
-    bundle_bytes,
     check_demo_step,
     demo_rank,
-    demo_settings,
+    frame_bytes,
     group_cfg,
     payload_bytes,
     ref_k_density,
     run_ranks,
     tiny_model,
 )
-from test_sparseloco import check_run, slc_rank, slc_settings
+from test_sparseloco import check_run, slc_rank
 
 from thinwire.compression import build_codec
 from thinwire.optim import demo_compressor, sparseloco_compressor
@@ -120,23 +119,16 @@ def _ranks(gloo: list, case: tuple[int, str]) -> list[dict]:
 
 
 def _bundle(kind: str, kw: dict) -> int:
-    """Spec §4 bundle size for the tiny model under this scenario's codec."""
+    """Frame size (one bucket) for the tiny model under this scenario's codec."""
     shapes = [tuple(p.shape) for p in tiny_model().parameters()]
     coding = kw.get("index_coding", "entropy")
     if kind == "demo":
         values = kw.get("values", "float")
-        settings = demo_settings(kw["chunk"], kw["topk"], values, coding)
         k_of, vfmt = (lambda C: min(kw["topk"], C)), ("fp32" if values == "float" else "sign")
     else:
-        settings = slc_settings(kw["chunk"], kw["topk"], 2, coding)
         k_of, vfmt = (lambda C: ref_k_density(C, kw["topk"], kw["chunk"])), "2bit"
-    return bundle_bytes(
-        [
-            payload_bytes(
-                s, s=kw["chunk"], k_of=k_of, values=vfmt, coding=coding, settings=settings
-            )
-            for s in shapes
-        ]
+    return frame_bytes(
+        [payload_bytes(s, s=kw["chunk"], k_of=k_of, values=vfmt, coding=coding) for s in shapes]
     )
 
 
@@ -173,15 +165,14 @@ def test_gloo_against_reference_ledger_and_inproc(gloo, case):
     # every rank holds the same bits
     for o in res[1:]:
         assert all(torch.equal(a, b) for a, b in zip(res[0]["final"], o["final"], strict=True))
-    # ledger: one all-gather per step (DeMo) / sync (SparseLoCo), (P-1)(8 + bundle) each way
+    # ledger: one all-gather per step (DeMo) / sync (SparseLoCo), (P-1) * frame each way
     M = _bundle(kind, kw)
     for o in res:
         rows = [(x["op"], x["algorithm"], x["engine"], x["sent"], x["recv"]) for x in o["records"]]
         assert (
-            rows
-            == [("all_gather_bytes", "ring", "gloo", (P - 1) * (8 + M), (P - 1) * (8 + M))] * n_ops
+            rows == [("all_gather_into_tensor", "ring", "gloo", (P - 1) * M, (P - 1) * M)] * n_ops
         )
-        assert all(len(b) == M for rec in o["hist"] for b in rec["blobs"])
+        assert all(b.numel() == M for rec in o["hist"] for b in rec["blobs"])
     # the same scenario on in-process threads: the same bits (spec §7 item 11)
     # (threads share the global RNG, so the model is built once and copied per rank)
     base = tiny_model()

@@ -21,7 +21,8 @@ import torch
 from test_demo import (
     EPS32,
     F64,
-    bundle_bytes,
+    frame_bytes,
+    frame_messages,
     index_bits,
     payload_bytes,
     ref_aggregate,
@@ -39,18 +40,13 @@ from test_demo import (
 )
 from torch import nn
 
-from thinwire.compression import build_codec, unpack_bundle
+from thinwire.compression import ENVELOPE_BYTES, build_codec
 from thinwire.optim import DiLoCo, SparseLoCo, sparseloco_compressor
 
 KEYS = ("anchor", "residual")
 ADAMW = partial(
     torch.optim.AdamW, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1
 )  # A5 inner, scaled lr
-
-
-def slc_settings(s: int, topk: int, bits: int, coding: str) -> str:
-    v = "v=fp32" if bits == 32 else f"v=2bit;n_bins={2**bits}"
-    return f"sparse;s={s};k={topk};t=none;r=density;i={coding};{v}"
 
 
 def slc_rank(
@@ -68,7 +64,7 @@ def slc_rank(
     poison=None,
 ):
     """One SparseLoCo worker; per step {pre, inner (θ_r after the inner step), post, blobs}."""
-    blobs: list[bytes] = []
+    blobs: list[torch.Tensor] = []
     if comm is not None:
         spy_gather(comm, blobs)
     opt = SparseLoCo(groups(model) if groups else model.parameters(), inner, comm=comm, **kw)
@@ -196,7 +192,12 @@ def check_sync(recs: list[dict], cfg_of, contrib=None, codec=None) -> None:
             else:  # a skipped worker keeps its buffer
                 assert torch.equal(got["residual"], rc["pre"][j]["residual"])
             if codec is not None and rc["blobs"] and contrib[r] and cfg.get("compress", True):
-                msg = codec.decode_sparse(unpack_bundle(rc["blobs"][0])[j])
+                shapes = [
+                    tuple(rc["pre"][i]["theta"].shape)
+                    for i in range(len(rc["pre"]))
+                    if cfg_of(i).get("compress", True)
+                ]
+                msg = frame_messages(codec, shapes, rc["blobs"][0])[j]
                 assert msg.idx.tolist() == ref["sel"][r]
                 deq, err = ref["deq"][r]
                 assert (
@@ -342,8 +343,7 @@ def test_error_feedback_conservation_float64():
             total_in = [torch.zeros(s, dtype=F64) for s in shapes]
             total_sent = [torch.zeros(s, dtype=F64) for s in shapes]
             for rec in hist[1::2]:
-                for j, part in enumerate(unpack_bundle(rec["blobs"][0])):
-                    msg = codec.decode_sparse(part)
+                for j, msg in enumerate(frame_messages(codec, shapes, rec["blobs"][0])):
                     _, _, n1, n2 = ref_layout(shapes[j], 8)
                     tiles = []
                     for c in range(msg.idx.shape[0]):
@@ -409,7 +409,7 @@ def test_two_selected_values_quantize_to_their_mean():
 
 
 def test_dense_group_and_bytes_match_spec_formulas():
-    # Spec §4: per rank per sync (M-1)(8 + bundle) for the sparse group; a compressor=None
+    # Per rank per sync (M-1) * frame bytes for the sparse group; a compressor=None
     # group is ring all-reduced dense: 2(M-1) ceil(N/M) 4 bytes.
     base = tiny_model()
     for coding, bits in (("entropy", 2), ("fixed", 2), ("fixed", 32)):
@@ -421,11 +421,10 @@ def test_dense_group_and_bytes_match_spec_formulas():
                 k_of=lambda C: ref_k_density(C, 4, 8),
                 values="2bit" if bits == 2 else "fp32",
                 coding=coding,
-                settings=slc_settings(8, 4, bits, coding),
             )
             for p in (base[0].weight, base[2].weight)
         ]
-        M = bundle_bytes(sizes)
+        M = frame_bytes(sizes)
 
         def groups(m):
             return [
@@ -448,16 +447,16 @@ def test_dense_group_and_bytes_match_spec_formulas():
             for c in comms:
                 rows = [(x.op, x.algorithm, x.tag, x.sent, x.recv) for x in c.ledger.records]
                 sparse = (
-                    "all_gather_bytes",
+                    "all_gather_into_tensor",
                     "ring",
                     "sparseloco/sync/f0/g0",
-                    (P - 1) * (8 + M),
-                    (P - 1) * (8 + M),
+                    (P - 1) * M,
+                    (P - 1) * M,
                 )
                 dense_b = 2 * (P - 1) * -(-40 // P) * 4
                 dense = ("all_reduce", "ring", "sparseloco/sync/f0/g1", dense_b, dense_b)
                 assert rows == [sparse, dense] * 2
-            assert all(len(b) == M for hist, _ in out for rec in hist for b in rec["blobs"][:1])
+            assert all(b.numel() == M for hist, _ in out for rec in hist for b in rec["blobs"][:1])
 
 
 @pytest.mark.parametrize("topk", [128, 64])
@@ -473,9 +472,8 @@ def test_entropy_index_bits_near_bound(topk):
         return slc_rank(r, c, models[r], 1, kw=dict(sync_every=1, topk=topk), grads="random")
 
     run_ranks(2, rank)
-    M = comms[0].ledger.records[0].sent - 8
-    settings = slc_settings(64, topk, 2, "entropy")
-    idx_bytes = M - bundle_bytes([0]) - (8 + 8 + len(settings) + 8) - (-(-2 * 8 * topk // 8) + 20)
+    M = comms[0].ledger.records[0].sent  # one frame, P - 1 = 1 peer
+    idx_bytes = M - ENVELOPE_BYTES - (-(-2 * 8 * topk // 8) + 20)
     bits = 8 * idx_bytes / (8 * topk)
     bound = math.log2(math.comb(4096, topk)) / topk
     assert bits == index_bits(topk, 4096, "entropy") / topk
@@ -536,7 +534,8 @@ def test_nonfinite_raise_and_skip():
         2, lambda r, c: slc_rank(r, c, models[r], 2, kw=kw, grads="random", poison=poison)
     )
     rec0, rec1 = out[0][0][1], out[1][0][1]
-    assert rec0["blobs"] == [b""]
+    (frame,) = rec0["blobs"]  # flag 0 and an all-zero body: no contribution
+    assert int(frame[3]) == 0 and not frame[12:-4].any()
     check_sync([rec0, rec1], cfg_for(kw), contrib=[False, True])
 
 

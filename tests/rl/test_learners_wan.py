@@ -12,7 +12,6 @@ import torch
 from _rl_common import P, _cfg, _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
 from thinwire.collectives import InprocCommunicator, WanCommunicator, WanConfig
-from thinwire.compression import build_codec
 from thinwire.rl.learner import Learner
 from thinwire.rl.policy import TinyCausalLM
 from thinwire.rl.runtime import SyncOptions, build_optimizer, run_local
@@ -146,8 +145,9 @@ def test_oracle_6_11_bytes_per_channel_match_formulas():
         steps=4,
         options=SyncOptions(sync_every=2, compressor="quant(int4, block=128)"),
     )
-    int4 = build_codec("quant(int4, block=128)")
-    for res, per_learner in ((ddp, 3 * ring), (dil, 2 * ring), (q4, 2 * (8 + int4.wire_bytes(P)))):
+    # int4 sync: one bucket frame of 16 envelope bytes, 4-bit codes and a float32 scale per 128.
+    int4 = 16 + -(-P * 4 // 8) + 4 * -(-P // 128)
+    for res, per_learner in ((ddp, 3 * ring), (dil, 2 * ring), (q4, 2 * int4)):
         for lr in res.learners:
             assert (
                 sum(v["sent"] for t, v in lr.bytes_by_tag.items() if t.startswith("learners/sync"))

@@ -29,7 +29,7 @@ from thinwire._validate import check_choice, check_float, check_int, check_type
 from thinwire.collectives import Communicator
 from thinwire.compression import ROBUST_RULES, Codec, SparseCodec, build_codec
 from thinwire.optim._finite import first_nonfinite
-from thinwire.optim._reduce import PendingReduce, start_reduce
+from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer, make_reducer
 from thinwire.optim._state import load_keeping_width
 
 __all__: list[str] = []
@@ -111,6 +111,7 @@ class DiLoCoBase(Optimizer):
         ef_scale_by_lr: bool = False,
         robust: str = "mean",
         backend: str = "auto",
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
         if not callable(inner):
             raise TypeError(f"inner must be a callable param_groups -> Optimizer, got {inner!r}")
@@ -131,7 +132,9 @@ class DiLoCoBase(Optimizer):
         self.ef_scale_by_lr = check_type("ef_scale_by_lr", ef_scale_by_lr, bool)
         self.robust = check_choice("robust", robust, ROBUST_RULES)
         self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
+        self.bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0.0, lo_open=True)
         self._codecs: dict[str, Codec | None] = {}
+        self._reducers: dict[str, Reducer] = {}
         self._inner_ready = False
         defaults = dict(
             outer_lr=outer_lr,
@@ -216,6 +219,20 @@ class DiLoCoBase(Optimizer):
         for p in g["params"]:
             if not p.is_floating_point():
                 raise TypeError(f"params must be floating point, got {p.dtype}")
+
+    def _reducer_of(self, g: Mapping[str, Any]) -> Reducer:
+        """The reducer of this group's compressor (one per distinct setting)."""
+        key = repr(g["compressor"])
+        if key not in self._reducers:
+            self._reducers[key] = make_reducer(
+                self.comm,
+                self._codec_of(g),
+                robust=self.robust,
+                weighted=self.on_nonfinite == "skip",
+                aggregate=self.aggregate,
+                bucket_cap_mb=self.bucket_cap_mb,
+            )
+        return self._reducers[key]
 
     def _codec_of(self, g: Mapping[str, Any]) -> Codec | None:
         spec = g["compressor"]
@@ -345,33 +362,21 @@ class DiLoCoBase(Optimizer):
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(msg)
             logger.warning("%s; this worker contributes weight 0 to the round", msg)
-        weighted = self.on_nonfinite == "skip"
         inflight = _Inflight(fragment, apply_at, contributed=finite)
         for (gi, ps), ds in zip(buckets, deltas, strict=True):
             g = self.param_groups[gi]
             ef = finite and g["error_feedback"]
             if not finite:
                 ds = [torch.zeros_like(d) for d in ds]  # weight 0: nothing non-finite is sent
-            elif ef:
-                scale = g["outer_lr"] if self.ef_scale_by_lr else 1.0
-                ds = [
-                    self._residual(p).mul(g["ef_decay"]).add_(d, alpha=scale)
-                    for p, d in zip(ps, ds, strict=True)
-                ]
-            pend, contrib = start_reduce(
-                self.comm,
+            pend = self._reducer_of(g).start(
                 ds,
-                codec=self._codec_of(g),
+                residuals=[self._residual(p) for p in ps] if ef else None,
+                decay=g["ef_decay"],
+                scale=g["outer_lr"] if self.ef_scale_by_lr else 1.0,
                 contribute=finite,
-                weighted=weighted,
-                aggregate=self.aggregate,
                 async_op=self.overlap_steps > 0,
                 tag=f"{self.tag}/sync/f{fragment}/g{gi}",
-                robust=self.robust,
             )
-            if ef:
-                for p, d, sent in zip(ps, ds, contrib.sent, strict=True):
-                    self.state[p]["residual"] = d - sent.to(d.dtype)
             inflight.buckets.append((gi, ps, pend))
         self._inflight = inflight
 

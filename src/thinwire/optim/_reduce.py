@@ -1,53 +1,100 @@
-"""How optimizers average a list of tensors across workers: dense, quantized or sparse.
+"""How optimizers average a list of tensors across workers: one Reducer per codec family.
 
-One function serves every optimizer (STYLE.md §3, "one implementation per concept"):
+Every reducer runs the same four stages over buckets of tensors: encode -> exchange -> decode ->
+aggregate. The tensors are cut into buckets (``bucket_cap_mb``, as DDP's ``bucket_cap_mb``), and
+each bucket crosses the wire once:
 
-* no codec — the tensors are flattened into one vector and ring all-reduced (SUM, then divide
-  locally; ``collectives_wan_bench.md`` §2.3): ``2(M-1) ceil(N/M) 4`` bytes per worker;
-* a dense codec (fp16, int8, int4, FP4, ...) — each worker encodes the flat vector once, payloads
-  are all-gathered and every worker decodes them and averages in float32 in rank order:
-  ``(M-1)(8 + wire_bytes(N))`` bytes per worker (``specs/diloco.md`` §3, all-gather row);
-* a sparse codec (chunk -> DCT -> top-k -> quantize) — each tensor is encoded with its own chunk
-  geometry, the payloads travel as one bundle, and every worker folds all peers' messages with
-  :func:`thinwire.compression.aggregate_sparse` (``specs/demo_sparseloco.md`` §1.4).
+* :class:`AllReduceReducer` (no codec) — the bucket is flattened and ring all-reduced (SUM, then
+  divide locally): ``2(M-1) ceil(N/M) 4`` bytes per worker;
+* :class:`DenseReducer` (fp16, int8, int4, FP4, ...) — each worker quantizes the flat bucket,
+  frames are all-gathered into one ``(M, W)`` uint8 tensor and every worker decodes all of them
+  and averages in float32 in rank order: ``(M-1) W`` bytes per worker, ``W`` = body + 16;
+* :class:`SparseReducer` (chunk -> DCT -> top-k -> quantize) — each tensor keeps its own chunk
+  geometry inside the bucket, and every worker folds all peers' selections in rank order
+  (``index_mean`` or ``global_mean``).
 
-Every worker decodes the same bytes in the same order, so the result is bit-identical everywhere,
-and the caller learns exactly what it transmitted (error feedback subtracts that). A worker may
-contribute nothing (non-finite input, ``"skip"`` policy): it sends an empty payload (gathered
-paths) or weight 0 appended to the vector (dense path, ``weighted=True``), and means divide by the
-number of contributors. A payload that fails to decode is dropped with a logged reason naming the
-peer; it is never half-applied.
+Payloads are uint8 tensors on the tensors' device and nothing in encode or exchange reads a
+value back to the host; each bucket's frames yield one status per peer, pulled once when the
+result is needed (a handful of integers, never the payload). Every worker decodes the same
+bytes in the same order, so the result is bit-identical everywhere, and the caller learns
+exactly what it transmitted (error feedback subtracts that). A worker may contribute nothing
+(non-finite input, ``"skip"`` policy): its frame carries flag 0 (gathered paths) or weight 0
+appended to the vector (all-reduce path, ``weighted=True``), and means divide by the number of
+contributors. A frame that fails its checks is dropped with a logged reason naming the peer;
+it is never half-applied.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from thinwire.collectives import Communicator, Handle
 from thinwire.compression import (
+    EF_FORMATS,
+    STATUS_EMPTY,
+    STATUS_OK,
+    STATUS_REASONS,
     Codec,
+    DenseBucket,
     DenseCodec,
-    PayloadError,
+    SparseBucket,
     SparseCodec,
-    SparseMessage,
-    aggregate_sparse,
+    SparsePart,
     clip_scales,
-    densify,
-    pack_bundle,
+    ef_quantize_pack,
+    error_feedback_subtract,
+    error_feedback_update,
+    make_bucket,
     robust_mean,
-    unpack_bundle,
 )
 
 __all__: list[str] = []
 
 logger = logging.getLogger(__name__)
 
+#: Default bucket size: DDP's ``bucket_cap_mb`` default (25 MiB of float32 values).
+DEFAULT_BUCKET_CAP_MB = 25.0
+_BUCKET_CACHE_SIZE = 256
+_bucket_cache: OrderedDict[tuple, DenseBucket | SparseBucket] = OrderedDict()
+
+
+def bucket_of(codec: Codec, shapes: tuple[tuple[int, ...], ...]) -> DenseBucket | SparseBucket:
+    """The (cached) bucket codec of ``codec`` for ``shapes``."""
+    key = (type(codec).__name__, codec.settings, getattr(codec, "backend", ""), shapes)
+    b = _bucket_cache.get(key)
+    if b is None:
+        b = make_bucket(codec, shapes)  # type: ignore[arg-type]
+        _bucket_cache[key] = b
+        if len(_bucket_cache) > _BUCKET_CACHE_SIZE:
+            _bucket_cache.popitem(last=False)
+    else:
+        _bucket_cache.move_to_end(key)
+    return b
+
+
+def split_buckets(tensors: list[torch.Tensor], cap_mb: float) -> list[slice]:
+    """Consecutive slices of ``tensors`` of at most ``cap_mb`` MiB of float32 each (>= 1 tensor)."""
+    cap = max(1, int(cap_mb * 2**20 / 4))
+    out, start, size = [], 0, 0
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if i > start and size + n > cap:
+            out.append(slice(start, i))
+            start, size = i, 0
+        size += n
+    if tensors:
+        out.append(slice(start, len(tensors)))
+    return out
+
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+    return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
 
 
 def _split(vec: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -59,220 +106,357 @@ def _split(vec: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @dataclass
-class Contribution:
-    """What this worker put on the wire, decoded as every receiver decodes it.
+class _Part:
+    """One bucket in flight: its slice of the tensors and what finishing it needs."""
 
-    ``sent`` is the transmitted value (dequantized); ``unquantized`` is, for sparse codecs, the
-    selected components before value quantization (DeMo's Psyche variant subtracts these).
-    """
+    sl: slice
+    handle: Handle | None
+    bucket: DenseBucket | SparseBucket | None = None
+    local: tuple[list[torch.Tensor], float] | None = None
 
-    sent: list[torch.Tensor]
-    unquantized: list[torch.Tensor]
+
+@dataclass
+class _EF:
+    """Error-feedback settings of one reduction (see :meth:`Reducer.start`)."""
+
+    residuals: list[torch.Tensor]
+    decay: float
+    scale: float
+    subtract: str
+
+    def inputs(self, sl: slice, ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``p = decay * residual + scale * tensor`` for this bucket, out of place."""
+        return [
+            error_feedback_update(r.clone(), t, decay=self.decay, scale=self.scale)
+            for r, t in zip(self.residuals[sl], ts, strict=True)
+        ]
+
+    def keep(self, sl: slice, ps: list[torch.Tensor], taken: list[torch.Tensor]) -> None:
+        """``residual <- p - taken`` in place (the optimizer's state keeps its tensors)."""
+        for r, p, t in zip(self.residuals[sl], ps, taken, strict=True):
+            r.copy_(error_feedback_subtract(p, t.to(p.dtype)))
 
 
 @dataclass
 class PendingReduce:
     """An issued reduction; ``result()`` waits for it once and caches the mean."""
 
+    reducer: Reducer
     like: list[torch.Tensor]
-    codec: Codec | None
-    weighted: bool
-    aggregate: str
-    world: int = 1
-    robust: str = "mean"
-    handle: Handle | None = None
+    parts: list[_Part] = field(default_factory=list)
     _value: tuple[list[torch.Tensor], float] | None = field(default=None, repr=False)
 
     def done(self) -> bool:
-        return self._value is not None or self.handle is None or self.handle.done()
+        return self._value is not None or all(
+            p.handle is None or p.handle.done() for p in self.parts
+        )
 
     def result(self) -> tuple[list[torch.Tensor], float]:
-        """The averaged tensors and the number (or total weight) of contributors (0: nobody)."""
-        if self._value is not None:
-            return self._value
-        if self.handle is None:
-            raise RuntimeError("internal error: a local reduction has no value")
-        out = self.handle.wait()
-        if self.codec is None:
-            if self.weighted:
-                total = float(out[-1])
-                vec = out[:-1] / total if total > 0 else torch.zeros_like(out[:-1])
-            else:
-                total, vec = float(self.world), out
-            if not bool(torch.isfinite(vec).all()):
-                # A ring sum cannot say whose contribution was bad; skip the round everywhere.
-                logger.warning(
-                    "the all-reduced vector is non-finite: some peer sent non-finite values; round skipped"
-                )
-                vec, total = torch.zeros_like(vec), 0.0
-            self._value = (_split(vec, self.like), total)
-        elif isinstance(self.codec, SparseCodec):
-            self._value = self._sparse(out)
-        else:
-            self._value = self._dense_codec(out)
+        """The averaged tensors and the number (or total weight) of contributors (0: nobody).
+
+        With several buckets the weight is the smallest over them (a bucket nobody could
+        deliver has weight 0, and the caller then skips the whole step).
+        """
+        if self._value is None:
+            outs: list[torch.Tensor] = []
+            weight = math.inf
+            for part in self.parts:
+                vals, w = part.local if part.local is not None else self.reducer.finish(part)
+                outs.extend(vals)
+                weight = min(weight, w)
+            self._value = (outs, 0.0 if weight == math.inf else weight)
         return self._value
 
-    def _payloads(self, out: list[bytes | None], count: int) -> list[list[bytes] | None]:
-        peers: list[list[bytes] | None] = []
-        for rank, blob in enumerate(out):
-            if blob is None or len(blob) == 0:
-                peers.append(None)
-                continue
-            try:
-                peers.append(unpack_bundle(blob, count))
-            except PayloadError as exc:
-                logger.warning("dropping the payload of peer %d: %s", rank, exc)
-                peers.append(None)
-        return peers
 
-    def _dense_codec(self, out: list[bytes | None]) -> tuple[list[torch.Tensor], float]:
-        n = sum(t.numel() for t in self.like)
-        decoded = []
-        for rank, blob in enumerate(out):  # rank order: the same fold on every worker
-            if blob is None or len(blob) == 0:
-                continue
-            try:
-                decoded.append(self.codec.decode(blob, n))  # type: ignore[union-attr]
-            except PayloadError as exc:
-                logger.warning("dropping the payload of peer %d: %s", rank, exc)
-        if not decoded:
-            return _split(torch.zeros(n, dtype=torch.float32), self.like), 0.0
-        return _split(robust_mean(decoded, self.robust), self.like), float(len(decoded))
-
-    def _sparse(self, out: list[bytes | None]) -> tuple[list[torch.Tensor], float]:
-        codec = self.codec
-        assert isinstance(codec, SparseCodec)  # internal invariant: chosen by the caller
-        decoded: list[list[SparseMessage] | None] = []
-        for rank, parts in enumerate(self._payloads(out, len(self.like))):
-            if parts is None:
-                decoded.append(None)
-                continue
-            try:
-                msgs = [
-                    codec.decode_sparse(pl, t.numel())
-                    for pl, t in zip(parts, self.like, strict=True)
-                ]
-                for m, t in zip(msgs, self.like, strict=True):
-                    if m.geometry != codec.geometry(tuple(t.shape)):
-                        raise PayloadError(
-                            f"payload shape {m.geometry.shape} must be {tuple(t.shape)}"
-                        )
-            except PayloadError as exc:
-                logger.warning("dropping the payload of peer %d: %s", rank, exc)
-                decoded.append(None)
-                continue
-            decoded.append(msgs)
-        present = [d for d in decoded if d is not None]
-        if self.robust == "clip" and present:
-            # Clip each peer's whole contribution to the median norm (orthonormal DCT: the norm
-            # of the values is the norm of the decoded update), then aggregate as usual.
-            norms = [
-                float(sum(float(m.val.double().pow(2).sum()) for m in msgs)) ** 0.5
-                for msgs in present
-            ]
-            present = [
-                [SparseMessage(m.geometry, m.transform, m.idx, m.val * scale) for m in msgs]
-                if scale != 1.0
-                else msgs
-                for msgs, scale in zip(present, clip_scales(norms), strict=True)
-            ]
-        if not present:
-            return [torch.zeros(t.shape, dtype=torch.float32) for t in self.like], 0.0
-        result = []
-        for i, t in enumerate(self.like):
-            agg = aggregate_sparse(
-                [d[i] for d in present], mode=self.aggregate, backend=codec.backend
-            )
-            result.append(agg.reshape(t.shape))
-        return result, float(len(present))
-
-
-def start_reduce(
-    comm: Communicator | None,
-    tensors: list[torch.Tensor],
-    *,
-    codec: Codec | None,
-    contribute: bool = True,
-    weighted: bool = False,
-    aggregate: str = "index_mean",
-    async_op: bool = False,
-    tag: str = "",
-    robust: str = "mean",
-) -> tuple[PendingReduce, Contribution]:
-    """Issue the mean of ``tensors`` over workers.
-
-    Collective: every rank must call this, in the same order, with the same ``tag``.
+class Reducer:
+    """encode -> exchange -> decode -> aggregate, bucket by bucket, for one codec family.
 
     Args:
         comm: the communicator, or None for a single worker.
-        tensors: float tensors (any shapes); they are not modified.
-        codec: None (dense fp32/fp64 all-reduce), a dense codec or a :class:`SparseCodec`.
-        contribute: False sends nothing from this worker (weight 0).
-        weighted: dense path only: carry the contributor count (needed when any worker may skip).
-        aggregate: sparse path: ``"index_mean"`` or ``"global_mean"``.
-        async_op: return before the collective completes.
-        tag: ledger tag.
-        robust: aggregation rule (:data:`thinwire.compression.ROBUST_RULES`). Anything but
-            ``"mean"`` needs every peer's contribution, so dense vectors travel as gathered fp32
-            payloads instead of a ring all-reduce; sparse codecs accept ``"mean"`` and ``"clip"``.
-
-    Returns:
-        The pending reduction and this worker's contribution as receivers decode it.
+        robust: aggregation rule (:data:`thinwire.compression.ROBUST_RULES`).
+        weighted: carry contributor counts (needed when any worker may skip a round).
+        bucket_cap_mb: largest bucket, MiB of float32 values.
     """
-    # Only "no communicator" is local: a one-rank torch group makes every op a local copy by
-    # itself (spec §2.1 rule 4), and an elastic engine's world_size is only a snapshot.
-    single = comm is None
-    if isinstance(codec, SparseCodec) and robust not in ("mean", "clip"):
-        raise ValueError(f"robust must be in {{'mean', 'clip'}} for sparse codecs, got {robust!r}")
-    if codec is None and robust != "mean" and not single:
-        codec = DenseCodec("fp32")  # robust rules need each peer's vector, not a ring sum
-    pend = PendingReduce(
-        list(tensors), codec, weighted, aggregate, 1 if single else comm.world_size, robust
-    )
-    zeros = [torch.zeros(t.shape, dtype=torch.float32) for t in tensors]
-    if codec is None:
-        sent = (
-            [t.detach().clone() for t in tensors]
-            if contribute
-            else [torch.zeros_like(t) for t in tensors]
-        )
-        contrib = Contribution(sent, sent)
-        if single:
-            pend._value = (
-                sent if contribute else [torch.zeros_like(t) for t in tensors],
-                1.0 if contribute else 0.0,
+
+    def __init__(
+        self,
+        comm: Communicator | None,
+        *,
+        robust: str = "mean",
+        weighted: bool = False,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+    ) -> None:
+        self.comm = comm
+        self.robust = robust
+        self.weighted = weighted
+        self.bucket_cap_mb = bucket_cap_mb
+
+    def start(
+        self,
+        tensors: list[torch.Tensor],
+        *,
+        residuals: list[torch.Tensor] | None = None,
+        decay: float = 1.0,
+        scale: float = 1.0,
+        subtract: str = "sent",
+        contribute: bool = True,
+        async_op: bool = False,
+        tag: str = "",
+    ) -> PendingReduce:
+        """Issue the mean of ``tensors`` over workers (they are not modified).
+
+        With ``residuals`` (error feedback, Karimireddy et al. 2019, arXiv:1901.09847 §3) each
+        worker sends ``p = decay * residual + scale * tensor`` and keeps
+        ``residual <- p - transmitted`` in place (``subtract="raw"``: minus the selected values
+        before quantization, DeMo's Psyche variant). A worker that does not contribute leaves
+        its residuals as they are. This is the one place error feedback is applied.
+
+        Collective: every rank must call this, in the same order, with the same ``tag``.
+        """
+        pend = PendingReduce(self, list(tensors))
+        ef = None
+        if residuals is not None and contribute:
+            ef = _EF(list(residuals), decay, scale, subtract)
+        for sl in split_buckets(pend.like, self.bucket_cap_mb):
+            pend.parts.append(self._start_bucket(pend.like[sl], sl, ef, contribute, tag))
+        if not async_op:
+            pend.result()
+        return pend
+
+    def _start_bucket(
+        self, ts: list[torch.Tensor], sl: slice, ef: _EF | None, contribute: bool, tag: str
+    ) -> _Part:
+        raise NotImplementedError
+
+    def finish(self, part: _Part) -> tuple[list[torch.Tensor], float]:
+        """Wait for one bucket's exchange and aggregate it."""
+        raise NotImplementedError
+
+    # -- shared by the gathered reducers -------------------------------------------------
+    def _exchange(self, frame: torch.Tensor, tag: str) -> Handle | None:
+        if self.comm is None:
+            return None
+        return self.comm.all_gather_into_tensor(frame, async_op=True, tag=tag)
+
+    def _frames(self, part: _Part, own: torch.Tensor | None) -> torch.Tensor:
+        if part.handle is None:
+            assert own is not None  # internal invariant: a local bucket keeps its frame
+            return own[None]
+        return part.handle.wait()
+
+    def _present(self, status: torch.Tensor, tag: str) -> list[int]:
+        """Pull the per-peer status once; log and drop bad frames; return contributing ranks."""
+        codes = status.tolist()  # one small read per bucket: P integers
+        present = []
+        for rank, code in enumerate(codes):
+            if code == STATUS_OK:
+                present.append(rank)
+            elif code != STATUS_EMPTY:
+                logger.warning(
+                    "dropping the payload of peer %d (%s): %s", rank, tag, STATUS_REASONS[code]
+                )
+        return present
+
+
+class AllReduceReducer(Reducer):
+    """No codec: the flat float32 bucket is ring all-reduced."""
+
+    def _start_bucket(self, ts, sl, ef, contribute, tag):
+        if ef is not None:
+            ts = ef.inputs(sl, ts)
+            for r in ef.residuals[sl]:  # sent exactly: nothing is held back
+                r.zero_()
+        sent = [t.detach().clone() for t in ts] if contribute else [torch.zeros_like(t) for t in ts]
+        if self.comm is None:
+            return _Part(sl, None, local=(sent, 1.0 if contribute else 0.0))
+        vec = torch.cat([t.reshape(-1) for t in sent])
+        if self.weighted:
+            flag = torch.full((1,), 1.0 if contribute else 0.0, dtype=vec.dtype, device=vec.device)
+            vec = torch.cat([vec, flag])
+            handle = self.comm.all_reduce(vec, "sum", async_op=True, tag=tag)
+        else:
+            handle = self.comm.all_reduce(vec, "mean", async_op=True, tag=tag)
+        part = _Part(sl, handle)
+        part.like = ts  # type: ignore[attr-defined]
+        return part
+
+    def finish(self, part):
+        like = part.like  # type: ignore[attr-defined]
+        out = part.handle.wait()
+        if self.weighted:
+            total_t = out[-1]
+            vec = out[:-1] / total_t.clamp_min(torch.finfo(out.dtype).tiny)
+        else:
+            total_t, vec = None, out
+        # One read per bucket: the contributor count and whether the sum is finite.
+        finite = torch.isfinite(vec).all()
+        if total_t is None:
+            ok = bool(finite)
+            total = float(self.comm.world_size) if ok else 0.0
+        else:
+            total_ok = torch.stack([total_t.to(torch.float64), finite.to(torch.float64)]).tolist()
+            total, ok = total_ok[0], bool(total_ok[1])
+            if total <= 0:
+                return _split(torch.zeros_like(vec), like), 0.0
+        if not ok:
+            # A ring sum cannot say whose contribution was bad; skip the round everywhere.
+            logger.warning(
+                "the all-reduced vector is non-finite: some peer sent non-finite values; round skipped"
             )
-            return pend, contrib
-        vec = _flat(sent)
-        if weighted:
-            vec = torch.cat([vec, torch.full((1,), 1.0 if contribute else 0.0, dtype=vec.dtype)])
-            handle = comm.all_reduce(vec, "sum", async_op=True, tag=tag)
+            return _split(torch.zeros_like(vec), like), 0.0
+        return _split(vec, like), total
+
+
+class DenseReducer(Reducer):
+    """A dense codec: each worker's quantized bucket is gathered; all decode and average."""
+
+    def __init__(self, comm, codec: DenseCodec, **kw: Any) -> None:
+        super().__init__(comm, **kw)
+        self.codec = codec
+
+    def _start_bucket(self, ts, sl, ef, contribute, tag):
+        bucket = bucket_of(self.codec, tuple(tuple(t.shape) for t in ts))
+        assert isinstance(bucket, DenseBucket)  # internal invariant: bucket_of follows the codec
+        fused = ef is not None and self._fusable(ef, sl)
+        if fused:
+            frame = self._fused_ef(bucket, ef, sl, ts, contribute)
         else:
-            handle = comm.all_reduce(vec, "mean", async_op=True, tag=tag)
-    else:
-        if not contribute:
-            blob, contrib = b"", Contribution(zeros, zeros)
-        elif isinstance(codec, SparseCodec):
-            encs = [codec.encode_sparse(t.detach().to(torch.float32)) for t in tensors]
-            blob = pack_bundle([e.payload for e in encs])
-            sent = [densify(e.message).reshape(t.shape) for e, t in zip(encs, tensors, strict=True)]
-            raw = [
-                densify(
-                    SparseMessage(e.message.geometry, e.message.transform, e.message.idx, e.raw_val)
-                ).reshape(t.shape)
-                for e, t in zip(encs, tensors, strict=True)
+            if ef is not None:
+                ts = ef.inputs(sl, ts)
+            frame, deq, ok = bucket.encode(_flat(ts), contribute)
+            if ef is not None:
+                # A bucket the quantizer could not represent (non-finite side data) is not
+                # sent; its residual keeps everything.
+                sent = [torch.where(ok, d, 0.0) for d in _split(deq, ts)]
+                ef.keep(sl, ts, sent)
+        part = _Part(sl, self._exchange(frame, tag), bucket)
+        part.own = frame  # type: ignore[attr-defined]
+        part.like = ts  # type: ignore[attr-defined]
+        part.tag = tag  # type: ignore[attr-defined]
+        return part
+
+    def _fusable(self, ef: _EF, sl: slice) -> bool:
+        """Whether :func:`ef_quantize_pack` (a Triton kernel on CUDA) can do this bucket's EF."""
+        v = self.codec.values
+        allowed = {"block"} if v.name != "2bit" else set()
+        if v.name == "2bit":
+            default = {"n_bins": 4, "range_sigmas": 6.0}
+            if any(v.params.get(k, d) != d for k, d in default.items()):
+                return False
+            allowed = set(default)
+        return (
+            v.name in EF_FORMATS
+            and set(v.params) <= allowed
+            and all(r.dtype == torch.float32 for r in ef.residuals[sl])
+        )
+
+    def _fused_ef(self, bucket, ef, sl, ts, contribute) -> torch.Tensor:
+        v = self.codec.values
+        residual = _flat(ef.residuals[sl])
+        packed, side, new = ef_quantize_pack(
+            residual,
+            _flat(ts),
+            decay=ef.decay,
+            scale=ef.scale,
+            fmt=v.name,
+            block=v.params.get("block"),
+            checked=False,
+        )
+        ok = torch.isfinite(side).all()
+        body = torch.cat([packed, side.reshape(-1).view(torch.uint8)])
+        for r, nr in zip(ef.residuals[sl], _split(new, ts), strict=True):
+            r.copy_(torch.where(ok, nr, r))
+        return bucket.envelope.seal(body, ok & contribute)
+
+    def finish(self, part):
+        bucket, like = part.bucket, part.like  # type: ignore[attr-defined]
+        vals, status = bucket.decode(self._frames(part, part.own))  # type: ignore[attr-defined]
+        present = self._present(status, part.tag)  # type: ignore[attr-defined]
+        if not present:
+            return [torch.zeros_like(t, dtype=torch.float32) for t in like], 0.0
+        mean = robust_mean([vals[r] for r in present], self.robust)
+        return _split(mean, like), float(len(present))
+
+
+class SparseReducer(Reducer):
+    """A sparse codec: per-tensor selections gathered in one frame; all fold them in rank order."""
+
+    def __init__(self, comm, codec: SparseCodec, *, aggregate: str = "index_mean", **kw) -> None:
+        super().__init__(comm, **kw)
+        if self.robust not in ("mean", "clip"):
+            raise ValueError(
+                f"robust must be in {{'mean', 'clip'}} for sparse codecs, got {self.robust!r}"
+            )
+        self.codec = codec
+        self.aggregate = aggregate
+
+    def _start_bucket(self, ts, sl, ef, contribute, tag):
+        bucket = bucket_of(self.codec, tuple(tuple(t.shape) for t in ts))
+        assert isinstance(bucket, SparseBucket)  # internal invariant: bucket_of follows the codec
+        if ef is not None:
+            ts = ef.inputs(sl, ts)
+        frame, parts, raws, ok = bucket.encode(ts, contribute)
+        if ef is not None:
+            if ef.subtract == "raw" and self.codec.values.name != "fp32":
+                parts = [SparsePart(p.idx, r) for p, r in zip(parts, raws, strict=True)]
+            taken = [
+                torch.where(ok, bucket.densify(i, p).reshape(t.shape), 0.0)
+                for i, (p, t) in enumerate(zip(parts, ts, strict=True))
             ]
-            contrib = Contribution(sent, raw)
-        else:
-            # One dense payload needs no bundle: its header already delimits it.
-            blob, dec = codec.roundtrip(_flat(tensors).to(torch.float32))
-            sent = _split(dec.reshape(-1), tensors)
-            contrib = Contribution(sent, sent)
-        if single:
-            pend._value = (contrib.sent if contribute else zeros, 1.0 if contribute else 0.0)
-            return pend, contrib
-        handle = comm.all_gather_bytes(blob, async_op=True, tag=tag)
-    pend.handle = handle
-    if not async_op:
-        pend.result()
-    return pend, contrib
+            ef.keep(sl, ts, taken)
+        part = _Part(sl, self._exchange(frame, tag), bucket)
+        part.own = frame  # type: ignore[attr-defined]
+        part.tag = tag  # type: ignore[attr-defined]
+        return part
+
+    def finish(self, part):
+        bucket = part.bucket
+        assert isinstance(bucket, SparseBucket)  # internal invariant
+        parts, status = bucket.decode(self._frames(part, part.own))  # type: ignore[attr-defined]
+        present = self._present(status, part.tag)  # type: ignore[attr-defined]
+        if present and self.robust == "clip":
+            parts = _clip_sparse(parts, present)
+        out = bucket.aggregate(parts, present, self.aggregate)
+        return out, float(len(present))
+
+
+def _clip_sparse(parts: list, present: list[int]) -> list:
+    """Scale each present peer's whole selection to at most the median norm of all of theirs.
+
+    With an orthonormal transform the norm of a peer's values is the norm of its decoded
+    update, so clipping the values clips the update.
+    """
+
+    sq = sum(p.val.double().pow(2).flatten(1).sum(1) for p in parts)  # (P,)
+    norms = sq.sqrt().tolist()  # one read: P norms
+    scales = clip_scales([norms[r] for r in present])
+    factor = torch.ones(len(norms), dtype=torch.float32, device=parts[0].val.device)
+    for r, s in zip(present, scales, strict=True):
+        factor[r] = s
+    return [SparsePart(p.idx, p.val * factor.view(-1, *([1] * (p.val.ndim - 1)))) for p in parts]
+
+
+def make_reducer(
+    comm: Communicator | None,
+    codec: Codec | None,
+    *,
+    robust: str = "mean",
+    weighted: bool = False,
+    aggregate: str = "index_mean",
+    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+) -> Reducer:
+    """The reducer of ``codec``'s family: the one place that maps a codec to its reduction.
+
+    Robust rules other than ``"mean"`` need every peer's vector, so without a codec they gather
+    float32 frames instead of ring all-reducing.
+    """
+    kw = dict(robust=robust, weighted=weighted, bucket_cap_mb=bucket_cap_mb)
+    if isinstance(codec, SparseCodec):
+        return SparseReducer(comm, codec, aggregate=aggregate, **kw)
+    if codec is None and robust != "mean" and comm is not None:
+        codec = DenseCodec("fp32")
+    if codec is None:
+        return AllReduceReducer(comm, **kw)
+    if not isinstance(codec, DenseCodec):
+        raise TypeError(f"codec must be a DenseCodec or SparseCodec, got {type(codec).__name__}")
+    return DenseReducer(comm, codec, **kw)

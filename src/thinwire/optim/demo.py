@@ -20,7 +20,7 @@ from thinwire._validate import check_choice, check_float, check_int, check_type
 from thinwire.collectives import Communicator
 from thinwire.compression import SparseCodec
 from thinwire.optim._finite import first_nonfinite
-from thinwire.optim._reduce import PendingReduce, start_reduce
+from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer, make_reducer
 from thinwire.optim._state import load_keeping_width
 
 __all__ = ["DeMo", "demo_compressor"]
@@ -95,6 +95,8 @@ class DeMo(Optimizer):
         backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or
             ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``) for the fused DCT + top-k and the
             aggregation fold (``thinwire.compression._dispatch`` rule).
+        bucket_cap_mb: largest bucket in MiB of float32 values (default: 25, DDP's
+            ``bucket_cap_mb``); each bucket of a param group crosses the wire as one payload.
 
     State (per parameter): ``delta`` (momentum, float32), ``pending`` (with ``overlap``, the
     aggregate to apply next step). ``state_dict()`` adds ``thinwire`` (step, pending lr).
@@ -127,8 +129,10 @@ class DeMo(Optimizer):
         on_nonfinite: str = "raise",
         robust: str = "mean",
         backend: str = "auto",
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
         self.comm = comm
+        self.bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0.0, lo_open=True)
         self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
         self.robust = check_choice("robust", robust, ("mean", "clip"))
         self.subtract = check_choice("subtract", subtract, ("unquantized", "quantized"))
@@ -136,6 +140,7 @@ class DeMo(Optimizer):
         self.aggregate = check_choice("aggregate", aggregate, ("index_mean", "global_mean"))
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
         self._codecs: dict[tuple, SparseCodec] = {}
+        self._reducers: dict[tuple, Reducer] = {}
         defaults = dict(
             lr=lr,
             momentum_decay=momentum_decay,
@@ -165,6 +170,20 @@ class DeMo(Optimizer):
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
 
+    def _reducer_of(self, g: dict[str, Any]) -> Reducer:
+        """The reducer of this group's codec (one per distinct setting)."""
+        key = (g["compress"], g["topk"], g["chunk"], g["values"], g["index_coding"])
+        if key not in self._reducers:
+            self._reducers[key] = make_reducer(
+                self.comm,
+                self._codec_of(g),
+                robust=self.robust,
+                weighted=self.on_nonfinite == "skip",
+                aggregate=self.aggregate,
+                bucket_cap_mb=self.bucket_cap_mb,
+            )
+        return self._reducers[key]
+
     def _codec_of(self, g: dict[str, Any]) -> SparseCodec | None:
         if not g["compress"]:
             return None
@@ -193,53 +212,43 @@ class DeMo(Optimizer):
         groups = []
         for gi, g in enumerate(self.param_groups):
             ps = [p for p in g["params"] if p.grad is not None]
-            if not ps:
-                continue
-            # New momentum out of place: a non-finite one must leave the optimizer untouched.
-            news = []
-            for p in ps:
-                st = self.state[p]
-                old = st["delta"] if "delta" in st else torch.zeros_like(p, dtype=torch.float32)
-                news.append(
-                    old.mul(g["momentum_decay"]).add_(p.grad.to(torch.float32), alpha=g["lr"])
-                )
-            groups.append((gi, ps, news))
+            if ps:
+                groups.append((gi, ps, [p.grad for p in ps]))
+        # Checked before anything changes: a non-finite gradient leaves the optimizer untouched.
         bad = first_nonfinite(self.param_groups, groups)
         finite = bad is None
         if not finite:
             gi, pi = bad
-            msg = f"momentum of group {gi}, param {pi} is non-finite at step {self.step_count + 1}; nothing was sent"
+            msg = f"gradient of group {gi}, param {pi} is non-finite at step {self.step_count + 1}; nothing was sent"
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(msg)
             logger.warning("%s; this worker contributes nothing and resets its momentum", msg)
-            for _, _, ds in groups:
-                for d in ds:
-                    d.zero_()
         self.step_count += 1
-        for gi, ps, ds in groups:
+        launched = []
+        for gi, ps, grads in groups:
             g = self.param_groups[gi]
-            for p, d in zip(ps, ds, strict=True):
-                self.state[p]["delta"] = d
+            deltas = []
+            for p in ps:
+                st = self.state[p]
+                if "delta" not in st:
+                    st["delta"] = torch.zeros_like(p, dtype=torch.float32)
+                elif not finite:
+                    st["delta"].zero_()
+                deltas.append(st["delta"])
                 if g["weight_decay"]:
                     p.mul_(1.0 - g["lr"] * g["weight_decay"])
-        launched = []
-        for gi, ps, ds in groups:
-            g = self.param_groups[gi]
-            pend, contrib = start_reduce(
-                self.comm,
-                ds,
-                codec=self._codec_of(g),
+            # The momentum is the error-feedback buffer: δ <- β δ + lr g, send top-k of DCT(δ),
+            # δ <- δ - what was taken (A1), all inside the reducer.
+            pend = self._reducer_of(g).start(
+                grads if finite else [torch.zeros_like(d) for d in deltas],
+                residuals=deltas if finite else None,
+                decay=g["momentum_decay"],
+                scale=g["lr"],
+                subtract="raw" if self.subtract == "unquantized" else "sent",
                 contribute=finite,
-                weighted=self.on_nonfinite == "skip",
-                aggregate=self.aggregate,
                 async_op=self.overlap,
                 tag=f"demo/g{gi}",
-                robust=self.robust,
             )
-            if finite:
-                taken = contrib.unquantized if self.subtract == "unquantized" else contrib.sent
-                for d, t in zip(ds, taken, strict=True):
-                    d.sub_(t.to(d.dtype))
             launched.append((gi, ps, pend, g["lr"]))
         if self.overlap:
             previous, self._pending = self._pending, launched

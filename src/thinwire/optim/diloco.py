@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from thinwire.collectives import Communicator
 from thinwire.optim._outer import DiLoCoBase, InnerFactory
+from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB
 
 __all__ = ["DiLoCo", "LocalSGD"]
 
@@ -61,6 +62,8 @@ class DiLoCo(DiLoCoBase):
         backend: ``"auto"`` (Triton kernels on CUDA tensors when triton imports, else torch),
             ``"torch"`` or ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``) for the
             sparse compressors' fused DCT + top-k and aggregation.
+        bucket_cap_mb: largest bucket in MiB of float32 values (default: 25, DDP's
+            ``bucket_cap_mb``); each bucket of a param group crosses the wire as one payload.
 
     State (per parameter): ``anchor`` (θ_g, fp32), ``residual`` (error feedback, fp32),
     ``inflight`` (a reduced Δ̄ awaiting its apply step). ``state_dict()`` adds ``inner``,
@@ -100,6 +103,7 @@ class DiLoCo(DiLoCoBase):
         on_nonfinite: str = "raise",
         robust: str = "mean",
         backend: str = "auto",
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
         super().__init__(
             params,
@@ -116,6 +120,7 @@ class DiLoCo(DiLoCoBase):
             on_nonfinite=on_nonfinite,
             robust=robust,
             backend=backend,
+            bucket_cap_mb=bucket_cap_mb,
             fragments=1,
             fragment_pattern="strided",
             overlap_steps=0,
@@ -144,6 +149,7 @@ class LocalSGD(DiLoCo):
         on_nonfinite: str = "raise",
         robust: str = "mean",
         backend: str = "auto",
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
         super().__init__(
             params,
@@ -159,4 +165,5 @@ class LocalSGD(DiLoCo):
             on_nonfinite=on_nonfinite,
             robust=robust,
             backend=backend,
+            bucket_cap_mb=bucket_cap_mb,
         )

@@ -18,6 +18,7 @@ import torch
 from thinwire._validate import check_float, check_int
 from thinwire.collectives import Communicator
 from thinwire.optim._outer import DiLoCoBase, InnerFactory
+from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB
 
 __all__ = ["SparseLoCo", "sparseloco_compressor"]
 
@@ -78,6 +79,8 @@ class SparseLoCo(DiLoCoBase):
         on_nonfinite: ``"raise"`` or ``"skip"`` (as DiLoCo).
         robust: ``"mean"`` (default) or ``"clip"`` (each peer clipped to the median norm).
         backend: kernel backend of the sparse codec, as :class:`~thinwire.optim.DiLoCo`.
+        bucket_cap_mb: largest bucket in MiB of float32 values (default: 25, DDP's
+            ``bucket_cap_mb``); each bucket of a param group crosses the wire as one payload.
 
     Param-group keys: ``outer_lr``, ``ef_decay`` (β), ``compressor`` (a settings mapping or
     None), ``error_feedback``; the constructor's ``error_decay`` fills ``ef_decay``.
@@ -106,6 +109,7 @@ class SparseLoCo(DiLoCoBase):
         on_nonfinite: str = "raise",
         robust: str = "mean",
         backend: str = "auto",
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
         check_float("error_decay", error_decay, 0.0, 1.0)
         super().__init__(
@@ -125,6 +129,7 @@ class SparseLoCo(DiLoCoBase):
             on_nonfinite=on_nonfinite,
             robust=robust,
             backend=backend,
+            bucket_cap_mb=bucket_cap_mb,
             fragments=1,
             fragment_pattern="strided",
             overlap_steps=0,

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from thinwire.collectives import Communicator
 from thinwire.optim._outer import DiLoCoBase, InnerFactory
+from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB
 
 __all__ = ["StreamingDiLoCo"]
 
@@ -33,7 +34,7 @@ class StreamingDiLoCo(DiLoCoBase):
 
     Args:
         params, inner, outer_lr, outer_momentum, nesterov, sync_every, comm, compressor,
-            error_feedback, ef_decay, outer, on_nonfinite, robust, backend: as :class:`~thinwire.optim.DiLoCo`
+            error_feedback, ef_decay, outer, on_nonfinite, robust, backend, bucket_cap_mb: as :class:`~thinwire.optim.DiLoCo`
             (``sync_every`` is each fragment's period *H*; it must be a multiple of P).
         fragments: P (an int, params split by ``fragment_pattern``) or an explicit list of
             parameter lists covering every parameter once (place embeddings and head there).
@@ -69,6 +70,7 @@ class StreamingDiLoCo(DiLoCoBase):
         on_nonfinite: str = "raise",
         robust: str = "mean",
         backend: str = "auto",
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
         super().__init__(
             params,
@@ -85,6 +87,7 @@ class StreamingDiLoCo(DiLoCoBase):
             on_nonfinite=on_nonfinite,
             robust=robust,
             backend=backend,
+            bucket_cap_mb=bucket_cap_mb,
             fragments=fragments,
             fragment_pattern=fragment_pattern,
             overlap_steps=overlap_steps,
