@@ -33,17 +33,39 @@ from thinwire.collectives import HivemindCommunicator
 from thinwire.optim import DiLoCo
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--initial-peers", nargs="*", default=[])
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--world-size", type=int, default=2, help="peers each round waits for")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--inner-steps", type=int, default=10)
-    ap.add_argument("--compressor", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--run-id", default="thinwire-example")
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, inf), got {text!r}")
+    return value
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of running peers")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ap.add_argument("--world-size", type=_positive, default=2, help="peers each round waits for")
+    ap.add_argument("--steps", type=_positive, default=40, help="training steps")
+    ap.add_argument("--inner-steps", type=_positive, default=10, help="steps between syncs (H)")
+    ap.add_argument("--compressor", default=None, help='e.g. "quant(int8)"; default fp32')
+    ap.add_argument("--seed", type=int, default=0, help="seed of model and data")
+    ap.add_argument("--run-id", default="thinwire-example", help="swarm name on the DHT")
     args = ap.parse_args()
+    if args.steps % args.inner_steps:
+        ap.error(
+            f"argument --steps: must be a multiple of --inner-steps ({args.inner_steps}), "
+            f"got {args.steps}"
+        )
+    return args
+
+
+def main() -> None:
+    args = _args()
 
     torch.set_num_threads(1)
     comm = HivemindCommunicator.create(
@@ -55,38 +77,48 @@ def main() -> None:
         request_timeout=1.0,
         round_wait_timeout=120.0,
     )
-    me = comm.peer_id[-8:]
-    if not args.initial_peers:
-        print(f"peer 0 listening; join with --initial-peers {comm.visible_maddrs()[0]}", flush=True)
-    model = TinyGPT(seed=args.seed)  # same seed on every peer: identical initial parameters
-    opt = DiLoCo(
-        model.parameters(),
-        functools.partial(torch.optim.AdamW, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
-        sync_every=args.inner_steps,
-        comm=comm,
-        compressor=args.compressor,
-    )
-    lang = MarkovLanguage(seed=args.seed)
-    # Each peer streams its own shard: seed it from the peer id, which is unique in the swarm.
-    stream = lang.shard(int.from_bytes(comm.peer_id.encode()[-4:], "little"), args.seed)
-    eval_set = lang.eval_set(64, model.cfg.context + 1, args.seed)
-    for step in range(1, args.steps + 1):
-        x = lang.sample(16, model.cfg.context + 1, stream)
-        loss = model(x[:, :-1], x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % args.inner_steps == 0:
-            with torch.no_grad(), opt.global_params():
-                ev = float(model(eval_set[:, :-1], eval_set[:, 1:]))
+    try:
+        me = comm.peer_id[-8:]
+        if not args.initial_peers:
             print(
-                f"peer {me}: round {step // args.inner_steps} step {step} train {float(loss.detach()):.2f} "
-                f"eval {ev:.2f} group {comm.world_size} sent {comm.ledger.totals()['sent']:,} B",
+                f"peer 0 listening; join with --initial-peers {comm.visible_maddrs()[0]}",
                 flush=True,
             )
-    syncs = sum(1 for r in comm.ledger.records if r.tag.startswith("diloco/"))
-    print(f"peer {me}: done, eval {ev:.2f} after {args.steps} steps; sent {comm.ledger.totals()['sent']:,} B in {syncs} syncs", flush=True)
-    comm.close()
+        model = TinyGPT(seed=args.seed)  # same seed on every peer: identical initial parameters
+        opt = DiLoCo(
+            model.parameters(),
+            functools.partial(torch.optim.AdamW, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
+            sync_every=args.inner_steps,
+            comm=comm,
+            compressor=args.compressor,
+        )
+        lang = MarkovLanguage(seed=args.seed)
+        # Each peer streams its own shard: seed it from the peer id, which is unique in the swarm.
+        stream = lang.shard(int.from_bytes(comm.peer_id.encode()[-4:], "little"), args.seed)
+        eval_set = lang.eval_set(64, model.cfg.context + 1, args.seed)
+        for step in range(1, args.steps + 1):
+            x = lang.sample(16, model.cfg.context + 1, stream)
+            loss = model(x[:, :-1], x[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % args.inner_steps == 0:
+                with torch.no_grad(), opt.global_params():
+                    ev = float(model(eval_set[:, :-1], eval_set[:, 1:]))
+                print(
+                    f"peer {me}: round {step // args.inner_steps} step {step} train {float(loss.detach()):.2f} "
+                    f"eval {ev:.2f} group {comm.world_size} sent {comm.ledger.totals()['sent']:,} B",
+                    flush=True,
+                )
+        with torch.no_grad(), opt.global_params():  # the global model after the last sync
+            ev = float(model(eval_set[:, :-1], eval_set[:, 1:]))
+        syncs = sum(1 for r in comm.ledger.records if r.tag.startswith("diloco/"))
+        print(
+            f"peer {me}: done, eval {ev:.2f} after {args.steps} steps; sent {comm.ledger.totals()['sent']:,} B in {syncs} syncs",
+            flush=True,
+        )
+    finally:
+        comm.close()
 
 
 if __name__ == "__main__":

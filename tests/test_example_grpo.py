@@ -57,3 +57,20 @@ def test_single_learner_command():
     assert "learners/sync" not in _channels(out) and "DDP-GRPO" not in out
     assert _channels(out)["weights/local"] == (10 * 4 * P, 0)
     assert len(re.findall(r"^\s+\d+-\d+\s+\d\.\d{3}$", out, re.M)) == 2
+
+
+def test_ddp_sync_is_reported_as_the_baseline_with_progress_lines():
+    steps = 10
+    res = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--inproc", "2", "--sync", "ddp", "--steps", str(steps),
+         "--prompts", "4", "--group", "8", "--window", "5"],
+        capture_output=True, text=True, timeout=240, env=ENV,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ring = 2 * (2 - 1) * -(-P // 2) * 4  # fp32 ring all-reduce of the gradients, every step
+    assert _channels(res.stdout)["learners/sync"] == (steps * ring, steps * ring)
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("learner-to-learner:"))
+    assert "x more" not in line and "DDP-GRPO: fp32 gradients" in line
+    # one progress line per 10% of the steps, on stderr, counting from 1
+    progress = re.findall(r"^grpo_wan: step (\d+)/10, reward \d\.\d{3}", res.stderr, re.M)
+    assert progress == [str(s) for s in range(1, steps + 1)], res.stderr

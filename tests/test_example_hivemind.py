@@ -54,3 +54,26 @@ def test_two_hivemind_peers_train_together(tmp_path):
     sent = [int(d.group(2).replace(",", "")) for d in done]
     assert sent == [2 * 4 * N_PARAMS] * 2
     assert "group 2" in out0 and "group 2" in second.stdout
+
+
+def test_steps_not_a_multiple_of_inner_steps_is_one_error_line():
+    script = str(ROOT / "examples" / "hivemind_diloco.py")
+    res = subprocess.run(
+        [sys.executable, script, "--world-size", "1", "--steps", "3", "--inner-steps", "5"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.endswith("error: argument --steps: must be a multiple of --inner-steps (5), got 3")
+
+
+@pytest.mark.timeout(300)
+def test_a_single_peer_trains_alone():
+    script = str(ROOT / "examples" / "hivemind_diloco.py")
+    args = ["--world-size", "1", "--steps", "4", "--inner-steps", "2", "--run-id", f"tw-one-{os.getpid()}"]
+    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    done = re.search(r"done, eval ([0-9.]+) after 4 steps; sent 0 B in 2 syncs", res.stdout)
+    assert done, res.stdout  # alone, nothing crosses the wire
+    last_round = re.findall(r"round 2 step 4 train \S+ eval ([0-9.]+) group 1", res.stdout)
+    assert last_round == [done.group(1)]  # the final line evaluates the same global model

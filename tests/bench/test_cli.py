@@ -91,9 +91,11 @@ def test_bench_cli_ledger_matches_formulas(tmp_path, engine):
 
 @pytest.mark.timeout(300)
 def test_bench_cli_writes_plot_and_rejects_bad_flags(tmp_path):
-    out, _ = _run(tmp_path, "inproc", "ddp,demo-sign", steps=8, inner=8, extra=["--quiet"])
+    out, stdout = _run(tmp_path, "inproc", "ddp,demo-sign", steps=8, inner=8, extra=["--quiet"])
     png = out / "bench_home_broadband.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --quiet: no table, no progress; only the output paths
+    assert stdout.splitlines() == [stdout.strip()] and stdout.startswith(f"wrote {out}")
     bad = subprocess.run(
         [
             sys.executable,
@@ -109,4 +111,6 @@ def test_bench_cli_writes_plot_and_rejects_bad_flags(tmp_path):
         text=True,
         timeout=120,
     )
-    assert bad.returncode != 0 and "methods must be in" in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("thinwire bench: error: argument --methods: must be 'all' or")

@@ -1,10 +1,16 @@
-"""Benchmark reports: the summary per method, ``results.json``, ``curves.csv``, the PNG and the table.
+"""Benchmark reports: the summary per method, ``results.json``, ``curves.csv``, the PNG, the table,
+and the side-by-side comparison of two ``results.json`` files.
 
 Definitions (``specs/collectives_wan_bench.md`` §5): bytes are payload bytes sent per rank (max
 over ranks) from the ledger; reduction vs DDP = DDP bytes / method bytes; compression ratio per
 sync = dense fp32 bytes of the synced tensors / wire bytes this rank put in its payloads; loss at
 equal bytes (equal simulated time) interpolates each eval-loss curve, in log-bytes (linearly in
-time), at the smallest final total among the methods.
+time), at the smallest final total among the methods. Simulated time, compute and communication
+are those of one rank, the slowest (largest simulated time; ties go to the most compute), so
+``sim_time_s = compute_s + exposed_comm_s`` holds in every run; ``exposed_comm_s`` counts the
+time that rank waited on the wire, including waiting for slower peers, and can exceed the
+modelled ``comm_s``. ``results.json`` is strict JSON: non-finite numbers (no training loss at
+step 0, no entropy floor for a ``--data`` file, an eval loss only rank 0 computes) are ``null``.
 """
 
 from __future__ import annotations
@@ -25,10 +31,42 @@ import thinwire
 from thinwire.bench.methods import METHODS
 from thinwire.collectives import PRESETS
 
-__all__ = ["SCHEMA", "summarize", "write_outputs", "table_rows", "TABLE_HEADERS", "NOTE"]
+__all__ = [
+    "SCHEMA",
+    "summarize",
+    "write_outputs",
+    "table_rows",
+    "TABLE_HEADERS",
+    "NOTE",
+    "BENCH_EXTRA",
+    "json_safe",
+    "load_results",
+    "COMPARE_HEADERS",
+    "compare_rows",
+    "describe_run",
+]
 
 SCHEMA = "thinwire.bench/v1"
 NOTE = "CPU, tiny model: trends, not absolute speedups"
+BENCH_EXTRA = 'pip install "thinwire[bench]"'  # rich (table, progress) and matplotlib (PNG)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (recursively), for strict JSON.
+
+    numpy scalars become Python numbers and paths strings; tuples become lists.
+    """
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def _interp(curve: list[dict[str, Any]], key: str, at: float, log: bool) -> float:
@@ -59,6 +97,9 @@ def summarize(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
     for (method, seed), rs in by_key.items():
         rs = sorted(rs, key=lambda r: r["rank"])
         r0 = rs[0]
+        # One rank's consistent (total, compute, exposed) triple: maxima taken field by field
+        # come from different ranks (the fastest computer waits longest) and do not add up.
+        slow = max(rs, key=lambda r: (r["sim_time_s"], r["compute_s"]))
         run = {
             "method": method,
             "seed": seed,
@@ -70,10 +111,11 @@ def summarize(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
             "compression_ratio_per_sync": (r0["dense_synced_bytes"] / r0["wire_payload_bytes"])
             if r0["wire_payload_bytes"]
             else math.nan,
-            "sim_time_s": max(r["sim_time_s"] for r in rs),
-            "compute_s": max(r["compute_s"] for r in rs),
-            "comm_s": max(r["comm_s"] for r in rs),
-            "exposed_comm_s": max(r["exposed_comm_s"] for r in rs),
+            "sim_time_s": slow["sim_time_s"],
+            "compute_s": slow["compute_s"],
+            "comm_s": slow["comm_s"],
+            "exposed_comm_s": slow["exposed_comm_s"],
+            "time_rank": slow["rank"],
             "real_time_s": max(r["real_time_s"] for r in rs),
             "final_eval_loss": r0["curve"][-1]["eval_loss"],
             "loss_floor": r0["loss_floor"],
@@ -160,8 +202,21 @@ def _fmt_bytes(n: float) -> str:
 
 def _pm(d: dict[str, float], fmt: str) -> str:
     if not math.isfinite(d["mean"]):
-        return "nan"
+        return "n/a"
     return format(d["mean"], fmt) + (f" ± {format(d['std'], fmt)}" if d["std"] else "")
+
+
+def _sim_cell(total: float, compute: float, exposed: float) -> str:
+    """``total s (compute + exposed)`` at 0.1 s.
+
+    The exposed part is printed as the difference of the two rounded figures so that the cell
+    adds up (it moves by at most 0.1 s). Without a WAN model (preset ``none``) the total is the
+    wall clock, which also holds evaluation, so it is labelled as such.
+    """
+    t, c = round(total, 1), round(compute, 1)
+    if not math.isclose(total, compute + exposed, rel_tol=1e-6, abs_tol=1e-9):
+        return f"{t:,.1f} s (wall clock; compute {c:,.1f})"
+    return f"{t:,.1f} s ({c:,.1f} + {max(t - c, 0.0):,.1f})"
 
 
 TABLE_HEADERS = [
@@ -169,7 +224,7 @@ TABLE_HEADERS = [
     "sent/rank",
     "vs DDP",
     "ratio/sync",
-    "sim time (compute + exposed)",
+    "sim time, slowest rank (compute + exposed comm)",
     "eval @steps",
     "@bytes",
     "@time",
@@ -187,9 +242,13 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
             [
                 method,
                 _fmt_bytes(s["bytes_sent_per_rank"]["mean"]),
-                f"{s.get('reduction_vs_ddp', math.nan):,.0f}x",
-                f"{s['compression_ratio_per_sync']['mean']:,.1f}x",
-                f"{s['sim_time_s']['mean']:,.1f} s ({s['compute_s']['mean']:,.1f} + {s['exposed_comm_s']['mean']:,.1f})",
+                f"{s['reduction_vs_ddp']:,.0f}x" if "reduction_vs_ddp" in s else "n/a",
+                f"{s['compression_ratio_per_sync']['mean']:,.1f}x"
+                if math.isfinite(s["compression_ratio_per_sync"]["mean"])
+                else "n/a",
+                _sim_cell(
+                    s["sim_time_s"]["mean"], s["compute_s"]["mean"], s["exposed_comm_s"]["mean"]
+                ),
                 _pm(s["final_eval_loss"], ".4f"),
                 _pm(s["loss_at_equal_bytes"], ".4f"),
                 _pm(s["loss_at_equal_time"], ".4f"),
@@ -197,6 +256,97 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+COMPARE_HEADERS = [
+    "method",
+    "sent/rank A",
+    "B",
+    "B/A",
+    "vs DDP A",
+    "B",
+    "B/A",
+    "eval A",
+    "B",
+    "B/A",
+    "sim time A",
+    "B",
+    "B/A",
+]
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a ``results.json`` the benchmark wrote (also one of an older run with bare ``NaN``).
+
+    Raises:
+        ValueError: the file is missing, unreadable, not JSON, or not a benchmark result.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from None
+    try:
+        res = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{str(p)!r} is not JSON ({exc})") from None
+    if not isinstance(res, dict) or res.get("schema") != SCHEMA:
+        got = res.get("schema") if isinstance(res, dict) else type(res).__name__
+        raise ValueError(
+            f"{str(p)!r} is not a thinwire bench results.json: schema must be {SCHEMA!r}, "
+            f"got {got!r}"
+        )
+    if not isinstance(res.get("methods"), dict) or not res["methods"]:
+        raise ValueError(f"{str(p)!r} holds no methods")
+    return res
+
+
+def _num(x: Any) -> float:
+    """A number from ``results.json`` (``null`` and missing are NaN)."""
+    if isinstance(x, dict):
+        x = x.get("mean")
+    return float(x) if isinstance(x, int | float) else math.nan
+
+
+def _ratio(a: float, b: float) -> str:
+    if not (math.isfinite(a) and math.isfinite(b)) or a == 0:
+        return "n/a"
+    return f"{b / a:,.3g}x"
+
+
+def compare_rows(a: dict[str, Any], b: dict[str, Any]) -> list[list[str]]:
+    """One row per method of either run (A's order, then B's own): each figure for A, for B,
+    and the ratio B/A. Columns: :data:`COMPARE_HEADERS`."""
+    names = list(a["methods"]) + [m for m in b["methods"] if m not in a["methods"]]
+    cells = (
+        ("bytes_sent_per_rank", _fmt_bytes),
+        ("reduction_vs_ddp", lambda v: f"{v:,.0f}x"),
+        ("final_eval_loss", lambda v: f"{v:.4f}"),
+        ("sim_time_s", lambda v: f"{v:,.1f} s"),
+    )
+    rows = []
+    for m in names:
+        ma, mb = a["methods"].get(m, {}), b["methods"].get(m, {})
+        row = [m]
+        for key, fmt in cells:
+            va, vb = _num(ma.get(key)), _num(mb.get(key))
+            row += [
+                fmt(va) if math.isfinite(va) else "n/a",
+                fmt(vb) if math.isfinite(vb) else "n/a",
+                _ratio(va, vb),
+            ]
+        rows.append(row)
+    return rows
+
+
+def describe_run(res: dict[str, Any]) -> str:
+    """A short description of a run from its ``config``: preset, ranks, engine, steps, seeds."""
+    c = res.get("config", {})
+    seeds = ",".join(str(x) for x in c.get("seeds", []))
+    return (
+        f"preset {c.get('preset', '?')}, {c.get('world_size', '?')} ranks ({c.get('engine', '?')}), "
+        f"{c.get('steps', '?')} steps, H={c.get('inner_steps', '?')}, seeds {seeds or '?'}"
+    )
 
 
 def write_outputs(
@@ -228,7 +378,7 @@ def write_outputs(
         },
     }
     paths = {"json": out / "results.json", "csv": out / "curves.csv"}
-    paths["json"].write_text(json.dumps(results, indent=1, default=float))
+    paths["json"].write_text(json.dumps(json_safe(results), indent=1, allow_nan=False))
     with paths["csv"].open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
@@ -259,7 +409,12 @@ def write_outputs(
                         ]
                     )
     if plot:
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError as exc:
+            raise ImportError(
+                f"the PNG needs matplotlib: {BENCH_EXTRA}, or pass plot=False"
+            ) from exc
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

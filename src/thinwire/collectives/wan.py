@@ -245,10 +245,11 @@ class WanCommunicator:
         limit = getattr(self.inner, "timeout_s", None)
         if not self._warned and limit is not None and suggest_timeout(t) > limit:
             self._warned = True
+            need = suggest_timeout(t)
             logger.warning(
                 "op %s/%s is modelled at %.1f s; a real WAN link like this needs timeout_s >= "
-                "%.0f s (3*T + 30, spec §2.5), the communicator has %s s",
-                rec.op, rec.algorithm, t, suggest_timeout(t), limit,
+                "%.2f s (3 x op time + 30 s), the communicator has %.2f s",
+                rec.op, rec.algorithm, t, need, limit,
             )  # fmt: skip
 
     def _ready(self, e: _Entry) -> bool:
