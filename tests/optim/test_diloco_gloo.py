@@ -48,8 +48,8 @@ COMPRESSORS = [
 ]
 N_BYTES = 100_003  # >= 100k params for the framing check; prime, so no block or ring divides it
 BYTE_CODECS = {None: None, "quant(int8, block=256)": (8, 256), "quant(int4, block=128)": (4, 128)}
-#: The bucket frame's envelope: magic, version, flags, settings digest, body length, CRC32.
-ENVELOPE = 16
+#: A bucket frame's only overhead: its CRC32, keyed with the wire version, settings and shapes.
+ENVELOPE = 4
 STREAM_H, STREAM_P, STREAM_STEPS = 4, 2, 12
 
 

@@ -603,9 +603,9 @@ def test_ledger_bytes_per_sync(compressor: Any, bits: int, block: Any, M: int) -
         expected = 2 * (M - 1) * -(-N // M) * 4
         spec = 2 * (M - 1) / M * N * 4
     else:
-        # One frame per bucket: the 16-byte envelope, then packed codes and one float32 scale
-        # per block. Ring all-gather of equal frames, no length exchange: (M−1) w.
-        w = 16 + -(-N * bits // 8) + 4 * -(-N // block)
+        # One frame per bucket: packed codes, one float32 scale per block, a 4-byte CRC32.
+        # Ring all-gather of equal frames, no length exchange: (M−1) w.
+        w = -(-N * bits // 8) + 4 * -(-N // block) + 4
         expected = (M - 1) * w
         spec = (M - 1) * N * (bits + 32 / block) / 8  # spec §3, all-gather row
     for per_sync in _ledger_run(M, compressor):

@@ -145,8 +145,8 @@ def test_oracle_6_11_bytes_per_channel_match_formulas():
         steps=4,
         options=SyncOptions(sync_every=2, compressor="quant(int4, block=128)"),
     )
-    # int4 sync: one bucket frame of 16 envelope bytes, 4-bit codes and a float32 scale per 128.
-    int4 = 16 + -(-P * 4 // 8) + 4 * -(-P // 128)
+    # int4 sync: one bucket frame of 4-bit codes, a float32 scale per 128 values, a CRC32.
+    int4 = -(-P * 4 // 8) + 4 * -(-P // 128) + 4
     for res, per_learner in ((ddp, 3 * ring), (dil, 2 * ring), (q4, 2 * int4)):
         for lr in res.learners:
             assert (

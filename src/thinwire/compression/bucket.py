@@ -26,9 +26,10 @@ import torch
 from torch import Tensor
 
 from thinwire._validate import check_type
+from thinwire.compression._dispatch import resolve_backend
 from thinwire.compression.aggregate import AGGREGATE_MODES
 from thinwire.compression.dct import dct_basis, idct_tiles
-from thinwire.compression.fused import dct_topk, decode_accumulate
+from thinwire.compression.fused import _index_mean_into, dct_topk, decode_accumulate
 from thinwire.compression.pipeline import DenseCodec, SparseCodec
 from thinwire.compression.topk import topk_chunks_fast
 from thinwire.compression.wire import STATUS_BODY, STATUS_OK, Envelope, layout_digest
@@ -213,7 +214,10 @@ class SparseBucket:
 
         ``index_mean`` averages each coordinate over the peers that selected it (the reference
         rule); ``global_mean`` divides the sum by the number of present peers. Peers are folded
-        one after another in rank order, so every rank produces the same bits.
+        one after another in rank order, so every rank produces the same bits. On CUDA the fold
+        is the ``decode_accumulate`` kernel; on the torch path the entries land directly in the
+        tensor's own layout and the inverse DCT runs there, as block-diagonal products, so no
+        tile-layout copy of the output is made.
         """
         if mode not in AGGREGATE_MODES:
             raise ValueError(f"mode must be in {set(AGGREGATE_MODES)}, got {mode!r}")
@@ -222,18 +226,49 @@ class SparseBucket:
             g = self.geometries[i]
             if g.num_chunks == 0 or not present:
                 out.append(torch.zeros(self.shapes[i], dtype=torch.float32, device=part.val.device))
-                continue
-            acc = decode_accumulate(
-                [part.idx[p] for p in present],
-                [part.val[p] for p in present],
-                g.num_chunks,
-                g.chunk_len,
-                mode=mode,
-                checked=False,
-                backend=self.codec.backend,
-            )
-            out.append(self._inverse(i, acc))
+            elif resolve_backend(self.codec.backend, part.idx) == "triton":
+                acc = decode_accumulate(
+                    [part.idx[p] for p in present],
+                    [part.val[p] for p in present],
+                    g.num_chunks,
+                    g.chunk_len,
+                    mode=mode,
+                    checked=False,
+                    backend=self.codec.backend,
+                )
+                out.append(self._inverse(i, acc))
+            else:
+                out.append(self._fold_in_place(i, part, present, mode))
         return out
+
+    def _fold_in_place(self, i: int, part: SparsePart, present: Sequence[int], mode: str) -> Tensor:
+        """The torch fold, written straight into tensor ``i``'s layout, then its inverse DCT."""
+        g = self.geometries[i]
+        dev = part.idx.device
+        gy, gx = g.grid
+        n = torch.arange(g.num_chunks, device=dev)
+        b, rest = n // (gy * gx), n % (gy * gx)
+        # Chunk (b, ty, tx) starts at b*R*C + ty*n1*C + tx*n2; entry idx at (idx // n2, idx % n2).
+        start = (b * g.rows + (rest // gx) * g.n1) * g.cols + (rest % gx) * g.n2
+        sel = torch.tensor(list(present), device=dev)
+        idx = part.idx.index_select(0, sel).transpose(0, 1)  # (N, peers, k): chunk-major
+        # Chunk-major order keeps every write inside one chunk's rows while it is hot in cache;
+        # within a slot the peers still add in rank order.
+        pos = (start[:, None, None] + (idx // g.n2) * g.cols + idx % g.n2).reshape(-1)
+        vals = part.val.index_select(0, sel).transpose(0, 1).reshape(-1)
+        flat = torch.zeros(g.batch * g.rows * g.cols, dtype=torch.float32, device=dev)
+        if mode == "index_mean":
+            _index_mean_into(flat, pos, vals, len(present))
+        else:
+            flat.index_add_(0, pos, vals.to(torch.float32)).div_(float(len(present)))
+        if self.codec.transform == "dct":
+            f1 = dct_basis(g.n1, torch.float32, dev)
+            f2 = dct_basis(g.n2, torch.float32, dev)
+            # X = (I (x) F1) T (I (x) F2)^T on the whole matrix: F1 on each band of n1 rows,
+            # then F2^T on each n2-wide column block.
+            rows = f1 @ flat.view(g.batch * gy, g.n1, g.cols)
+            flat = (rows.view(g.batch * g.rows, gx, g.n2) @ f2.mT).reshape(-1)
+        return flat.view(self.shapes[i])
 
 
 def make_bucket(

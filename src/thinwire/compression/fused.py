@@ -210,6 +210,28 @@ def dct_topk_torch(
     return select(coeffs.reshape(n_tiles, n1 * n2), k)
 
 
+def _flat_positions(idx_list: Sequence[Tensor], chunk_len: int) -> Tensor:
+    """Row-major positions ``c * chunk_len + idx`` of every peer's entries, peers in rank order."""
+    rows = idx_list[0].shape[0]
+    base = torch.arange(rows, device=idx_list[0].device).mul_(chunk_len).unsqueeze(1)
+    return torch.cat([(idx + base).reshape(-1) for idx in idx_list])
+
+
+def _index_mean_into(out: Tensor, pos: Tensor, val: Tensor, peers: int) -> Tensor:
+    """``out[pos]`` = mean of the values landing on each position, summed in list order.
+
+    ``out`` is a zeroed float32 vector. The sum is one ``index_add_`` (entries in order, so a
+    slot adds its peers' values in rank order, as a per-peer scatter-add fold does) and the
+    division touches only the selected slots: no dense count or divide pass over ``out``.
+    """
+    out.index_add_(0, pos, val.to(torch.float32))
+    # A slot's count is at most the number of peers: int8 up to 127 of them, else int32.
+    dtype = torch.int8 if peers <= 127 else torch.int32
+    count = torch.zeros(out.numel(), dtype=dtype, device=out.device)
+    count.index_add_(0, pos, torch.ones_like(pos, dtype=dtype))
+    return out.index_copy_(0, pos, out[pos] / count[pos].to(torch.float32))
+
+
 def decode_accumulate_torch(
     idx_list: Sequence[Tensor],
     val_list: Sequence[Tensor],
@@ -224,13 +246,10 @@ def decode_accumulate_torch(
     device = idx_list[0].device
     acc = torch.zeros(num_chunks, chunk_len, dtype=torch.float32, device=device)
     if mode == "index_mean":
-        # One scatter-reduce over the peers' entries laid side by side in rank order: each slot
-        # sums its values in peer order and divides by its count, touching only the selected
-        # slots (a count buffer and a dense divide cost two extra passes over the output).
-        # Ordered on the CPU; the CUDA path is the kernel, which keeps the same order.
-        idx = torch.cat(list(idx_list), dim=1)
-        val = torch.cat([v.to(torch.float32) for v in val_list], dim=1)
-        return acc.scatter_reduce_(1, idx, val, "mean", include_self=False)
+        pos = _flat_positions(idx_list, chunk_len)
+        vals = torch.cat([v.reshape(-1) for v in val_list])
+        _index_mean_into(acc.view(-1), pos, vals, len(idx_list))
+        return acc
     for idx, val in zip(idx_list, val_list, strict=True):
         acc.scatter_add_(1, idx, val.to(torch.float32))
     return acc / float(len(idx_list))
