@@ -11,13 +11,14 @@ Expected output (jitter is seeded, so the numbers repeat exactly)::
 
     preset home_broadband: up 10 Mbit/s, down 50 Mbit/s, RTT 40 ms, jitter 5 ms, P=4
     modelled all_reduce of 4000000 B: 4.92 s (jitter off; suggested timeout_s >= 45 s)
-    rank 0: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 288 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
-    rank 1: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 288 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
-    rank 2: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 288 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
-    rank 3: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 288 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
+    rank 0: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 360 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
+    rank 1: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 360 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
+    rank 2: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 360 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
+    rank 3: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 360 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
 
 Bytes follow spec §2.4: a ring all-reduce sends ``2(P-1) ceil(n/P) * 4`` bytes per rank, an
-equal-size all_gather_bytes ``(P-1)(8 + m)``; the clock exchange is counted as control bytes.
+equal-size all_gather_bytes ``(P-1)(8 + m)``; the clock exchange and gloo's 8-byte end mark on each
+ring row are counted as control bytes.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ def test_two_hivemind_peers_train_together(tmp_path):
     script = str(ROOT / "examples" / "hivemind_diloco.py")
     args = ["--steps", "10", "--inner-steps", "5", "--run-id", f"tw-test-{os.getpid()}"]
     log0 = (tmp_path / "peer0.log").open("w+")
-    first = subprocess.Popen([sys.executable, script, *args], stdout=log0, stderr=subprocess.STDOUT, cwd=ROOT)
+    first = subprocess.Popen(
+        [sys.executable, script, *args], stdout=log0, stderr=subprocess.STDOUT, cwd=ROOT
+    )
     try:
         addr = None
         for _ in range(120):
@@ -36,7 +38,10 @@ def test_two_hivemind_peers_train_together(tmp_path):
         assert addr, "the first peer never printed its address"
         second = subprocess.run(
             [sys.executable, script, *args, "--initial-peers", addr],
-            capture_output=True, text=True, timeout=240, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=ROOT,
         )
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         assert first.wait(timeout=120) == 0
@@ -44,7 +49,10 @@ def test_two_hivemind_peers_train_together(tmp_path):
         if first.poll() is None:
             first.kill()
     out0 = (tmp_path / "peer0.log").read_text()
-    done = [re.search(r"done, eval ([0-9.]+) after 10 steps; sent ([0-9,]+) B in 2 syncs", o) for o in (out0, second.stdout)]
+    done = [
+        re.search(r"done, eval ([0-9.]+) after 10 steps; sent ([0-9,]+) B in 2 syncs", o)
+        for o in (out0, second.stdout)
+    ]
     assert all(done), out0[-2000:] + second.stdout[-2000:]
     # Both peers evaluate the same global parameters after the last sync.
     assert done[0].group(1) == done[1].group(1)
@@ -70,8 +78,19 @@ def test_steps_not_a_multiple_of_inner_steps_is_one_error_line():
 @pytest.mark.timeout(300)
 def test_a_single_peer_trains_alone():
     script = str(ROOT / "examples" / "hivemind_diloco.py")
-    args = ["--world-size", "1", "--steps", "4", "--inner-steps", "2", "--run-id", f"tw-one-{os.getpid()}"]
-    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    args = [
+        "--world-size",
+        "1",
+        "--steps",
+        "4",
+        "--inner-steps",
+        "2",
+        "--run-id",
+        f"tw-one-{os.getpid()}",
+    ]
+    res = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=240, cwd=ROOT
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     done = re.search(r"done, eval ([0-9.]+) after 4 steps; sent 0 B in 2 syncs", res.stdout)
     assert done, res.stdout  # alone, nothing crosses the wire

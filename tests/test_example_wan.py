@@ -35,5 +35,7 @@ def test_wan_allreduce_example_bytes_and_clock():
     assert t_ar > compute
     for _, sent, recv, control, clock in lines:
         assert int(sent) == int(recv) == steps * per_step
-        assert int(control) == 2 * steps * 2 * (P - 1) * 8  # one float64 MAX per op
+        # one float64 MAX per op (clock exchange), and gloo's 8-byte end mark on each of the
+        # P - 1 ring rows of all_gather_bytes that a rank receives
+        assert int(control) == steps * (2 * 2 * (P - 1) * 8 + (P - 1) * 8)
         assert abs(float(clock) - steps * (t_ar + t_ag)) <= 0.005  # printed with 2 decimals

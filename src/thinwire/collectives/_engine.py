@@ -11,6 +11,12 @@ and the failure state of §2.5) over six transport primitives that each engine s
 Ordering: phases before an op's last one (length exchanges) block at issue, and only the last
 phase is asynchronous. Every rank therefore issues primitives in the
 same order as it issues ops, whatever order it later waits in.
+
+Untrusted lengths: ``all_gather_bytes`` checks every announced length against ``max_bytes``
+before allocating anything of that size, and never returns bytes a peer did not send. A transport
+whose all-gather cannot guarantee that (gloo copies each row out of an internal, uninitialised
+buffer, and accepts a message shorter than the row) sets ``_RING_END_MARK``: every ring row then
+ends with an 8-byte mark that a short row cannot carry (see ``_end_mark``).
 """
 
 from __future__ import annotations
@@ -70,6 +76,9 @@ _OP_CODES = {
 }
 _OP_NAMES = {v: k for k, v in _OP_CODES.items()}
 
+#: Default ``max_bytes`` of ``all_gather_bytes``: the longest payload a rank may announce (1 GiB).
+DEFAULT_MAX_BYTES = 2**30
+
 # Substrings of gloo/torch error messages, mapped to the spec §2.5 exception classes.
 _TIMEOUT_HINTS = ("timed out", "timeout")
 _LOST_HINTS = ("closed by peer", "connection reset", "broken pipe", "connection refused", "eof")
@@ -117,6 +126,27 @@ def _bytes_tensor(data: bytes, size: int, device: torch.device) -> torch.Tensor:
     return out.to(device)
 
 
+def _end_mark(seq: int, j: int, M: int, salt: int) -> bytes:
+    """The 8 bytes that end rank ``j``'s ring row of op ``seq`` (rows of ``M`` payload bytes).
+
+    Every rank computes the same mark for a row; it differs between ops, rows, row sizes and
+    (through ``salt``) groups, so bytes left over from an earlier collective do not carry the
+    mark of this one. A transport that delivers a short row leaves the mark unwritten.
+    """
+    body = struct.pack("<QQQ", seq, j, M)
+    return struct.pack("<II", seq & 0xFFFFFFFF, zlib.crc32(body, salt & 0xFFFFFFFF))
+
+
+def _ring_row(data: bytes, M: int, mark: bytes, device: torch.device) -> torch.Tensor:
+    """``data``, zero padding up to ``M`` bytes, then ``mark``."""
+    out = torch.zeros(M + len(mark), dtype=torch.uint8)
+    if data:
+        out[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if mark:
+        out[M:] = torch.frombuffer(bytearray(mark), dtype=torch.uint8)
+    return out.to(device)
+
+
 def _tensor_bytes(t: torch.Tensor, n: int | None = None) -> bytes:
     flat = t.reshape(-1).cpu()
     return flat[: flat.numel() if n is None else n].numpy().tobytes()
@@ -141,6 +171,12 @@ def wrap_error(exc: BaseException, what: str) -> CommError:
 
 class _CollectiveEngine:
     """Public ops over the transport primitives; subclasses set the attributes in ``_setup``."""
+
+    # Bytes of the end mark appended to each ring row of ``all_gather_bytes`` (0 or 8): set by a
+    # transport whose all-gather can hand back a row the peer did not fully send.
+    _RING_END_MARK = 0
+    # Mixed into the end mark so that rows of another group's op do not carry this group's mark.
+    _mark_salt = 0
 
     rank: int
     world_size: int
@@ -369,6 +405,7 @@ class _CollectiveEngine:
         algorithm: str = "auto",
         async_op: bool = False,
         tag: str = "",
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
     ) -> Handle[list[bytes | None]] | list[bytes | None]:
         """Gather one variable-length payload per rank; index ``j`` of the result is rank ``j``'s.
 
@@ -377,14 +414,36 @@ class _CollectiveEngine:
         each payload to every peer, ``auto`` picks ``ring`` iff all lengths are equal (the choice
         is stored in ``OpRecord.algorithm``). Ledger: spec §2.4 (``accounting.allgather_*``).
 
+        Peers are not trusted to tell the truth about lengths. Every rank checks every announced
+        length, its own included, against ``[0, max_bytes]`` right after the length exchange,
+        before it allocates anything of that size; a length outside raises :class:`CommError`
+        naming the rank, the length and the cap. As for any peer error the communicator then
+        stays ``failed``: the announcing rank may already be in the payload phase, so the ranks'
+        streams of collectives are no longer in step. Pass the same ``max_bytes`` on every rank,
+        or they disagree on whether to go on. The result never holds bytes a peer did not send:
+        a rank's entry has exactly its announced length; ``direct`` receives into zeroed buffers,
+        so a peer that sends fewer bytes than it announced (which point-to-point transports such
+        as gloo accept) yields what it sent followed by zeros up to its announced length, and
+        with ``ring`` an engine whose all-gather cannot tell (``TorchDistCommunicator``) ends each
+        row with an 8-byte mark, counted as control bytes, and raises :class:`CommError` for a
+        row that arrives without it. The in-process engine checks exact sizes.
+
         Args:
             payload: bytes-like, or a tensor (its raw bytes are sent).
             algorithm: ``"auto"``, ``"ring"`` or ``"direct"``.
             async_op: return a Handle; unpadding runs in ``wait()``.
             tag: label for the ledger and the debug signature.
+            max_bytes: the longest payload any rank may announce (default
+                ``DEFAULT_MAX_BYTES`` = 2**30, 1 GiB); ``None`` trusts every length.
+
+        Raises:
+            CommError: a length outside ``[0, max_bytes]``, a row without its end mark, a
+                transport failure (the communicator then stays ``failed``).
         """
         check_choice("algorithm", algorithm, ("auto", "ring", "direct"))
         check_type("tag", tag, str)
+        if max_bytes is not None:
+            check_int("max_bytes", max_bytes, 0)
         data = _payload_to_bytes(payload)
         self._check_usable()
         t0 = time.perf_counter()
@@ -392,30 +451,37 @@ class _CollectiveEngine:
         if P == 1:
             alg = "ring" if algorithm == "auto" else algorithm
             op = "all_gather_bytes"
+            # Same rule as with peers, so a payload refused at P > 1 is refused here too.
+            self._run(op, lambda: self._check_lengths([m], max_bytes))
             return self._local(op, alg, tag, 0, [data], async_op, payload_bytes=m, sizes=(m,))
+        E = self._RING_END_MARK
 
-        def issue() -> tuple[tuple[int, int], list[int], str, _Pending]:
-            _, ctl = self._begin("all_gather_bytes", tag, 0)
+        def issue() -> tuple[int, tuple[int, int], list[int], str, _Pending]:
+            seq, ctl = self._begin("all_gather_bytes", tag, 0)
             lens = torch.tensor([m], dtype=torch.int64, device=self._device)
             sizes = [int(x.item()) for x in self._prim_allgather(lens).wait(self.timeout_s)]
+            self._check_lengths(sizes, max_bytes)  # before anything of those sizes exists
             alg = algorithm
             if alg == "auto":
                 alg = "ring" if len(set(sizes)) == 1 else "direct"
             M = max(sizes)
             if alg == "ring":
+                mark = _end_mark(seq, r, M, self._mark_salt) if E else b""
                 pending = (
-                    self._prim_allgather(_bytes_tensor(data, M, self._device))
+                    self._prim_allgather(_ring_row(data, M, mark, self._device))
                     if M
                     else _Ready(None)
                 )
+                if M and E:
+                    ctl = (ctl[0] + (P - 1) * E, ctl[1] + (P - 1) * E)
             else:
                 buf = _bytes_tensor(data, m, self._device)
                 sends = {j: buf for j in range(P) if j != r and m}
                 need = {j: sizes[j] for j in range(P) if j != r and sizes[j]}
                 pending = self._prim_exchange(sends, need, self._op_seq)
-            return ctl, sizes, alg, pending
+            return seq, ctl, sizes, alg, pending
 
-        ctl, sizes, alg, pending = self._run("all_gather_bytes", issue)
+        seq, ctl, sizes, alg, pending = self._run("all_gather_bytes", issue)
         if alg == "ring":
             sent, recv = acct.allgather_ring_bytes(sizes)
         else:
@@ -432,6 +498,8 @@ class _CollectiveEngine:
         )
 
         def post(got: Any) -> list[bytes | None]:
+            if alg == "ring" and E and got is not None:
+                self._check_end_marks(got, seq, sizes)
             out: list[bytes | None] = []
             for j in range(P):
                 if j == r:
@@ -445,6 +513,32 @@ class _CollectiveEngine:
             return out
 
         return self._finish("all_gather_bytes", rec, pending, post, async_op, t0)
+
+    def _check_lengths(self, sizes: list[int], max_bytes: int | None) -> None:
+        """Raise :class:`CommError` for an announced length outside ``[0, max_bytes]``."""
+        for j, n in enumerate(sizes):
+            if n < 0 or (max_bytes is not None and n > max_bytes):
+                cap = "inf" if max_bytes is None else str(max_bytes)
+                raise CommError(
+                    f"{self.engine} all_gather_bytes on rank {self.rank}: rank {j} announced a "
+                    f"payload of {n} bytes, outside [0, {cap}] (max_bytes); refused before "
+                    "allocating it"
+                )
+
+    def _check_end_marks(self, rows: list[torch.Tensor], seq: int, sizes: list[int]) -> None:
+        """Raise :class:`CommError` if a peer's ring row does not end with its mark."""
+        M, E = max(sizes), self._RING_END_MARK
+        for j, row in enumerate(rows):
+            if j == self.rank:
+                continue
+            tail = _tensor_bytes(row.reshape(-1)[M : M + E])
+            if tail != _end_mark(seq, j, M, self._mark_salt):
+                raise CommError(
+                    f"{self.engine} all_gather_bytes on rank {self.rank}: rank {j}'s ring row "
+                    f"({M} + {E} bytes, {sizes[j]} announced) arrived without its end mark: the "
+                    "rank sent fewer bytes than the row holds, or another op's row; none of it "
+                    "is returned"
+                )
 
     def all_gather_into_tensor(
         self, t: torch.Tensor, *, async_op: bool = False, tag: str = ""

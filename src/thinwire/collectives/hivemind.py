@@ -12,11 +12,32 @@ Every op runs on a per-tag worker thread (ops with one tag run in issue order, d
 overlap), carries a round id, waits until the round's peers have registered in the DHT, then
 matchmakes. Every wait has a timeout; every failure is a :class:`CommError` subclass.
 
-Wire details: a fetch is ``ExpertRequest(uid=f"{round}:{tag}")`` answered by one
-``ExpertResponse`` holding the 8-byte little-endian length (the §2.4 length header), then chunks
-of <= 2^19 bytes; the puller checks length and SHA-256 against the gather metadata. Without an
-explicit ``round`` an op uses the tag's own counter, so peers must issue ops from the same start;
-elastic runs should pass the optimizer's outer step.
+Wire details: a fetch is ``ExpertRequest(uid=<token>)`` answered by one ``ExpertResponse``
+holding the 8-byte little-endian length (the §2.4 length header), then chunks of <= 2^19 bytes;
+the token is a fresh 128-bit random id that only the op's gather metadata carries, and the puller
+checks length and SHA-256 against that metadata (:mod:`._hivemind_fetch`). Without an explicit
+``round`` an op uses the tag's own counter, so peers must issue ops from the same start; elastic
+runs should pass the optimizer's outer step.
+
+Hardening (an adversarial review of this engine found each of these open):
+    * Transfers are bounded by what the receiver expects: ``all_gather_into_tensor`` fetches only
+      payloads of exactly ``t``'s size, ``all_gather_bytes``/``broadcast_bytes`` refuse
+      announcements above ``max_bytes`` (default 1 GiB) before fetching, and all fetches of one op
+      share one deadline (``allreduce_timeout``, default ``round_wait_timeout``, at least
+      ``next_chunk_timeout``); a peer that breaks either is dropped, logged and listed in
+      ``handle.missing``.
+    * The p2p daemon listens on loopback unless ``host_maddrs`` says otherwise. Membership
+      records and round registrations are signed with the peer's libp2p key and shaped by a
+      schema (:mod:`._hivemind_records`), so only a peer itself can write, refresh or tombstone
+      its entry. Payloads are served only under their unguessable token and, once the group is
+      known, only to its members.
+    * A served payload is freed as soon as every member expected to pull it was served, or when
+      the op's fetch deadline passes.
+    * With ``expected_world_size`` set, once that many peers were seen a round waits only for the
+      members whose heartbeat has not expired, so a dead peer stops costing a full
+      ``round_wait_timeout`` per round after ``3 * heartbeat_s``.
+    * All-reduce results are bit-identical on every member (:mod:`._hivemind_exact`): each part's
+      owner sums it in rank order and every member copies the owner's encoded average verbatim.
 
 Deviations (hivemind 1.1.12 forces them):
     * Averager prefixes are ``"{run_id}-{tag}-{kind}-{hash}"`` with characters outside
@@ -35,10 +56,17 @@ Deviations (hivemind 1.1.12 forces them):
     * Client-mode peers cannot serve fetches, so ``all_gather_bytes``/``all_gather_into_tensor``/
       ``broadcast*`` raise :class:`CommError` there (spec §4 "excluded from gather groups").
     * A butterfly whose reducer failed returns a partial average (hivemind keeps local values
-      for those parts); the ledger still follows the §2.4 formula.
+      for those parts), so those parts are not bit-identical across members; the ledger still
+      follows the §2.4 formula.
+    * With a codec the result is the owner's average encoded once (``fp16``: rounded to fp16,
+      ``int8``: hivemind's uniform 8-bit code of the average), not hivemind's
+      ``x_own + codec(avg - x_own)``; that is what makes it identical on every member.
+    * Every peer's libp2p identity is a fresh RSA key (hivemind's ``identity_path``); peers
+      running hivemind's plain ``DecentralizedAverager`` or unsigned membership cannot join.
     * hivemind's uint8 codec ships ``8 + 1024 + n`` bytes per part (an int64 codebook length
       precedes the codebook); the ledger counts ``n + 1024`` as §2.4 specifies.
-    * Under NumPy >= 2.4 hivemind's uint8 deserializer raises; see :func:`_native_codec`.
+    * Under NumPy >= 2.4 hivemind's uint8 deserializer raises; see
+      :func:`._hivemind_exact.native_codec`.
 """
 
 from __future__ import annotations
@@ -48,8 +76,8 @@ import concurrent.futures
 import hashlib
 import logging
 import math
+import os
 import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +87,7 @@ from typing import Any
 import torch
 
 from thinwire._validate import check_choice, check_float, check_int, check_type
+from thinwire.collectives._hivemind_fetch import ServeTable, check_meta, pull_payload, serve_payload
 from thinwire.collectives.accounting import (
     LENGTH_HEADER_BYTES,
     allgather_direct_bytes,
@@ -84,13 +113,12 @@ __all__ = ["HivemindCommunicator"]
 logger = logging.getLogger(__name__)
 
 _RATIO_BITS = {None: None, "fp16": 16, "int8": 8}  # hivemind estimate_compression_ratio numerators
-_CHUNK_BYTES = 2**19  # spec §4: fetch chunks <= 2^19 bytes, far below the 4 MiB protobuf cap
+_MAX_BYTES = 2**30  # default cap on one gathered payload (1 GiB); ops take max_bytes= for more
+_LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)  # listen on loopback unless told otherwise
 _CODEBOOK_BYTES = 256 * 4  # spec §2.4: uint8 parts carry a 256-entry float32 codebook
 _POLL_S = 0.2  # round-registration poll; well inside any matchmaking window (>= 1 s in tests)
 _DHT_TIMEOUT_S = 10.0  # a few rounds of hivemind's 3 s DHT RPC wait_timeout (dht/node.py)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# hivemind codec class per name (spec §4)
-_NATIVE = {None: "NoCompression", "fp16": "Float16Compression", "int8": "Uniform8BitQuantization"}
 _CREATE_LOCK = threading.Lock()  # averagers fork; one fork at a time keeps the child's locks sane
 
 
@@ -98,45 +126,6 @@ def _part_wire(n: int, codec: str | None, itemsize: int) -> int:
     """Wire bytes of one butterfly part of ``n`` elements (spec §2.4: fp32/fp64 ``itemsize*n``,
     fp16 ``2n``, uint8 ``n + 1024`` for the per-part codebook)."""
     return {None: n * itemsize, "fp16": 2 * n, "int8": n + _CODEBOOK_BYTES}[codec]
-
-
-def _native_codec(codec: str | None) -> Any:
-    """The hivemind compression object for ``codec`` (spec §4 codec map).
-
-    hivemind 1.1.12's ``Uniform8BitQuantization.extract`` calls ``int()`` on a one-element
-    array, a TypeError since NumPy 2.4 ("raise TypeError on attempt to convert array with
-    ndim > 0 to scalar", NumPy 2.4.0 release notes). When a probe shows that failure, the
-    UNIFORM_8BIT entry of hivemind's deserializer table is replaced (once, logged) by a subclass
-    whose ``extract`` reads the same wire format: int64 codebook length, float32 codebook,
-    uint8 codes. Averagers fork after this, so their processes inherit the fix.
-    """
-    import hivemind.compression as hc
-    import hivemind.compression.serialization as hs
-    import numpy as np
-
-    if codec != "int8":
-        return getattr(hc, _NATIVE[codec])()
-    table = hs._BASE_COMPRESSION_TYPES
-    probe = torch.linspace(-1.0, 1.0, 16)
-    try:
-        table["UNIFORM_8BIT"].extract(
-            table["UNIFORM_8BIT"].compress(probe, hc.CompressionInfo.from_tensor(probe))
-        )
-    except TypeError:
-
-        class _Uniform8BitNumpy24(hc.Uniform8BitQuantization):
-            def extract(self, msg: Any) -> torch.Tensor:
-                k = int(np.frombuffer(msg.buffer, dtype=np.int64, count=1)[0])
-                book = np.frombuffer(msg.buffer, dtype=np.float32, count=k, offset=8)
-                codes = np.frombuffer(msg.buffer, dtype=np.uint8, offset=8 + 4 * k)
-                table_t = torch.as_tensor(book.copy()).to(getattr(torch, msg.dtype))
-                out = table_t[torch.as_tensor(codes.copy(), dtype=torch.int64)]
-                return out.reshape(tuple(msg.size)).requires_grad_(msg.requires_grad)
-
-        logger.warning("hivemind Uniform8BitQuantization.extract fails under NumPy %s; installing "
-                       "a deserializer for the same wire format", np.__version__)  # fmt: skip
-        table["UNIFORM_8BIT"] = _Uniform8BitNumpy24()
-    return table["UNIFORM_8BIT"]
 
 
 def _as_bytes(payload: bytes | memoryview | torch.Tensor) -> bytes:
@@ -165,6 +154,18 @@ def _copy_into(t: torch.Tensor, flat: torch.Tensor | None) -> torch.Tensor:
 def _others(group: _Group) -> list[str]:
     """Every member except this peer (``group.me``): whom ``direct`` pulls from."""
     return [p for p in group.ids if p != group.me]
+
+
+def _meta_len(meta: dict[str, Any]) -> int:
+    """The announced payload length for the ledger (0 when malformed: nothing is fetched)."""
+    n = meta.get("len")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+
+def _takes(meta: dict[str, Any], n: int) -> bool:
+    """Whether a member whose gather metadata is ``meta`` accepts a payload of ``n`` bytes."""
+    cap = meta.get("cap")
+    return not isinstance(cap, int) or n <= cap
 
 
 def _safe(s: str, n: int = 24) -> str:
@@ -213,7 +214,9 @@ class HivemindCommunicator:
         self._slots: dict[tuple, Any] = {}
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._seq: dict[str, int] = {}
-        self._served: dict[str, tuple[bytes, float]] = {}
+        self._table = ServeTable()  # payloads this peer offers to fetches
+        self._owners: Any = None  # _hivemind_records.Owners once started
+        self._full_seen = False  # expected_world_size members were seen alive at least once
         self._steps: set[Any] = set()  # in-flight hivemind StepControls
         self._members: frozenset[str] = frozenset()
         self._addr = ""
@@ -223,6 +226,7 @@ class HivemindCommunicator:
         self._find_s = 2.0 * mm + 2.0 * rt  # > matchmaking_time, as hivemind's step() asserts
         run = opts["allreduce_timeout"] or opts["round_wait_timeout"]
         self._op_cap_s = self._find_s + run + rt  # from step() to its result
+        self._fetch_s = max(run, opts["next_chunk_timeout"])  # all fetches of one op, together
         self._fetch_name = f"thinwire.fetch.{run_id}"
 
     @classmethod
@@ -230,7 +234,7 @@ class HivemindCommunicator:
         cls,
         run_id: str,
         initial_peers: Sequence[str] = (),
-        host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+        host_maddrs: Sequence[str] | None = None,
         announce_maddrs: Sequence[str] | None = None,
         client_mode: bool = False,
         use_auto_relay: bool | None = None,
@@ -249,7 +253,9 @@ class HivemindCommunicator:
             run_id: swarm-wide name of the run; prefixes every DHT key and handler.
             initial_peers: multiaddrs of running peers (``visible_maddrs()`` of one); empty
                 starts a new swarm.
-            host_maddrs: listen multiaddrs (tests: ``("/ip4/127.0.0.1/tcp/0",)``).
+            host_maddrs: listen multiaddrs (default None: ``("/ip4/127.0.0.1/tcp/0",)``,
+                loopback only); pass e.g. ``("/ip4/0.0.0.0/tcp/31337",)`` to accept peers from
+                other machines, which also exposes the run to anyone who can reach the port.
             announce_maddrs: multiaddrs to advertise instead (explicit ports).
             client_mode: True behind NAT without relay: joins butterflies with share 0, serves
                 nothing (default False).
@@ -260,14 +266,18 @@ class HivemindCommunicator:
                 LAN, 10-15 s over the internet).
             request_timeout: leader response timeout in s, in ``(0, matchmaking_time)``
                 (default 3.0).
-            allreduce_timeout: cap on one butterfly after the group formed, s (default None:
-                hivemind bounds each chunk by ``next_chunk_timeout``; thinwire waits at most
-                ``round_wait_timeout`` more).
+            allreduce_timeout: cap on one butterfly after the group formed, and on all P2P
+                fetches of one gather-path op together, s (default None: hivemind bounds each
+                butterfly chunk by ``next_chunk_timeout``; thinwire waits at most
+                ``round_wait_timeout`` more, and fetches share ``max(round_wait_timeout,
+                next_chunk_timeout)``).
             next_chunk_timeout: per-chunk timeout in s for butterflies and fetches (default 30;
                 hivemind's ``sender_timeout``; reducers get twice this).
             round_wait_timeout: how long a round waits for its peers to register, s (default
-                600, OpenDiLoCo's wait-for-peers); payloads are served twice this long.
-            heartbeat_s: membership refresh period in s; entries expire after 3x (default 5).
+                600, OpenDiLoCo's wait-for-peers). A served payload is freed once every member
+                expected to pull it got it, or when the op's fetch deadline passes.
+            heartbeat_s: membership refresh period in s; entries expire after 3x (default 5),
+                and a peer whose entry expired is no longer waited for.
             start: join now (default True); otherwise call :meth:`start`.
 
         Raises:
@@ -277,6 +287,7 @@ class HivemindCommunicator:
         check_type("run_id", run_id, str)
         if not run_id:
             raise ValueError("run_id must be a non-empty string, got ''")
+        host_maddrs = _LOOPBACK if host_maddrs is None else host_maddrs
         for name, v in (("initial_peers", initial_peers), ("host_maddrs", host_maddrs)):
             check_type(name, v, (list, tuple))
         check_type("client_mode", client_mode, bool)
@@ -311,10 +322,16 @@ class HivemindCommunicator:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the DHT (forks before any thread exists), the P2P loop and the heartbeat."""
+        """Start the DHT (forks before any thread exists), the P2P loop and the heartbeat.
+
+        The DHT's libp2p identity is a fresh RSA key that also signs this peer's records.
+        """
         import hivemind
 
+        from thinwire.collectives import _hivemind_records as records
+
         o = self._o
+        key, id_path = records.new_identity()
         try:
             self._dht = hivemind.DHT(
                 initial_peers=o["initial_peers"] or None,
@@ -323,13 +340,22 @@ class HivemindCommunicator:
                 announce_maddrs=o["announce_maddrs"],
                 client_mode=o["client_mode"],
                 use_auto_relay=o["use_auto_relay"],
+                record_validators=records.validators(self.run_id, key),
+                identity_path=id_path,
+                check_if_identity_free=False,  # a fresh 2048-bit key; no probe daemon needed
             )
+            own_id = records.peer_id_of_identity(id_path)
         except Exception as exc:
             raise CommError(
                 f"hivemind DHT failed to start or join {o['initial_peers']}: {exc}"
             ) from exc
+        finally:
+            os.unlink(id_path)
         try:
             self.peer_id = self._dht.peer_id.to_base58()
+            if self.peer_id != own_id:
+                raise CommError(f"the p2p daemon runs as {self.peer_id}, not as its key {own_id}")
+            self._owners = records.Owners(key, self.peer_id)
             maddrs = self.visible_maddrs()
             self._addr = maddrs[0] if maddrs else ""
             self._loop = asyncio.new_event_loop()
@@ -376,11 +402,12 @@ class HivemindCommunicator:
         for ctl in list(self._steps):
             ctl.cancel()
         alive = self._dht.is_alive()
-        if alive:
+        if alive and self._owners is not None:
             try:
                 dead = {"alive": False, "addr": ""}  # expires just after our last heartbeat
                 exp = math.nextafter(max(self._hb_exp, time.time()), math.inf)
-                self._dht_store(self._members_key, dead, exp, self.peer_id, "tombstone store")
+                sub = self._owners.subkey()
+                self._dht_store(self._members_key, dead, exp, sub, "tombstone store")
             except CommError as exc:
                 logger.warning("close(): %s", exc)
         for av in self._slots.values():
@@ -410,14 +437,14 @@ class HivemindCommunicator:
     # ---- membership ------------------------------------------------------------------------
     @property
     def _members_key(self) -> str:
-        return f"{self.run_id}.members"
+        return f"{self.run_id}_members"  # _hivemind_records.members_key: the schema's field
 
     def _heartbeat_once(self) -> None:
         from hivemind.utils.timed_storage import get_dht_time
 
         exp = get_dht_time() + 3.0 * self._o["heartbeat_s"]
         entry = {"alive": True, "addr": self._addr}
-        self._dht_store(self._members_key, entry, exp, self.peer_id, "heartbeat store")
+        self._dht_store(self._members_key, entry, exp, self._owners.subkey(), "heartbeat store")
         self._hb_exp = max(self._hb_exp, exp)
 
     def _heartbeat_loop(self) -> None:
@@ -425,6 +452,7 @@ class HivemindCommunicator:
             if not self._dht.is_alive():
                 logger.warning("heartbeat: DHT process of %s is gone; stopping", self.peer_id)
                 return
+            self._table.sweep()  # free payloads whose round ended even when no op runs
             try:
                 self._heartbeat_once()
                 self._live_members()
@@ -432,21 +460,29 @@ class HivemindCommunicator:
                 logger.warning("heartbeat of %s failed: %s", self.peer_id, exc)
 
     def _live_members(self) -> dict[str, str]:
-        """peer id -> address of unexpired, alive entries (self always included); bumps epoch."""
+        """peer id -> address of unexpired, alive entries (self always included); bumps epoch.
+
+        Only entries whose subkey's key owns the peer id count (the DHT already refused unsigned
+        ones); an entry past its expiration (three missed heartbeats) is a dead peer.
+        """
         from hivemind.utils.timed_storage import get_dht_time
 
         res = self._dht_get(self._members_key, "membership get")
         now, out = get_dht_time(), {self.peer_id: self._addr}
         if res is not None and isinstance(res.value, dict):
             for sub, item in res.value.items():
-                v = item.value
-                if isinstance(v, dict) and v.get("alive") and item.expiration_time > now:
-                    out[str(sub)] = str(v.get("addr", ""))
+                pid, v = self._owners.peer_of(sub), item.value
+                if pid is None or not isinstance(v, dict) or item.expiration_time <= now:
+                    continue
+                if v.get("alive") is True:
+                    out[pid] = str(v.get("addr", ""))
         with self._lock:
             if frozenset(out) != self._members:
                 if self._members:
                     self.epoch += 1
                 self._members = frozenset(out)
+            ews = self._o["expected_world_size"]
+            self._full_seen = self._full_seen or (ews is not None and len(out) >= ews)
         return out
 
     def peers(self) -> list[PeerInfo]:
@@ -458,7 +494,7 @@ class HivemindCommunicator:
     def _dht_get(self, key: str, what: str) -> Any:
         return self._dht_wait(self._dht.get(key, latest=True, return_future=True), what)
 
-    def _dht_store(self, key: str, value: Any, exp: float, subkey: str, what: str) -> Any:
+    def _dht_store(self, key: str, value: Any, exp: float, subkey: str | bytes, what: str) -> Any:
         fut = self._dht.store(key, value, exp, subkey=subkey, return_future=True)
         return self._dht_wait(fut, what)
 
@@ -495,14 +531,14 @@ class HivemindCommunicator:
         key = (tag, kind, numel, str(dtype), codec)
         av = self._slots.get(key)
         if av is None:
-            from hivemind.averaging import DecentralizedAverager
+            from thinwire.collectives._hivemind_exact import ExactAverager, native_codec
 
             o = self._o
             digest = hashlib.sha1(repr((self.run_id, key)).encode()).hexdigest()[:12]
             prefix = f"{_safe(self.run_id)}-{_safe(tag)}-{kind}-{digest}"
             with _CREATE_LOCK:
-                compression = _native_codec(codec)
-                av = DecentralizedAverager(
+                compression = native_codec(codec)
+                av = ExactAverager(
                     [torch.zeros(numel, dtype=dtype)], self._dht, start=False, prefix=prefix,
                     target_group_size=o["expected_world_size"],
                     min_matchmaking_time=o["matchmaking_time"], request_timeout=o["request_timeout"],
@@ -533,14 +569,15 @@ class HivemindCommunicator:
 
         key, wait_s = f"{self.run_id}.round.{rid}", self._o["round_wait_timeout"]
         exp = get_dht_time() + 2.0 * wait_s + self._find_s
-        mine = f"{len(tag)}:{tag}|"  # length-prefixed so no tag is a prefix of another's
-        self._dht_store(key, True, exp, mine + self.peer_id, "round registration")
+        mine = f"{len(tag)}:{tag}|".encode()  # length-prefixed: no tag is a prefix of another's
+        self._dht_store(key, True, exp, self._owners.subkey(mine), "round registration")
         deadline = time.monotonic() + wait_s
         while True:
-            want = self._o["expected_world_size"] or len(self._live_members())
+            live = self._live_members()
+            want = self._round_size(len(live))
             res = self._dht_get(key, "round get")
             subs = res.value if res is not None and isinstance(res.value, dict) else {}
-            got = sum(1 for s in subs if str(s).startswith(mine))
+            got = len({self._owners.peer_of(s, mine) for s in subs} & live.keys())
             left = deadline - time.monotonic()
             if got >= want:
                 return
@@ -551,6 +588,14 @@ class HivemindCommunicator:
                             "anyway", rid, tag, got, want, wait_s)  # fmt: skip
                 return
             time.sleep(min(_POLL_S, left))
+
+    def _round_size(self, n_live: int) -> int:
+        """Registrations a round waits for: the live members, or ``expected_world_size`` until
+        that many were seen (late joiners), then at most the live ones (dead peers forgotten)."""
+        ews = self._o["expected_world_size"]
+        if ews is None:
+            return n_live
+        return min(ews, n_live) if self._full_seen else ews
 
     def _form_group(self, slot: Any | None, tag: str, rid: int, meta: dict[str, Any]) -> _Group:
         """Round wait, hivemind matchmaking (+ butterfly on ``slot``), round/tag check.
@@ -650,56 +695,23 @@ class HivemindCommunicator:
     def _solo(self) -> bool:
         return self._o["expected_world_size"] == 1
 
-    # ---- fetch path --------------------------------------------------------------------------
+    # ---- fetch path (_hivemind_fetch) -------------------------------------------------------
     async def _serve(self, request: Any, context: Any) -> Any:
-        from hivemind.proto import runtime_pb2
+        async for msg in serve_payload(self._table, request.uid, context.remote_id.to_base58()):
+            yield msg
 
-        entry = self._served.get(request.uid)
-        if entry is None:
-            return
-        data = entry[0]
-        yield runtime_pb2.ExpertResponse(metadata=struct.pack("<Q", len(data)))
-        for off in range(0, len(data), _CHUNK_BYTES):
-            yield runtime_pb2.ExpertResponse(metadata=data[off : off + _CHUNK_BYTES])
+    def _pull_many(self, want: dict[str, tuple[str, int, str]]) -> dict[str, bytes | None]:
+        """Fetch ``peer -> (uid, len, sha256)`` concurrently under one deadline (``_fetch_s``)."""
+        to, deadline = self._o["next_chunk_timeout"], time.monotonic() + self._fetch_s
 
-    def _offer(self, uid: str, data: bytes) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for k in [k for k, (_, until) in self._served.items() if until < now]:
-                del self._served[k]
-            self._served[uid] = (data, now + 2.0 * self._o["round_wait_timeout"] + self._find_s)
-
-    async def _pull(self, peer: str, uid: str, n: int, sha: str) -> bytes | None:
-        from hivemind.p2p import PeerID
-        from hivemind.proto import runtime_pb2
-
-        to = self._o["next_chunk_timeout"]
-        try:
-            stream = await asyncio.wait_for(self._p2p.iterate_protobuf_handler(
-                PeerID.from_base58(peer), self._fetch_name, runtime_pb2.ExpertRequest(uid=uid),
-                runtime_pb2.ExpertResponse), to)  # fmt: skip
-            try:
-                head = await asyncio.wait_for(stream.__anext__(), to)
-                if struct.unpack("<Q", head.metadata)[0] != n:
-                    raise CommError(f"length header {head.metadata!r} != announced {n}")
-                buf = bytearray()
-                while len(buf) < n:
-                    buf += (await asyncio.wait_for(stream.__anext__(), to)).metadata
-            finally:
-                await asyncio.wait_for(stream.aclose(), to)
-            if hashlib.sha256(buf).hexdigest() != sha:
-                raise CommError("sha256 of the received payload differs from the announced one")
-            return bytes(buf)
-        except Exception as exc:
-            logger.warning("fetch %s from %s failed: %r", uid, peer, exc)
-            return None
-
-    def _pull_many(self, uid: str, want: dict[str, tuple[int, str]]) -> dict[str, bytes | None]:
         async def pull_all() -> list[bytes | None]:
-            return await asyncio.gather(*(self._pull(p, uid, n, s) for p, (n, s) in want.items()))
+            return await asyncio.gather(*(
+                pull_payload(self._p2p, self._fetch_name, p, uid, n, sha, to, deadline)
+                for p, (uid, n, sha) in want.items()
+            ))  # fmt: skip
 
-        chunks = max((n // _CHUNK_BYTES for n, _ in want.values()), default=0) + 3
-        out = self._on_loop(pull_all(), self._o["next_chunk_timeout"] * chunks + 1.0)
+        # each pull ends by its deadline plus one bounded hang-up; this only guards the loop
+        out = self._on_loop(pull_all(), self._fetch_s + to + 1.0)
         return dict(zip(want, out, strict=True))
 
     def _gather_slot(self, tag: str) -> Any:
@@ -707,22 +719,42 @@ class HivemindCommunicator:
         return None if self._solo() else self._slot(tag, "g", 1, torch.float32, None)
 
     def _gather_payloads(self, h: Handle, rec: OpRecord, tag: str, rid: int, data: bytes,
-                         pull: Callable[[_Group], list[str]]
+                         pull: Callable[[_Group], list[str]],
+                         pullers: Callable[[_Group], list[str]], cap: int, exact: bool = False,
                          ) -> tuple[_Group, dict[str, bytes | None]]:  # fmt: skip
         """Offer ``data``, form a group, pull from ``pull(group)``; fill the ``direct`` ledger.
 
-        ``recv`` leaves out payloads that never arrived; those peers join ``h.missing``.
+        ``pullers(group)``: the members expected to fetch ``data`` (its offer is freed once they
+        all did). A member announcing more than ``cap`` bytes (with ``exact``: not exactly
+        ``cap``) or malformed metadata is not fetched from; like a member whose fetch failed
+        or ran past the op's deadline, it is logged, joins ``h.missing``, and ``recv`` leaves
+        its payload out.
         """
         if self._o["client_mode"]:
             raise CommError("client-mode peers cannot serve fetches: gather-path ops are "
                             "unavailable (spec §4); use all_reduce with a native codec")  # fmt: skip
-        uid = f"{rid}:{tag}"
-        self._offer(uid, data)
-        meta = {"len": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        grp = self._form_group(self._gather_slot(tag), tag, rid, meta)
-        lens = [int(grp.metas[p].get("len", 0)) for p in grp.ids]
-        want = {p: (lens[grp.ids.index(p)], str(grp.metas[p].get("sha256"))) for p in pull(grp)}
-        got = self._pull_many(uid, want) if want else {}
+        offer_s = self._o["round_wait_timeout"] + self._op_cap_s + self._fetch_s  # group + fetch
+        uid = self._table.offer(data, time.monotonic() + offer_s)
+        meta = {"len": len(data), "sha256": hashlib.sha256(data).hexdigest(), "uid": uid,
+                "cap": cap}  # fmt: skip
+        try:
+            grp = self._form_group(self._gather_slot(tag), tag, rid, meta)
+        except BaseException:
+            self._table.withdraw(uid)
+            raise
+        self._table.expect(uid, _others(grp), pullers(grp),
+                           time.monotonic() + self._fetch_s + self._o["request_timeout"])  # fmt: skip
+        lens = [_meta_len(grp.metas[p]) for p in grp.ids]
+        want: dict[str, tuple[str, int, str]] = {}
+        for p in pull(grp):
+            ok = check_meta(grp.metas[p], cap)
+            if not isinstance(ok, str) and exact and ok[1] != cap:
+                ok = f"announced length {ok[1]} != the {cap} bytes this op expects"
+            if isinstance(ok, str):
+                logger.warning("tag %r round %s: not fetching from %s: %s", tag, rid, p, ok)
+            else:
+                want[p] = ok
+        got = self._pull_many(want) if want else {}
         got[self.peer_id] = data
         rec.P, rec.rank, rec.sizes = len(grp.ids), grp.ids.index(self.peer_id), tuple(lens)
         rec.sent, rec.recv = allgather_direct_bytes(lens, rec.rank)
@@ -795,21 +827,31 @@ class HivemindCommunicator:
         return self._launch(tag, rec, body, lambda out: _copy_into(t, out), async_op)
 
     def all_gather_bytes(self, payload: bytes | memoryview | torch.Tensor, *, algorithm: str = "direct",
-                         async_op: bool = False, tag: str = "", round: int | None = None
+                         async_op: bool = False, tag: str = "", round: int | None = None,
+                         max_bytes: int = _MAX_BYTES,
                          ) -> Handle[list[bytes | None]] | list[bytes | None]:  # fmt: skip
         """Every member's payload, index = position in the sorted group (spec §2.1 rule 3, §4).
 
         ``handle.group`` gives the ids; unreachable members are ``None`` and listed in
-        ``handle.missing`` (with live members that were not matched). Only ``algorithm="direct"``
-        (``"auto"`` is accepted as its alias).
+        ``handle.missing`` (with live members that were not matched), and so are members that
+        announce more than ``max_bytes`` (not fetched) or do not deliver within the op's fetch
+        deadline. Only ``algorithm="direct"`` (``"auto"`` is accepted as its alias).
+
+        Args:
+            max_bytes: largest payload accepted from one member, bytes (default 2^30 = 1 GiB,
+                >= 0); a member announcing more is dropped before any byte is fetched.
         """
         check_choice("algorithm", algorithm, ("direct", "auto"))
+        check_int("max_bytes", max_bytes, 0)
         data = _as_bytes(payload)
         rid = self._next_round(tag, round)
         rec = self._record("all_gather_bytes", "direct", tag, payload_bytes=len(data))
 
+        def pullers(g: _Group) -> list[str]:
+            return [p for p in _others(g) if _takes(g.metas[p], len(data))]
+
         def body(h: Handle) -> list[bytes | None]:
-            grp, got = self._gather_payloads(h, rec, tag, rid, data, _others)
+            grp, got = self._gather_payloads(h, rec, tag, rid, data, _others, pullers, max_bytes)
             return [got.get(p) for p in grp.ids]
 
         return self._launch(tag, rec, body, None, async_op)
@@ -835,11 +877,12 @@ class HivemindCommunicator:
         rec = self._record("all_gather_into_tensor", "direct", tag, numel=t.numel(),
                            itemsize=t.element_size(), payload_bytes=nbytes)  # fmt: skip
 
-        def same_size(g: _Group) -> list[str]:
-            return [p for p in _others(g) if g.metas[p].get("len") == nbytes]
+        def same_size(g: _Group) -> list[str]:  # only they pull from this peer, and vice versa
+            return [p for p in _others(g) if _meta_len(g.metas[p]) == nbytes]
 
         def body(h: Handle) -> torch.Tensor:
-            grp, got = self._gather_payloads(h, rec, tag, rid, data, same_size)
+            grp, got = self._gather_payloads(h, rec, tag, rid, data, same_size, same_size, nbytes,
+                                             exact=True)  # fmt: skip
             # members of another size do not pull from this peer either
             pullers = sum(1 for j, n in enumerate(rec.sizes) if j != rec.rank and n == nbytes)
             rec.sent = pullers * (LENGTH_HEADER_BYTES + nbytes)
@@ -859,13 +902,20 @@ class HivemindCommunicator:
         return self._launch(tag, rec, body, post, async_op)
 
     def broadcast_bytes(self, payload: bytes | None, src: int = 0, *, async_op: bool = False,
-                        tag: str = "", round: int | None = None) -> Handle[bytes] | bytes:  # fmt: skip
+                        tag: str = "", round: int | None = None, max_bytes: int = _MAX_BYTES,
+                        ) -> Handle[bytes] | bytes:  # fmt: skip
         """``src``'s payload on every member (``pull``, spec §2.3); src = rank in the sorted group.
 
+        Args:
+            max_bytes: largest payload accepted from ``src``, bytes (default 2^30 = 1 GiB);
+                a larger announcement is not fetched (:class:`PeerLost`).
+
         Raises:
-            PeerLost: the source's payload could not be fetched. CommError: ``src`` >= group size.
+            PeerLost: the source's payload could not be fetched (or was over ``max_bytes``, or
+                late for the op's fetch deadline). CommError: ``src`` >= group size.
         """
         check_int("src", src, 0)
+        check_int("max_bytes", max_bytes, 0)
         data = b"" if payload is None else _as_bytes(payload)
         rid = self._next_round(tag, round)
         rec = self._record("broadcast_bytes", "pull", tag, src=src, payload_bytes=len(data))
@@ -875,8 +925,13 @@ class HivemindCommunicator:
                 raise CommError(f"src must be in [0, {len(g.ids) - 1}] for this group, got {src}")
             return [] if g.ids[src] == g.me else [g.ids[src]]
 
+        def pullers(g: _Group) -> list[str]:  # everyone pulls from src, nobody from the rest
+            if src >= len(g.ids) or g.ids[src] != g.me:
+                return []
+            return [p for p in _others(g) if _takes(g.metas[p], len(data))]
+
         def body(h: Handle) -> bytes:
-            grp, got = self._gather_payloads(h, rec, tag, rid, data, pick)
+            grp, got = self._gather_payloads(h, rec, tag, rid, data, pick, pullers, max_bytes)
             src_id = grp.ids[src]
             if got.get(src_id) is None:
                 raise PeerLost(f"broadcast tag {tag!r} round {rid}: src {src_id} not fetched")
@@ -892,7 +947,8 @@ class HivemindCommunicator:
         """In-place copy of ``src``'s tensor into ``t`` on every member (``pull``, spec §2.3)."""
         check_type("t", t, torch.Tensor)
         nbytes = t.numel() * t.element_size()
-        inner = self.broadcast_bytes(_as_bytes(t), src, async_op=True, tag=tag, round=round)
+        inner = self.broadcast_bytes(_as_bytes(t), src, async_op=True, tag=tag, round=round,
+                                     max_bytes=nbytes)  # fmt: skip
         rec = inner.record
         rec.op, rec.numel, rec.itemsize = "broadcast", t.numel(), t.element_size()
 

@@ -10,7 +10,10 @@ Every primitive an op issues gets a slot keyed by a per-rank sequence number. Ra
 their contribution; the last one to arrive combines all contributions in rank order (float32
 accumulation for half-precision input, float64 for float64) and wakes the others, so every rank
 gets a bitwise-identical result. A rank whose partners do not arrive within ``timeout_s`` raises
-:class:`CommTimeout`; one waiting on a rank that has closed raises :class:`PeerLost`.
+:class:`CommTimeout`; one waiting on a rank that has closed raises :class:`PeerLost`. Sizes are
+exact: a rank that sends more or fewer bytes than it announced makes the op raise
+:class:`CommError` (all-gather rows of different sizes, or a point-to-point message of another
+length), so nothing a rank did not send is ever returned.
 """
 
 from __future__ import annotations
@@ -214,9 +217,13 @@ class InprocCommunicator(_CollectiveEngine):
             return [{j: cs[j][r] for j in range(P) if r in cs[j]} for r in range(P)]
 
         def finish(got: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-            for j, n in recv_sizes.items():
-                if j not in got or got[j].numel() != n:
-                    raise CommError(f"inproc exchange: expected {n} bytes from rank {j}")
+            for j, n in recv_sizes.items():  # exact sizes: nothing a peer did not send
+                sent = got[j].numel() if j in got else 0
+                if sent != n:
+                    raise CommError(
+                        f"inproc exchange on rank {self.rank}: rank {j} announced {n} bytes "
+                        f"and sent {sent}"
+                    )
             return got
 
         return self._post("exchange", contrib, combine, finish)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +68,17 @@ class TorchDistCommunicator(_CollectiveEngine):
     last phase runs asynchronously, so the process group sees ops in issue order whatever order
     handles are waited in.
 
+    Untrusted peers (``all_gather_bytes``): announced lengths above ``max_bytes`` (default
+    1 GiB) raise :class:`CommError` before anything of that size is allocated. gloo accepts a
+    message shorter than the buffer posted for it. Point-to-point receives (``direct``) land in
+    zeroed buffers, so a short sender's entry is its bytes then zeros up to the length it
+    announced. gloo's all-gather (``ring``) copies every row out of an internal, uninitialised
+    buffer, so a short row would come back padded with stale bytes of this process (earlier
+    collectives' data); each ring row therefore ends with an 8-byte end mark (counted as control
+    bytes), and a row that arrives without it raises :class:`CommError`. A peer that sends *more*
+    bytes than announced makes gloo abort the receiving process (``EnforceNotMet`` in its
+    transport thread), which no Python code can catch: gloo trusts its peers that far.
+
     Args:
         process_group: group to use; default the initialised default group, or a new one.
         backend: ``"gloo"`` or ``"nccl"``; used only when this object creates the group
@@ -85,6 +98,9 @@ class TorchDistCommunicator(_CollectiveEngine):
         comm = TorchDistCommunicator()
         comm.all_reduce(grad, "mean")
     """
+
+    # gloo's all-gather can return a row its sender did not fully send: mark ring rows.
+    _RING_END_MARK = 8
 
     def __init__(
         self,
@@ -124,6 +140,7 @@ class TorchDistCommunicator(_CollectiveEngine):
         else:
             self._device = torch.device("cpu")
         self._global = [dist.get_global_rank(self._pg, r) for r in range(self.world_size)]
+        self._mark_salt = zlib.crc32(struct.pack(f"<{self.world_size}q", *self._global))
         logger.debug(
             "TorchDistCommunicator rank %d/%d on %s (owns group: %s)",
             self.rank,
@@ -144,7 +161,7 @@ class TorchDistCommunicator(_CollectiveEngine):
         return _WorkPending([work], lambda: outs)
 
     def _prim_alltoall(self, rows: torch.Tensor) -> _Pending:
-        out = torch.empty_like(rows)
+        out = torch.zeros_like(rows)  # written in place: a short message leaves zeros
         work = dist.all_to_all_single(out, rows, group=self._pg, async_op=True)
         return _WorkPending([work], lambda: out)
 
@@ -153,11 +170,13 @@ class TorchDistCommunicator(_CollectiveEngine):
     ) -> _Pending:
         # gloo matches point-to-point messages by (peer, tag); the op sequence number keeps
         # messages of different ops apart. Zero-length payloads are never sent: both sides know
-        # the lengths from the exchange that precedes this phase.
+        # the lengths from the exchange that precedes this phase. gloo accepts a message shorter
+        # than the buffer and writes it in place, so the buffers start zeroed: bytes a peer did
+        # not send are zeros, never memory of this process.
         tag = tag % 2**31
         works: list[Any] = []
         got = {
-            j: torch.empty(n, dtype=torch.uint8, device=self._device) for j, n in recv_sizes.items()
+            j: torch.zeros(n, dtype=torch.uint8, device=self._device) for j, n in recv_sizes.items()
         }
         for j, buf in got.items():
             works.append(dist.irecv(buf, self._global[j], group=self._pg, tag=tag))
