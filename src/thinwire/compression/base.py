@@ -5,20 +5,34 @@ exactly how many bytes that payload has from the shape alone. The interface is s
 hivemind's ``CompressionBase`` (compress / extract / estimate ratio). Communicators never see a
 codec: its payloads travel as bytes (``all_gather_bytes``) or, since ``wire_bytes`` gives their
 size from the shape, as equal-size uint8 tensors (``all_gather_into_tensor``).
+
+Decoding is bounded. A payload's header names the shape of the tensor it decodes to, and a few
+hundred kilobytes of valid sparse payload can name a tensor of billions of elements, so a decoder
+never trusts that shape alone: the caller states what it expects (``shape=`` or ``numel=``), or
+the decoded size is capped at ``max_numel`` elements (default :data:`DEFAULT_MAX_NUMEL`). A
+payload outside those bounds raises :class:`~thinwire.compression.payload.PayloadError` before
+anything of the declared size is allocated.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 
+from thinwire._validate import check_int
 from thinwire.compression.payload import PayloadError, unpack_payload
 
-__all__ = ["Codec", "ShapeLike", "as_shape"]
+__all__ = ["Codec", "DEFAULT_MAX_NUMEL", "ShapeLike", "as_shape"]
 
 ShapeLike = int | Sequence[int] | torch.Size
+
+#: Elements a decode accepts when the caller gives neither ``shape`` nor ``numel``: 2**28, so the
+#: float32 result is at most 1 GiB. Pass ``shape=`` (or ``numel=``) to decode a known larger
+#: tensor, or ``max_numel=`` to move the cap.
+DEFAULT_MAX_NUMEL = 2**28
 
 
 def as_shape(shape: ShapeLike) -> tuple[int, ...]:
@@ -67,15 +81,30 @@ class Codec(ABC):
 
     @abstractmethod
     def decode(
-        self, payload: bytes | bytearray | memoryview | torch.Tensor, numel: int | None = None
+        self,
+        payload: bytes | bytearray | memoryview | torch.Tensor,
+        numel: int | None = None,
+        *,
+        shape: ShapeLike | None = None,
+        max_numel: int | None = None,
     ) -> torch.Tensor:
         """Decode a payload into a float32 tensor of the encoded shape.
 
-        With ``numel`` (the communicator's flat-codec form) the payload must hold exactly that
-        many elements and the result is flattened.
+        The shape in the payload's header is checked against what the caller expects before
+        anything of that size is allocated (see the module docstring).
+
+        Args:
+            payload: the bytes received.
+            numel: the payload must hold exactly this many elements; the result is flattened
+                (the communicator's flat-codec form).
+            shape: the payload must have exactly this shape (an int means a 1-D tensor).
+            max_numel: the payload may hold at most this many elements. Default: no cap beyond
+                ``shape``/``numel`` when either is given, else :data:`DEFAULT_MAX_NUMEL`.
 
         Raises:
-            PayloadError: the payload is truncated, corrupted, foreign or inconsistent.
+            PayloadError: the payload is truncated, corrupted, foreign, inconsistent, of another
+                shape or element count than expected, or larger than the cap.
+            ValueError: ``numel`` and ``shape`` disagree, or an argument is out of range.
         """
 
     @abstractmethod
@@ -97,10 +126,39 @@ class Codec(ABC):
             n *= d
         return n * dense_bits / 8 / self.wire_bytes(dims)
 
-    def _open(self, payload: bytes | bytearray | memoryview | torch.Tensor, numel: int | None):
+    def _open(
+        self,
+        payload: bytes | bytearray | memoryview | torch.Tensor,
+        numel: int | None,
+        shape: ShapeLike | None = None,
+        max_numel: int | None = None,
+    ):
+        """Unpack and verify ``payload``; check its shape against the caller's bounds.
+
+        Every check here reads only the header, so an oversized or unexpected shape is rejected
+        before a decoder allocates anything of that size.
+        """
+        if numel is not None:
+            check_int("numel", numel, 0)
+        dims = None if shape is None else as_shape(shape)
+        if dims is not None and numel is not None and math.prod(dims) != numel:
+            raise ValueError(
+                f"numel must be the product of shape {dims} ({math.prod(dims)}), got {numel}"
+            )
+        if max_numel is not None:
+            check_int("max_numel", max_numel, 0)
+        elif dims is None and numel is None:
+            max_numel = DEFAULT_MAX_NUMEL
         header, body = unpack_payload(payload, codec_id=self.codec_id, settings=self.settings)
+        if dims is not None and header.shape != dims:
+            raise PayloadError(f"payload shape must be {dims}, got {header.shape}")
         if numel is not None and header.numel != numel:
             raise PayloadError(f"payload numel must be {numel}, got {header.numel}")
+        if max_numel is not None and header.numel > max_numel:
+            raise PayloadError(
+                f"payload numel must be in [0, {max_numel}] (max_numel), got {header.numel} "
+                f"for shape {header.shape}; pass shape= or max_numel= to decode a larger tensor"
+            )
         want = self.body_nbytes(header.shape)
         if len(body) != want:
             raise PayloadError(

@@ -24,7 +24,7 @@ import torch
 
 from thinwire._validate import check_choice, check_int, check_type
 from thinwire.compression.aggregate import SparseMessage, densify
-from thinwire.compression.base import Codec, as_shape
+from thinwire.compression.base import Codec, ShapeLike, as_shape
 from thinwire.compression.chunk import ChunkGeometry
 from thinwire.compression.dct import dct_basis, dct_tiles
 from thinwire.compression.fused import dct_topk
@@ -99,8 +99,21 @@ class DenseCodec(Codec):
     def roundtrip(self, x: torch.Tensor, *, generator: torch.Generator | None = None):
         return self._encode(x, generator)
 
-    def decode(self, payload, numel: int | None = None) -> torch.Tensor:
-        header, body = self._open(payload, numel)
+    def decode(
+        self,
+        payload,
+        numel: int | None = None,
+        *,
+        shape: ShapeLike | None = None,
+        max_numel: int | None = None,
+    ) -> torch.Tensor:
+        """Decode a payload; its shape is checked against ``numel``/``shape``/``max_numel``.
+
+        See :meth:`Codec.decode`: without ``shape`` or ``numel`` a payload of more than
+        ``max_numel`` (default :data:`~thinwire.compression.base.DEFAULT_MAX_NUMEL`) elements
+        raises :class:`PayloadError` before the output is allocated.
+        """
+        header, body = self._open(payload, numel, shape, max_numel)
         try:
             out = self.values.decode(body, 0, header.numel)
         except PayloadError:
@@ -243,9 +256,26 @@ class SparseCodec(Codec):
         enc = self.encode_sparse(x, generator=generator)
         return enc.payload, densify(enc.message)
 
-    def decode_sparse(self, payload, numel: int | None = None) -> SparseMessage:
-        """Decode a payload into its message (indices and dequantized values), not densified."""
-        header, body = self._open(payload, numel)
+    def decode_sparse(
+        self,
+        payload,
+        numel: int | None = None,
+        *,
+        shape: ShapeLike | None = None,
+        max_numel: int | None = None,
+    ) -> SparseMessage:
+        """Decode a payload into its message (indices and dequantized values), not densified.
+
+        The declared shape is checked as in :meth:`Codec.decode` before anything is decoded:
+        it must equal ``shape`` / hold ``numel`` elements when given, and hold at most
+        ``max_numel`` elements (default :data:`~thinwire.compression.base.DEFAULT_MAX_NUMEL`
+        when neither is given). The message holds ``num_chunks * k <= numel`` entries, and
+        densifying it allocates ``numel`` float32 values, so both stay within that bound.
+
+        Raises:
+            PayloadError: as :meth:`Codec.decode`.
+        """
+        header, body = self._open(payload, numel, shape, max_numel)
         g = self.geometry(header.shape)
         if g.num_chunks == 0:
             empty = torch.zeros(0, 0)
@@ -262,8 +292,16 @@ class SparseCodec(Codec):
         _finite_or_raise(val, "values")
         return SparseMessage(g, self.transform, idx, val.reshape(g.num_chunks, k))
 
-    def decode(self, payload, numel: int | None = None) -> torch.Tensor:
-        out = densify(self.decode_sparse(payload, numel))
+    def decode(
+        self,
+        payload,
+        numel: int | None = None,
+        *,
+        shape: ShapeLike | None = None,
+        max_numel: int | None = None,
+    ) -> torch.Tensor:
+        """:meth:`decode_sparse`, densified (same bounds on the declared shape)."""
+        out = densify(self.decode_sparse(payload, numel, shape=shape, max_numel=max_numel))
         # FIX: finite DCT coefficients near the float32 limit can overflow in the inverse DCT;
         # a payload that decodes to inf must be rejected, not returned.
         _finite_or_raise(out, "elements after the inverse transform")
