@@ -8,8 +8,10 @@ without reading the source (STYLE.md §3). Wrong types raise ``TypeError``, wron
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
+
+import torch
 
 __all__ = [
     "check_type",
@@ -17,6 +19,9 @@ __all__ = [
     "check_float",
     "check_choice",
     "check_dtype",
+    "check_keys",
+    "check_ordered_params",
+    "check_param_tensors",
 ]
 
 
@@ -93,3 +98,46 @@ def check_dtype(name: str, value: Any, dtypes: Collection[Any]) -> Any:
         opts = ", ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must be in {{{opts}}}, got {value}")
     return value
+
+
+def check_keys(name: str, keys: Iterable[str], accepted: Collection[str]) -> None:
+    """Refuse keys outside ``accepted`` (a misspelt setting would otherwise be ignored)."""
+    unknown = sorted(k for k in keys if k not in accepted)
+    if unknown:
+        opts = ", ".join(repr(k) for k in sorted(accepted))
+        got = ", ".join(repr(k) for k in unknown)
+        raise ValueError(f"{name} must be in {{{opts}}}, got {got}")
+
+
+def check_ordered_params(name: str, params: Any) -> Any:
+    """Refuse a set of parameters (``TypeError``): its iteration order differs between processes,
+    so ranks would pair different tensors in every collective. Return ``params``."""
+    if isinstance(params, set | frozenset):
+        raise TypeError(
+            f"{name} must be an ordered iterable of tensors (a list, tuple or generator), got "
+            f"{type(params).__name__}: a set's order differs between processes"
+        )
+    return params
+
+
+def check_param_tensors(group: int, params: Sequence[Any]) -> None:
+    """Check the tensors of param group ``group``: real floating point, on a real device.
+
+    Raises:
+        TypeError: a complex or non-floating-point parameter (its imaginary part or integer
+            values would be silently mangled by real-valued optimizer math).
+        ValueError: a parameter on the ``meta`` device (it holds no data to optimize).
+    """
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            continue  # torch.optim.Optimizer refuses non-tensors with its own message
+        if p.is_complex() or not p.is_floating_point():
+            raise TypeError(
+                f"param {i} of group {group} must be a real floating-point tensor, got {p.dtype}"
+            )
+        if p.is_meta:
+            raise ValueError(
+                f"param {i} of group {group} must be on a device that holds data, got device "
+                "'meta' (materialize the model, e.g. to_empty() and init, before building the "
+                "optimizer)"
+            )

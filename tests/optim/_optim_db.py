@@ -347,6 +347,31 @@ _COMMON_INVALID = (
         TypeError,
         r"inner must return a torch\.optim\.Optimizer, got object",
     ),
+    # The trimmed mean's count of peers dropped at each end.
+    ErrorCase(
+        {"robust": "trimmed_mean", "trim": 0}, ValueError, r"trim must be in \[1, inf\), got 0"
+    ),
+    ErrorCase(
+        {"robust": "trimmed_mean", "trim": 1.5},
+        TypeError,
+        r"trim must be int in \[1, inf\), got 1\.5",
+    ),
+    ErrorCase(
+        {"trim": 1},
+        ValueError,
+        r"trim applies only to robust='trimmed_mean', got trim=1 with robust='mean'",
+    ),
+    ErrorCase(
+        lambda ps: {"robust": "trimmed_mean", "comm": InprocCommunicator.group(3)[0]},
+        ValueError,
+        r"robust='trimmed_mean' cannot trim at world size 3 with trim=None \(floor\(0\.25 \* 3\)"
+        r" = 0\): it needs 1 <= trim < world size / 2",
+    ),
+    ErrorCase(
+        lambda ps: {"robust": "trimmed_mean", "trim": 2, "comm": InprocCommunicator.group(4)[0]},
+        ValueError,
+        r"robust='trimmed_mean' cannot trim at world size 4 with trim=2: it needs",
+    ),
 )
 _OUTER_INVALID = (
     ErrorCase({"outer_lr": -0.1}, ValueError, r"outer_lr must be in \[0\.0, inf\), got -0\.1"),

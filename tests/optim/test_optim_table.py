@@ -80,6 +80,81 @@ def test_invalid_group_override_in_add_param_group(info: OptimInfo, case: ErrorC
     assert [p for g in opt.param_groups for p in g["params"]] == ps[:2]
 
 
+@pytest.mark.parametrize("where", ["constructor", "add_param_group"])
+@pytest.mark.parametrize("info", BY_NAME)
+def test_complex_param_is_refused_naming_its_index(info: OptimInfo, where: str) -> None:
+    # DeMo used to take the real part silently (its momentum is float32).
+    ps = list(tiny_model().parameters())
+    bad = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    if where == "constructor":
+        with pytest.raises(
+            TypeError,
+            match=r"param 2 of group 1 must be a real floating-point "
+            r"tensor, got torch\.complex64",
+        ):
+            info.make([{"params": ps[:2]}, {"params": [ps[2], ps[3], bad]}], **info.group_kwargs)
+    else:
+        opt = info.make(ps, **info.group_kwargs)
+        with pytest.raises(TypeError, match=r"param 0 of group 1 must be a real floating-point"):
+            opt.add_param_group({"params": [bad]})
+        assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("where", ["constructor", "add_param_group"])
+@pytest.mark.parametrize("info", BY_NAME)
+def test_meta_param_is_refused_at_construction(info: OptimInfo, where: str) -> None:
+    # It used to be accepted and to fail at the first step with a message naming nothing.
+    ps = list(tiny_model().parameters())
+    meta = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+    match = r"param 1 of group 0 must be on a device that holds data, got device 'meta'"
+    if where == "constructor":
+        with pytest.raises(ValueError, match=match):
+            info.make([ps[0], meta, *ps[1:]], **info.group_kwargs)
+    else:
+        opt = info.make(ps[:2], **info.group_kwargs)
+        with pytest.raises(ValueError, match=r"param 0 of group 1 must be on a device"):
+            opt.add_param_group({"params": [meta]})
+        assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("info", BY_NAME)
+def test_a_set_of_params_is_refused(info: OptimInfo) -> None:
+    # A set's iteration order differs between processes, so ranks would pair other tensors.
+    ps = list(tiny_model().parameters())
+    match = r"params must be an ordered iterable of tensors .*got set"
+    with pytest.raises(TypeError, match=match):
+        info.make(set(ps), **info.group_kwargs)
+    with pytest.raises(TypeError, match=match):
+        info.make([{"params": set(ps)}], **info.group_kwargs)
+    opt = info.make(ps[:2], **info.group_kwargs)
+    with pytest.raises(TypeError, match=match):
+        opt.add_param_group({"params": set(ps[2:])})
+    with pytest.raises(TypeError, match=r"params must be an ordered iterable .*got frozenset"):
+        opt.add_param_group({"params": frozenset(ps[2:])})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("where", ["constructor", "add_param_group"])
+@pytest.mark.parametrize("info", BY_NAME)
+def test_unknown_group_key_is_refused_listing_the_accepted_keys(
+    info: OptimInfo, where: str
+) -> None:
+    ps = list(tiny_model().parameters())
+    known = next(iter(info.group_overrides[1]))  # a per-group key this optimizer accepts
+    match = rf"keys of param group 1 must be in \{{.*'{known}'.*\}}, got 'outer_lrr'"
+    if where == "constructor":
+        with pytest.raises(ValueError, match=match):
+            info.make(
+                [{"params": ps[:2]}, {"params": ps[2:], "outer_lrr": 0.5}], **info.group_kwargs
+            )
+    else:
+        opt = info.make(ps[:2], **info.group_kwargs)
+        with pytest.raises(ValueError, match=match):
+            opt.add_param_group({"params": ps[2:], "outer_lrr": 0.5})
+        assert len(opt.param_groups) == 1
+        opt.add_param_group({"params": ps[2:], known: info.group_overrides[1][known]})
+
+
 @pytest.mark.parametrize("info", BY_NAME)
 def test_add_param_group_accepts_a_generator(info: OptimInfo) -> None:
     # torch.optim accepts any iterable of tensors as a group's "params".

@@ -8,13 +8,16 @@
   (``values="sign"`` is Psyche's 1-bit DisTrO).
 
 Every one takes a ``comm`` (:mod:`thinwire.collectives`) and an optional ``compressor`` setting
-(:func:`thinwire.compression.build_codec`).
+(:func:`thinwire.compression.build_codec`). Their update rules are free functions in
+:mod:`thinwire.optim.functional` (:func:`diloco_outer_step`, :func:`demo_update`), as
+``torch.optim`` splits each optimizer into a class and a functional form.
 """
 
 from __future__ import annotations
 
 from thinwire.optim.demo import DeMo, demo_compressor
 from thinwire.optim.diloco import DiLoCo, LocalSGD
+from thinwire.optim.functional import demo_update, diloco_outer_step
 from thinwire.optim.sparseloco import SparseLoCo, sparseloco_compressor
 from thinwire.optim.streaming import StreamingDiLoCo
 
@@ -25,5 +28,7 @@ __all__ = [
     "SparseLoCo",
     "StreamingDiLoCo",
     "demo_compressor",
+    "demo_update",
+    "diloco_outer_step",
     "sparseloco_compressor",
 ]

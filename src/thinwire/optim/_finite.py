@@ -1,4 +1,4 @@
-"""The one finiteness check every optimizer runs on what it is about to send (STYLE.md §3)."""
+"""Finiteness: the one check every optimizer runs on what it is about to send, and AMP's skips."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.optim import Optimizer
 
 __all__: list[str] = []
 
@@ -27,3 +28,34 @@ def first_nonfinite(
             if not bool(torch.isfinite(t).all()):
                 return gi, next(j for j, q in enumerate(param_groups[gi]["params"]) if q is p)
     return None
+
+
+def amp_step_skipped(opt: Optimizer) -> bool:
+    """Whether ``torch.amp.GradScaler`` found inf/NaN gradients for this ``step()``.
+
+    thinwire optimizers set ``_step_supports_amp_scaling``, so ``scaler.step(opt)`` calls
+    ``opt.step()`` on every iteration, with ``opt.found_inf`` (non-zero: skip the update) and
+    ``opt.grad_scale`` (the scale the gradients still carry, or None once ``scaler.unscale_``
+    ran) set for the call (``torch/amp/grad_scaler.py``, ``GradScaler.step``). A plain scaler
+    would skip ``opt.step()`` instead, and a rank that skipped would fall a step behind the
+    others' collective schedule. When the step is not skipped, the gradients are unscaled
+    here with the operation ``GradScaler.unscale_`` uses, so the update equals the unscaled
+    one bit for bit. Without a scaler this returns False and touches nothing.
+    """
+    found_inf = getattr(opt, "found_inf", None)
+    if found_inf is None:
+        return False
+    if bool(found_inf.item()):
+        return True
+    scale = getattr(opt, "grad_scale", None)
+    if scale is not None:
+        inv = scale.double().reciprocal().float()
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for (device, _), grads in groups.items():
+            dummy = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, dummy, inv.to(device))
+    return False

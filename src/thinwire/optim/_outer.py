@@ -25,19 +25,72 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from thinwire._validate import check_choice, check_float, check_int, check_type
+from thinwire._validate import (
+    check_choice,
+    check_float,
+    check_int,
+    check_keys,
+    check_ordered_params,
+    check_param_tensors,
+    check_type,
+)
 from thinwire.collectives import Communicator
 from thinwire.compression import ROBUST_RULES, Codec, SparseCodec, build_codec
-from thinwire.optim._finite import first_nonfinite
+from thinwire.optim._finite import amp_step_skipped, first_nonfinite
 from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer, make_reducer
-from thinwire.optim._state import load_keeping_width
+from thinwire.optim._state import (
+    InflightWork,
+    check_groups,
+    check_setting,
+    check_shapes,
+    load_keeping_width,
+)
+from thinwire.optim.functional import diloco_outer_step
 
 __all__: list[str] = []
 
 logger = logging.getLogger(__name__)
 
 InnerFactory = Callable[[list[dict[str, Any]]], Optimizer]
-_FORMAT = 1
+# Format 2 adds the optimizer class, every global setting that changes the numerics and the
+# parameter shapes; format 1 checkpoints still load (what they hold is checked).
+_FORMAT = 2
+_FORMATS = (1, 2)
+_FIELDS_V1 = (
+    "format",
+    "inner_step",
+    "outer_step",
+    "sync_every",
+    "fragments",
+    "overlap_steps",
+    "inflight",
+)
+_FIELDS_V2 = _FIELDS_V1 + (
+    "optimizer",
+    "fragment_pattern",
+    "fragment_members",
+    "mix_alpha",
+    "robust",
+    "trim",
+    "aggregate",
+    "ef_scale_by_lr",
+    "bucket_cap_mb",
+    "outer",
+    "shapes",
+)
+# Per-group settings that change the numerics; the inner optimizer's keys (lr, betas, ...) load
+# from the checkpoint as in torch.optim, so LR schedules resume.
+_GROUP_SETTINGS = (
+    "outer_lr",
+    "outer_momentum",
+    "outer_nesterov",
+    "compressor",
+    "error_feedback",
+    "ef_decay",
+)
+# Group keys torch.optim itself may add: named parameters, and LR schedulers' resume point.
+_TORCH_GROUP_KEYS = ("params", "param_names", "initial_lr")
+_TRIM_RATIO = 0.25  # the reducers' default share of peers a trimmed mean drops at each end
 _WIDE_STATE_KEYS = (
     "anchor",
     "residual",
@@ -65,6 +118,41 @@ def _anchor_of(p: torch.Tensor) -> torch.Tensor:
     return p.detach().to(dtype, copy=True)
 
 
+class _OuterSGD(torch.optim.SGD):
+    """``torch.optim.SGD`` (its groups, state and ``state_dict``) whose step is
+    :func:`~thinwire.optim.functional.diloco_outer_step`: the default outer optimizer.
+
+    Only ``lr``, ``momentum`` and ``nesterov`` are read; the optimizer builds its groups with
+    ``dampening``, ``weight_decay`` and ``maximize`` at SGD's defaults (0, 0, False).
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One outer step over the anchors that have a ``.grad`` (the averaged Δ̄)."""
+        if closure is not None:
+            raise ValueError("closure must be None for the outer step, got a callable")
+        for g in self.param_groups:
+            anchors = [a for a in g["params"] if a.grad is not None]
+            if not anchors:
+                continue
+            momentum = g["momentum"]
+            bufs: list[torch.Tensor | None] = [
+                self.state[a].get("momentum_buffer") if momentum else None for a in anchors
+            ]
+            diloco_outer_step(
+                anchors,
+                [a.grad for a in anchors],
+                bufs,
+                lr=g["lr"],
+                momentum=momentum,
+                nesterov=g["nesterov"],
+            )
+            if momentum:
+                for a, b in zip(anchors, bufs, strict=True):
+                    self.state[a]["momentum_buffer"] = b
+        return None
+
+
 def check_compressor(name: str, value: Any) -> Codec | None:
     """Build (and so validate) a compressor setting: None, a pipeline string or a mapping."""
     if value is None:
@@ -81,11 +169,47 @@ def check_compressor(name: str, value: Any) -> Codec | None:
         raise type(exc)(f"{name} {value!r}: {exc}") from exc
 
 
+def _check_trim(robust: str, trim: Any, comm: Communicator | None) -> int | None:
+    """Validate ``trim`` (peers a trimmed mean drops at each end) against ``robust`` and the group.
+
+    With a communicator, a trimmed mean that cannot trim at its world size ``P`` (``2 * trim >=
+    P``, or the default ``floor(0.25 * P)`` being 0 at ``P <= 3``) is refused: it would silently
+    be a plain mean, or leave nothing to average.
+    """
+    if trim is not None:
+        check_int("trim", trim, 1)
+        if robust != "trimmed_mean":
+            raise ValueError(
+                f"trim applies only to robust='trimmed_mean', got trim={trim} with robust={robust!r}"
+            )
+    if robust == "trimmed_mean" and comm is not None:
+        P = int(comm.world_size)
+        t = trim if trim is not None else int(_TRIM_RATIO * P)
+        if t < 1 or 2 * t >= P:
+            given = f"trim={trim}" if trim is not None else f"trim=None (floor(0.25 * {P}) = {t})"
+            raise ValueError(
+                f"robust='trimmed_mean' cannot trim at world size {P} with {given}: it needs "
+                "1 <= trim < world size / 2 (at least 3 workers); use robust='mean' or 'clip' "
+                "here"
+            )
+    return trim
+
+
 class DiLoCoBase(Optimizer):
-    """Base of :class:`~thinwire.optim.DiLoCo`, ``LocalSGD`` and ``StreamingDiLoCo``.
+    """Base of :class:`~thinwire.optim.DiLoCo`, ``LocalSGD``, ``StreamingDiLoCo`` and ``SparseLoCo``.
 
     Not public: see the subclasses for the documented constructors.
+
+    Mixed precision: ``torch.amp.GradScaler`` works as with any optimizer
+    (``scaler.step(opt); scaler.update()``). The optimizer declares
+    ``_step_supports_amp_scaling``, so the scaler calls ``step()`` on every iteration, also
+    when it found inf/NaN gradients; such a step skips the inner update but still counts
+    towards ``sync_every``, so every worker keeps the same sync schedule (a step the scaler
+    skipped without telling the optimizer would put this worker a step behind the others).
+    Call ``opt.step()`` only through the scaler then, once per iteration.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -112,7 +236,9 @@ class DiLoCoBase(Optimizer):
         robust: str = "mean",
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        trim: int | None = None,
     ) -> None:
+        check_ordered_params("params", params)
         if not callable(inner):
             raise TypeError(f"inner must be a callable param_groups -> Optimizer, got {inner!r}")
         if outer is not None and not callable(outer):
@@ -131,8 +257,10 @@ class DiLoCoBase(Optimizer):
         self.aggregate = check_choice("aggregate", aggregate, ("index_mean", "global_mean"))
         self.ef_scale_by_lr = check_type("ef_scale_by_lr", ef_scale_by_lr, bool)
         self.robust = check_choice("robust", robust, ROBUST_RULES)
+        self.trim = _check_trim(self.robust, trim, comm)
         self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
         self.bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0.0, lo_open=True)
+        self._work = InflightWork()
         self._codecs: dict[str, Codec | None] = {}
         self._reducers: dict[str, Reducer] = {}
         self._inner_ready = False
@@ -158,6 +286,8 @@ class DiLoCoBase(Optimizer):
             raise ValueError("inner must build its optimizer on the param_groups it is given")
         # One list of group dicts: LR schedulers, clipping and users see the inner optimizer's groups.
         self.param_groups = self.inner.param_groups
+        for gi, g in enumerate(self.param_groups):
+            check_keys(f"keys of param group {gi}", g, self._group_keys())
         self._inner_ready = True
 
         all_params = own
@@ -183,21 +313,23 @@ class DiLoCoBase(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated like the constructor's arguments) to the inner and outer optimizers."""
         if not getattr(self, "_inner_ready", False):
+            # The group keys are checked once the inner optimizer exists (its keys are valid too).
+            if isinstance(param_group, dict):
+                check_ordered_params("params", param_group.get("params"))
             super().add_param_group(param_group)
-            self._validate_group(self.param_groups[-1])
+            self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
             return
         if self._inflight is not None:
             raise RuntimeError("cannot add a param group while a sync is in flight")
-        params = param_group["params"]
+        check_keys(f"keys of param group {len(self.param_groups)}", param_group, self._group_keys())
+        params = check_ordered_params("params", param_group["params"])
         if isinstance(params, torch.Tensor):
             param_group["params"] = [params]
-        elif isinstance(params, set):
-            raise TypeError("params must be an ordered iterable of tensors, got a set")
         else:
             param_group["params"] = list(params)  # a generator would be used up by validation
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
-        self._validate_group(param_group)
+        self._validate_group(param_group, len(self.param_groups))
         self.inner.add_param_group(param_group)  # appends to the shared list
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -205,7 +337,12 @@ class DiLoCoBase(Optimizer):
         self._fragments[-1].extend(group["params"])
         self.outer = self._build_outer(keep_state=True)
 
-    def _validate_group(self, g: dict[str, Any]) -> None:
+    def _group_keys(self) -> set[str]:
+        """Keys a param group may hold: this optimizer's, the inner optimizer's and torch's."""
+        return {*self.defaults, *self.inner.defaults, *_TORCH_GROUP_KEYS}
+
+    def _validate_group(self, g: dict[str, Any], gi: int) -> None:
+        check_param_tensors(gi, g["params"])
         check_float("outer_lr", g["outer_lr"], 0.0)
         check_float("outer_momentum", g["outer_momentum"], 0.0, 1.0, hi_open=True)
         check_type("outer_nesterov", g["outer_nesterov"], bool)
@@ -216,9 +353,6 @@ class DiLoCoBase(Optimizer):
             raise ValueError(
                 f"robust must be in {{'mean', 'clip'}} with a sparse compressor, got {self.robust!r}"
             )
-        for p in g["params"]:
-            if not p.is_floating_point():
-                raise TypeError(f"params must be floating point, got {p.dtype}")
 
     def _reducer_of(self, g: Mapping[str, Any]) -> Reducer:
         """The reducer of this group's compressor (one per distinct setting)."""
@@ -231,6 +365,7 @@ class DiLoCoBase(Optimizer):
                 weighted=self.on_nonfinite == "skip",
                 aggregate=self.aggregate,
                 bucket_cap_mb=self.bucket_cap_mb,
+                trim=self.trim,
             )
         return self._reducers[key]
 
@@ -301,7 +436,7 @@ class DiLoCoBase(Optimizer):
         if self._outer_factory is not None:
             outer = self._outer_factory(self._outer_groups())
         else:
-            outer = torch.optim.SGD(self._outer_groups(), lr=self.defaults["outer_lr"])
+            outer = _OuterSGD(self._outer_groups(), lr=self.defaults["outer_lr"])
         if keep_state and old is not None:
             for a, st in old.state.items():
                 outer.state[a] = st
@@ -314,11 +449,13 @@ class DiLoCoBase(Optimizer):
 
         Collective: every rank must call this once per inner step.
         """
+        loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = self.inner.step(closure)
-        else:
+        elif not amp_step_skipped(self):
             loss = self.inner.step()
+        # Counted whether or not GradScaler skipped the update: every rank syncs at the same call.
         self.inner_step += 1
         self._after_inner_step()
         return loss
@@ -379,6 +516,7 @@ class DiLoCoBase(Optimizer):
             )
             inflight.buckets.append((gi, ps, pend))
         self._inflight = inflight
+        self._work.track(pend for _, _, pend in inflight.buckets)
 
     def _residual(self, p: torch.Tensor) -> torch.Tensor:
         st = self.state[p]
@@ -400,6 +538,7 @@ class DiLoCoBase(Optimizer):
             for p in ps:
                 self.state[p]["inflight_weight"] = torch.tensor(weight, dtype=torch.float64)
             inf.buckets[i] = (gi, ps, None)
+        self._work.clear()
 
     def _apply(self) -> None:
         inf = self._inflight
@@ -447,6 +586,19 @@ class DiLoCoBase(Optimizer):
         }
 
     # ---------------------------------------------------------------- user helpers
+    def close(self) -> None:
+        """Wait for the reduction in flight, if any; keep its result for its apply step.
+
+        A process must not exit while a ``torch.distributed`` collective is running (gloo
+        aborts it with "terminate called without an active exception"); call this before
+        exiting after an overlapped step. Interpreter exit does the same for any work still
+        in flight, even of an optimizer already garbage collected. Nothing is dropped: the result is applied after its step as usual if
+        training continues, and ``state_dict()`` saves it. Idempotent.
+
+        Issues no collective: it waits for the one every rank launched at the same step.
+        """
+        self._resolve()
+
     @torch.no_grad()
     def sync_now(self) -> None:
         """Finish any in-flight event, then sync every fragment at once without overlap.
@@ -497,7 +649,9 @@ class DiLoCoBase(Optimizer):
         """Optimizer state with ``inner``, ``outer`` and ``thinwire`` keys; waits for an in-flight sync.
 
         An in-flight reduction is completed (not dropped): its averaged result is saved in the
-        per-param ``inflight`` state and applied after the recorded step on resume.
+        per-param ``inflight`` state and applied after the recorded step on resume. ``thinwire``
+        also records the optimizer class, every global setting that changes the numerics and
+        the parameter shapes, which ``load_state_dict`` checks.
         """
         self._resolve()
         sd = super().state_dict()
@@ -519,8 +673,26 @@ class DiLoCoBase(Optimizer):
                 "contributed": inf.contributed,
                 "buckets": [(gi, [self._index_of(p) for p in ps]) for gi, ps, _ in inf.buckets],
             },
+            **self._settings(),
         }
         return sd
+
+    def _settings(self) -> dict[str, Any]:
+        """The format-2 fields: class and global settings that change the numerics, shapes."""
+        index = {id(p): i for i, p in enumerate(self._ordered_params())}
+        return {
+            "optimizer": type(self).__name__,
+            "fragment_pattern": self.fragment_pattern,
+            "fragment_members": [[index[id(p)] for p in frag] for frag in self._fragments],
+            "mix_alpha": self.mix_alpha,
+            "robust": self.robust,
+            "trim": self.trim,
+            "aggregate": self.aggregate,
+            "ef_scale_by_lr": self.ef_scale_by_lr,
+            "bucket_cap_mb": self.bucket_cap_mb,
+            "outer": type(self.outer).__name__,
+            "shapes": [list(p.shape) for p in self._ordered_params()],
+        }
 
     def _ordered_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -531,33 +703,66 @@ class DiLoCoBase(Optimizer):
                 return i
         raise KeyError("parameter not in this optimizer")
 
+    def _same_group_setting(self, key: str, mine: Any, theirs: Any) -> bool:
+        if key != "compressor" or mine == theirs:
+            return mine == theirs
+        try:  # equal settings written differently (a string and a mapping) are the same codec
+            a, b = check_compressor("compressor", mine), check_compressor("compressor", theirs)
+        except (TypeError, ValueError):
+            return False
+        if a is None or b is None:
+            return a is b
+        return (type(a), a.settings) == (type(b), b.settings)
+
+    def _check_checkpoint(self, tw: dict[str, Any], sd: dict[str, Any]) -> None:
+        """Every check ``load_state_dict`` runs before it changes anything."""
+        if tw.get("format") not in _FORMATS:
+            raise ValueError(
+                f"state_dict format must be in {{{', '.join(map(str, _FORMATS))}}}, "
+                f"got {tw.get('format')!r}"
+            )
+        for key in _FIELDS_V1 if tw["format"] == 1 else _FIELDS_V2:
+            if key not in tw:
+                raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
+        for key in ("state", "param_groups", "inner", "outer"):
+            if key not in sd:
+                raise ValueError(f"state_dict is missing field {key!r}")
+        ours = self._settings()
+        if tw["format"] >= 2:  # format 1 did not record the class
+            check_setting("optimizer", ours["optimizer"], tw["optimizer"])
+        mine = (self.sync_every, len(self._fragments), self.overlap_steps)
+        theirs = (tw["sync_every"], tw["fragments"], tw["overlap_steps"])
+        check_setting("(sync_every, fragments, overlap_steps)", mine, theirs)
+        if tw["format"] >= 2:  # format 1 recorded none of these: only what it holds is checked
+            for key, value in ours.items():
+                if key not in ("optimizer", "shapes"):
+                    check_setting(key, value, tw[key])
+        check_groups(
+            self.param_groups, sd["param_groups"], _GROUP_SETTINGS, self._same_group_setting
+        )
+        check_shapes(
+            self.param_groups, tw.get("shapes"), sd["state"], ("anchor", "residual", "inflight")
+        )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict()``; float32 outer state stays float32 for bf16/fp16 params."""
+        """Restore a ``state_dict()``; float32 outer state stays float32 for bf16/fp16 params.
+
+        Raises ``ValueError`` naming the setting and both values when the checkpoint was saved
+        by another optimizer class or with other settings that change the numerics (the
+        schedule, fragments, overlap, mixing, robust rule and trim, aggregation, bucket size,
+        outer optimizer, per-group outer and compression settings) or other parameter shapes,
+        before anything is changed. The inner optimizer's group settings (``lr``, ...) load
+        from the checkpoint, as in ``torch.optim``. Checkpoints of the previous format (1)
+        load too; the settings they did not record cannot be checked.
+        """
         sd = dict(state_dict)
         tw = sd.pop("thinwire", None)
         if not isinstance(tw, dict):
             raise ValueError(
                 "state_dict must hold a 'thinwire' entry (saved by a thinwire optimizer)"
             )
-        for key in (
-            "format",
-            "inner_step",
-            "outer_step",
-            "sync_every",
-            "fragments",
-            "overlap_steps",
-            "inflight",
-        ):
-            if key not in tw:
-                raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
-        if tw["format"] != _FORMAT:
-            raise ValueError(f"state_dict format must be {_FORMAT}, got {tw['format']}")
-        mine = (self.sync_every, len(self._fragments), self.overlap_steps)
-        theirs = (tw["sync_every"], tw["fragments"], tw["overlap_steps"])
-        if mine != theirs:
-            raise ValueError(
-                f"state_dict (sync_every, fragments, overlap_steps) must be {mine}, got {theirs}"
-            )
+        self._check_checkpoint(tw, sd)
+        self._work.drain()  # a reduction in flight is superseded by the checkpoint's state
         inner_sd = sd.pop("inner")
         outer_sd = sd.pop("outer")
         params = self._ordered_params()

@@ -5,7 +5,11 @@ aggregate. The tensors are cut into buckets (``bucket_cap_mb``, as DDP's ``bucke
 each bucket crosses the wire once:
 
 * :class:`AllReduceReducer` (no codec) — the bucket is flattened and ring all-reduced (SUM, then
-  divide locally): ``2(M-1) ceil(N/M) 4`` bytes per worker;
+  divide locally): ``2(M-1) ceil(N/M) 4`` bytes per worker. A ring sum cannot say whose
+  contribution was bad, so when the sum is non-finite or beyond ``float32 max / M`` (or the
+  contributor count is not a whole number in ``[0, M]``), every rank -- all see the same sum --
+  all-gathers the float32 vectors of that bucket once (``(M-1) 4 N`` more bytes), drops the
+  peers whose vector is bad and averages the rest in rank order;
 * :class:`DenseReducer` (fp16, int8, int4, FP4, ...) — each worker quantizes the flat bucket,
   frames are all-gathered into one ``(M, W)`` uint8 tensor and every worker decodes all of them
   and averages in float32 in rank order: ``(M-1) W`` bytes per worker, ``W`` = body + 16;
@@ -20,15 +24,15 @@ bytes in the same order, so the result is bit-identical everywhere, and the call
 exactly what it transmitted (error feedback subtracts that). A worker may contribute nothing
 (non-finite input, ``"skip"`` policy): its frame carries flag 0 (gathered paths) or weight 0
 appended to the vector (all-reduce path, ``weighted=True``), and means divide by the number of
-contributors. A frame that fails its checks is dropped with a logged reason naming the peer;
-it is never half-applied.
+contributors. A frame or vector that fails its checks is dropped with a logged reason naming the
+peer, and counted in :attr:`Reducer.dropped`; it is never half-applied.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 #: Default bucket size: DDP's ``bucket_cap_mb`` default (25 MiB of float32 values).
 DEFAULT_BUCKET_CAP_MB = 25.0
+_F32_MAX = torch.finfo(torch.float32).max
 _BUCKET_CACHE_SIZE = 256
 _bucket_cache: OrderedDict[tuple, DenseBucket | SparseBucket] = OrderedDict()
 
@@ -174,8 +179,16 @@ class Reducer:
     Args:
         comm: the communicator, or None for a single worker.
         robust: aggregation rule (:data:`thinwire.compression.ROBUST_RULES`).
+        trim: for ``robust="trimmed_mean"``, peers dropped at each end (default None:
+            ``floor(0.25 * P)``); it must satisfy ``1 <= trim < P / 2`` for the group's size
+            ``P``, else ``ValueError``. A round in which fewer peers are present than that needs
+            (some skipped) is skipped with a warning rather than averaged untrimmed.
         weighted: carry contributor counts (needed when any worker may skip a round).
         bucket_cap_mb: largest bucket, MiB of float32 values.
+
+    Attributes:
+        dropped: ``Counter`` of peer rank -> buckets whose contribution from that peer was
+            dropped (bad frame, non-finite or overflowing vector), summed over all reductions.
     """
 
     def __init__(
@@ -183,13 +196,20 @@ class Reducer:
         comm: Communicator | None,
         *,
         robust: str = "mean",
+        trim: int | None = None,
         weighted: bool = False,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
+        if comm is not None or trim is not None:
+            # The rule's own check at the group's size (a single worker: the setting alone).
+            P = comm.world_size if comm is not None else 2 * int(trim) + 1  # type: ignore[arg-type]
+            robust_mean([torch.zeros(1)] * P, robust, trim=trim)
         self.comm = comm
         self.robust = robust
+        self.trim = trim
         self.weighted = weighted
         self.bucket_cap_mb = bucket_cap_mb
+        self.dropped: Counter[int] = Counter()
 
     def start(
         self,
@@ -210,6 +230,9 @@ class Reducer:
         ``residual <- p - transmitted`` in place (``subtract="raw"``: minus the selected values
         before quantization, DeMo's Psyche variant). A worker that does not contribute leaves
         its residuals as they are. This is the one place error feedback is applied.
+
+        With ``async_op=True`` leave ``tensors`` unchanged until ``result()``: a round whose
+        all-reduced sum turns out bad re-reads them for its fallback gather.
 
         Collective: every rank must call this, in the same order, with the same ``tag``.
         """
@@ -244,6 +267,11 @@ class Reducer:
             return own[None]
         return part.handle.wait()
 
+    def _drop(self, rank: int, tag: str, what: str, reason: str) -> None:
+        """Log and count one peer's dropped contribution to one bucket."""
+        self.dropped[rank] += 1
+        logger.warning("dropping the %s of peer %d (%s): %s", what, rank, tag, reason)
+
     def _present(self, status: torch.Tensor, tag: str) -> list[int]:
         """Pull the per-peer status once; log and drop bad frames; return contributing ranks."""
         codes = status.tolist()  # one small read per bucket: P integers
@@ -252,59 +280,127 @@ class Reducer:
             if code == STATUS_OK:
                 present.append(rank)
             elif code != STATUS_EMPTY:
-                logger.warning(
-                    "dropping the payload of peer %d (%s): %s", rank, tag, STATUS_REASONS[code]
-                )
+                self._drop(rank, tag, "payload", STATUS_REASONS[code])
         return present
 
 
 class AllReduceReducer(Reducer):
-    """No codec: the flat float32 bucket is ring all-reduced."""
+    """No codec: the flat float32 bucket is ring all-reduced (SUM, then divided locally).
+
+    A peer whose vector holds a non-finite value, or one above ``float32 max / P`` in magnitude
+    (where the float32 sum of P contributions can overflow, depending on the others' values and
+    on the order a ring adds them, which differs per chunk), is dropped: such a value is either
+    a bug or an attack, and a mean that keeps it (even one accumulated in float64) is a finite
+    1e38-sized step that honest ranks would apply and then fail on. The sum reveals it unless
+    other peers' values of the same size cancel it; then every rank takes one all-gather of the
+    bucket (see the module docstring), so the common round stays a ring all-reduce. Smaller
+    finite garbage is not caught: the plain mean tolerates no hostile peer (use a robust rule).
+    """
 
     def _start_bucket(self, ts, sl, ef, contribute, tag):
         if ef is not None:
             ts = ef.inputs(sl, ts)
             for r in ef.residuals[sl]:  # sent exactly: nothing is held back
                 r.zero_()
-        sent = [t.detach().clone() for t in ts] if contribute else [torch.zeros_like(t) for t in ts]
+        if not contribute:
+            ts = [torch.zeros_like(t) for t in ts]
         if self.comm is None:
+            sent = [t.detach().clone() for t in ts]
             return _Part(sl, None, local=(sent, 1.0 if contribute else 0.0))
-        vec = torch.cat([t.reshape(-1) for t in sent])
-        if self.weighted:
-            flag = torch.full((1,), 1.0 if contribute else 0.0, dtype=vec.dtype, device=vec.device)
-            vec = torch.cat([vec, flag])
-            handle = self.comm.all_reduce(vec, "sum", async_op=True, tag=tag)
-        else:
-            handle = self.comm.all_reduce(vec, "mean", async_op=True, tag=tag)
+        vec = self._vector(ts, contribute)
+        handle = self.comm.all_reduce(vec, "sum", async_op=True, tag=tag)
         part = _Part(sl, handle)
         part.like = ts  # type: ignore[attr-defined]
+        part.contribute = contribute  # type: ignore[attr-defined]
+        part.tag = tag  # type: ignore[attr-defined]
         return part
+
+    def _vector(self, ts: list[torch.Tensor], contribute: bool) -> torch.Tensor:
+        """The flat float32 vector this rank sends, with its weight appended if ``weighted``."""
+        parts = [t.detach().reshape(-1) for t in ts]
+        if self.weighted:
+            ref = parts[0] if parts else torch.zeros(0)
+            parts.append(torch.full((1,), float(contribute), dtype=ref.dtype, device=ref.device))
+        return torch.cat(parts)
 
     def finish(self, part):
         like = part.like  # type: ignore[attr-defined]
         out = part.handle.wait()
+        P = self.comm.world_size
+        bound = _F32_MAX / P
+        s = out[:-1] if self.weighted else out
+        # |s| <= bound is False for NaN and inf too: one check covers both.
+        checks = [(s.abs() <= bound).all()]
         if self.weighted:
-            total_t = out[-1]
-            vec = out[:-1] / total_t.clamp_min(torch.finfo(out.dtype).tiny)
-        else:
-            total_t, vec = None, out
-        # One read per bucket: the contributor count and whether the sum is finite.
-        finite = torch.isfinite(vec).all()
-        if total_t is None:
-            ok = bool(finite)
-            total = float(self.comm.world_size) if ok else 0.0
-        else:
-            total_ok = torch.stack([total_t.to(torch.float64), finite.to(torch.float64)]).tolist()
-            total, ok = total_ok[0], bool(total_ok[1])
-            if total <= 0:
-                return _split(torch.zeros_like(vec), like), 0.0
-        if not ok:
-            # A ring sum cannot say whose contribution was bad; skip the round everywhere.
+            count = out[-1]
+            checks.append((count >= 0) & (count <= P) & (count == count.round()))
+            checks.append(count)
+        # One read per bucket: whether the sum is sound (and the contributor count).
+        got = torch.stack([c.to(torch.float64) for c in checks]).tolist()
+        if not all(got[:2] if self.weighted else got):
+            return self._fallback(part, bound)
+        if not self.weighted:
+            return _split(s.div_(P), like), float(P)
+        total = got[2]
+        if total <= 0:
+            return _split(torch.zeros_like(s), like), 0.0
+        return _split(s / count.clamp_min(torch.finfo(out.dtype).tiny), like), total
+
+    def _fallback(self, part: _Part, bound: float) -> tuple[list[torch.Tensor], float]:
+        """Gather every rank's vector of this bucket, drop the bad ones, average the rest.
+
+        Collective: every rank calls this for the same bucket, since all see the same sum.
+        """
+        like, tag = part.like, part.tag  # type: ignore[attr-defined]
+        logger.info(
+            "the all-reduced sum of %s is non-finite or beyond float32 max / P; gathering "
+            "every peer's vector to find the bad one",
+            tag,
+        )
+        vec = self._vector(like, part.contribute)  # type: ignore[attr-defined]
+        assert self.comm is not None  # internal invariant: only ring rounds take a fallback
+        rows = self.comm.all_gather_into_tensor(vec, tag=f"{tag}/fallback")  # (P, n [+ 1])
+        assert isinstance(rows, torch.Tensor)  # internal invariant: a blocking call's result
+        vals = rows[:, :-1] if self.weighted else rows
+        flags = rows[:, -1] if self.weighted else torch.ones_like(rows[:, 0])
+        finite = torch.isfinite(vals).all(dim=1)
+        bounded = (vals.abs() <= bound).all(dim=1)
+        info = torch.stack([finite.double(), bounded.double(), flags.double()]).T.tolist()  # 1 read
+        used: list[int] = []
+        before = sum(self.dropped.values())
+        for rank, (fin, bnd, flag) in enumerate(info):
+            if flag not in (0.0, 1.0):
+                self._drop(rank, tag, "vector", f"its contributor weight is {flag!r}, not 0 or 1")
+            elif not fin:
+                self._drop(rank, tag, "vector", "it holds non-finite values")
+            elif not bnd:
+                self._drop(
+                    rank,
+                    tag,
+                    "vector",
+                    f"it holds values above float32 max / P = {bound:.4g} in magnitude, where "
+                    "the float32 sum of the peers' vectors can overflow",
+                )
+            elif flag == 1.0:
+                used.append(rank)
+        if sum(self.dropped.values()) == before:
             logger.warning(
-                "the all-reduced vector is non-finite: some peer sent non-finite values; round skipped"
+                "the all-reduced sum of %s was unsound, yet every peer's gathered vector is "
+                "sound (honest values near float32 max / P, or a peer sent the ring other values "
+                "than it gathered); averaging the gathered vectors",
+                tag,
             )
-            return _split(torch.zeros_like(vec), like), 0.0
-        return _split(vec, like), total
+        if not used:
+            return _split(torch.zeros_like(vals[0]), like), 0.0
+        acc = vals[used[0]].clone()  # rank order, as the in-place ring sum folds
+        for r in used[1:]:
+            acc += vals[r]
+        n = len(used)
+        if self.weighted:
+            mean = acc / torch.tensor(float(n), dtype=acc.dtype, device=acc.device)
+        else:
+            mean = acc.div_(n)
+        return _split(mean, like), float(n)
 
 
 class DenseReducer(Reducer):
@@ -374,7 +470,13 @@ class DenseReducer(Reducer):
         present = self._present(status, part.tag)  # type: ignore[attr-defined]
         if not present:
             return [torch.zeros_like(t, dtype=torch.float32) for t in like], 0.0
-        mean = robust_mean([vals[r] for r in present], self.robust)
+        try:
+            mean = robust_mean([vals[r] for r in present], self.robust, trim=self.trim)
+        except ValueError as exc:
+            # Settings and shapes were checked at construction; what is left is a trimmed mean
+            # with too few peers present this round: skip it, never average untrimmed.
+            logger.warning("%s: round skipped: %s", part.tag, exc)  # type: ignore[attr-defined]
+            return [torch.zeros_like(t, dtype=torch.float32) for t in like], 0.0
         return _split(mean, like), float(len(present))
 
 
@@ -421,7 +523,11 @@ class SparseReducer(Reducer):
 
 
 def _clip_sparse(parts: list, present: list[int]) -> list:
-    """Scale each present peer's whole selection to at most the median norm of all of theirs.
+    """Scale each present peer's whole selection to at most the middle norm of all of theirs.
+
+    The cap is :func:`~thinwire.compression.clip_scales`' default: the middle norm for an odd
+    number of present peers, the mean of the two middle norms for an even number (so one
+    all-zero peer out of two halves the other instead of zeroing it).
 
     With an orthonormal transform the norm of a peer's values is the norm of its decoded
     update, so clipping the values clips the update.
@@ -441,6 +547,7 @@ def make_reducer(
     codec: Codec | None,
     *,
     robust: str = "mean",
+    trim: int | None = None,
     weighted: bool = False,
     aggregate: str = "index_mean",
     bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
@@ -448,9 +555,14 @@ def make_reducer(
     """The reducer of ``codec``'s family: the one place that maps a codec to its reduction.
 
     Robust rules other than ``"mean"`` need every peer's vector, so without a codec they gather
-    float32 frames instead of ring all-reducing.
+    float32 frames instead of ring all-reducing. ``trim`` is the trimmed mean's count of peers
+    dropped at each end (see :class:`Reducer`).
+
+    Raises:
+        ValueError: ``trim`` with another rule, or a trimmed mean that cannot trim at the
+            group's size (effective trim 0, or ``2 * trim >= P``).
     """
-    kw = dict(robust=robust, weighted=weighted, bucket_cap_mb=bucket_cap_mb)
+    kw = dict(robust=robust, trim=trim, weighted=weighted, bucket_cap_mb=bucket_cap_mb)
     if isinstance(codec, SparseCodec):
         return SparseReducer(comm, codec, aggregate=aggregate, **kw)
     if codec is None and robust != "mean" and comm is not None:

@@ -1,20 +1,29 @@
-"""State-dict helpers shared by thinwire optimizers.
+"""State helpers shared by thinwire optimizers: state-dict loading and checks, in-flight work.
 
 ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
 dtype (``_process_value_according_to_param_policy``, called as ``Optimizer._...`` so a subclass
 cannot override it). thinwire keeps some state wider than the parameter on purpose — float32
 θ_g, error-feedback and momentum buffers for bf16 models — so those keys are put back at full
-width after the base class has loaded (STYLE.md §3, "Pitfall").
+width after the base class has loaded.
+
+It also holds the checks ``load_state_dict`` runs before it changes anything: a checkpoint whose
+settings differ from the optimizer's would otherwise be loaded silently (``torch.optim`` copies
+the saved group settings over the constructor's), and the run would continue with other
+numerics than the ones the optimizer was built with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import atexit
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 __all__: list[str] = []
+
+logger = logging.getLogger(__name__)
 
 
 def load_keeping_width(
@@ -49,3 +58,126 @@ def load_keeping_width(
                 st[k] = old
             else:
                 st[k] = v.detach().to(device=p.device, copy=True)
+
+
+def check_setting(name: str, mine: Any, theirs: Any) -> None:
+    """Raise ``ValueError`` unless the checkpoint's ``theirs`` equals the optimizer's ``mine``."""
+    if mine != theirs:
+        raise ValueError(
+            f"state_dict {name} must be {mine!r}, got {theirs!r} (optimizer vs checkpoint; "
+            "build the optimizer with the checkpoint's settings to resume)"
+        )
+
+
+def check_groups(
+    groups: Sequence[Mapping[str, Any]],
+    saved: Any,
+    keys: Iterable[str],
+    same: Callable[[str, Any, Any], bool] | None = None,
+) -> None:
+    """The saved param groups match the optimizer's: count, sizes and the settings ``keys``.
+
+    ``same(key, mine, theirs)`` compares one setting (default ``==``); a key a group does not
+    hold (an older checkpoint) is not compared.
+    """
+    if not isinstance(saved, list | tuple):
+        raise ValueError(f"state_dict['param_groups'] must be a list, got {type(saved).__name__}")
+    check_setting("number of param groups", len(groups), len(saved))
+    keys = tuple(keys)
+    for gi, (g, sg) in enumerate(zip(groups, saved, strict=True)):
+        check_setting(f"size of param group {gi}", len(g["params"]), len(sg["params"]))
+        for k in keys:
+            if k not in g or k not in sg:
+                continue
+            equal = same(k, g[k], sg[k]) if same is not None else g[k] == sg[k]
+            if not equal:
+                check_setting(f"{k} of param group {gi}", g[k], sg[k])
+
+
+def check_shapes(
+    groups: Sequence[Mapping[str, Any]],
+    saved_shapes: Sequence[Sequence[int]] | None,
+    saved_state: Mapping[Any, Mapping[str, Any]],
+    keys: Iterable[str],
+) -> None:
+    """Every parameter's shape matches the checkpoint's.
+
+    ``saved_shapes`` (in ``state_dict`` order) when the checkpoint records them, else the shape
+    of the first per-param state tensor among ``keys`` (older checkpoints; a parameter without
+    such state cannot be checked).
+    """
+    keys = tuple(keys)
+    state = {int(i): st for i, st in saved_state.items()}
+    i = 0
+    for gi, g in enumerate(groups):
+        for j, p in enumerate(g["params"]):
+            got: tuple[int, ...] | None = None
+            if saved_shapes is not None:
+                got = tuple(int(n) for n in saved_shapes[i])
+            else:
+                for k in keys:
+                    t = state.get(i, {}).get(k)
+                    if isinstance(t, torch.Tensor):
+                        got = tuple(t.shape)
+                        break
+            if got is not None:
+                check_setting(f"shape of param {j} of group {gi}", tuple(p.shape), got)
+            i += 1
+
+
+# ------------------------------------------------------------------ in-flight work at exit
+# Boxes holding work in flight, held strongly: an optimizer dropped (or a function returned)
+# with a reduction running must still have it waited for before the process exits.
+_PENDING: set[InflightWork] = set()
+_EXIT_HOOK = False
+
+
+class InflightWork:
+    """The reductions an optimizer has launched and not yet waited for.
+
+    A process that exits while a ``torch.distributed`` collective is still running aborts in
+    the backend's threads ("terminate called without an active exception"). Each optimizer
+    keeps its launched reductions here; ``close()`` waits for them, and one ``atexit`` hook
+    waits for every box that still holds some at interpreter exit, also the boxes of
+    optimizers already garbage collected (a box with work in flight is registered strongly
+    until that work has been waited for).
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[Any] = []
+
+    def track(self, pending: Iterable[Any]) -> None:
+        """Remember the ``PendingReduce`` objects of a launch (None entries are skipped)."""
+        global _EXIT_HOOK
+        self.pending.extend(p for p in pending if p is not None)
+        if self.pending:
+            _PENDING.add(self)
+            if not _EXIT_HOOK:
+                atexit.register(_drain_at_exit)
+                _EXIT_HOOK = True
+
+    def clear(self) -> None:
+        """Forget everything (the owner has waited for it)."""
+        self.pending = []
+        _PENDING.discard(self)
+
+    def drain(self, *, at_exit: bool = False) -> None:
+        """Wait for every tracked reduction; results stay cached in each ``PendingReduce``.
+
+        Each wait is bounded by the communicator's timeout (a dead peer raises there). At
+        exit (``at_exit``) a failure is logged, never raised.
+        """
+        pending = self.pending
+        self.clear()
+        for p in pending:
+            try:
+                p.result()
+            except Exception as exc:
+                if not at_exit:
+                    raise
+                logger.warning("a reduction in flight at exit failed: %s", exc)
+
+
+def _drain_at_exit() -> None:
+    for work in list(_PENDING):
+        work.drain(at_exit=True)

@@ -16,17 +16,48 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from thinwire._validate import check_choice, check_float, check_int, check_type
+from thinwire._validate import (
+    check_choice,
+    check_float,
+    check_int,
+    check_keys,
+    check_ordered_params,
+    check_param_tensors,
+    check_type,
+)
 from thinwire.collectives import Communicator
 from thinwire.compression import SparseCodec
-from thinwire.optim._finite import first_nonfinite
+from thinwire.optim._finite import amp_step_skipped, first_nonfinite
 from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer, make_reducer
-from thinwire.optim._state import load_keeping_width
+from thinwire.optim._state import (
+    InflightWork,
+    check_groups,
+    check_setting,
+    check_shapes,
+    load_keeping_width,
+)
+from thinwire.optim.functional import demo_update
 
 __all__ = ["DeMo", "demo_compressor"]
 
 logger = logging.getLogger(__name__)
-_FORMAT = 1
+# Format 2 adds the class, the global settings that change the numerics and the param shapes.
+_FORMAT = 2
+_FORMATS = (1, 2)
+_FIELDS_V1 = ("format", "step", "pending")
+_FIELDS_V2 = _FIELDS_V1 + (
+    "optimizer",
+    "overlap",
+    "subtract",
+    "robust",
+    "aggregate",
+    "bucket_cap_mb",
+    "shapes",
+)
+# Per-group settings that change the numerics; lr and weight_decay load from the checkpoint as
+# in torch.optim, so LR schedules resume.
+_GROUP_SETTINGS = ("compress", "topk", "chunk", "values", "index_coding", "momentum_decay")
+_TORCH_GROUP_KEYS = ("params", "param_names", "initial_lr")
 
 
 def demo_compressor(
@@ -99,7 +130,21 @@ class DeMo(Optimizer):
             ``bucket_cap_mb``); each bucket of a param group crosses the wire as one payload.
 
     State (per parameter): ``delta`` (momentum, float32), ``pending`` (with ``overlap``, the
-    aggregate to apply next step). ``state_dict()`` adds ``thinwire`` (step, pending lr).
+    aggregate to apply next step). ``state_dict()`` adds ``thinwire`` (step, pending lr, the
+    settings that change the numerics and the parameter shapes); ``load_state_dict`` refuses a
+    checkpoint saved with other such settings (``ValueError`` naming the setting, this
+    optimizer's value and the checkpoint's) instead of adopting them.
+
+    The update is :func:`thinwire.optim.functional.demo_update`.
+
+    Mixed precision: use ``torch.amp.GradScaler`` as usual (``scaler.step(opt)``). On a step the
+    scaler skips for inf/NaN gradients this worker still takes part in the exchange (so no
+    peer waits for it), contributes nothing, leaves its momentum as it was and applies the
+    others' aggregate, so every replica stays identical.
+
+    Exit: with ``overlap`` a step leaves its exchange running; ``close()`` waits for it (and
+    interpreter exit does, for any exchange still in flight), keeping the aggregate for the next
+    step.
 
     Deviations: momentum is kept in float32 for bf16/fp16 params (A1 keeps param dtype); indices
     are Elias-Fano coded by default (A1 sends int64, Psyche u16).
@@ -110,6 +155,8 @@ class DeMo(Optimizer):
     Limitations: the framework's own gradient all-reduce must be off (no DDP wrapper); every
     rank must produce gradients for the same parameters.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -131,6 +178,7 @@ class DeMo(Optimizer):
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
+        check_ordered_params("params", params)
         self.comm = comm
         self.bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0.0, lo_open=True)
         self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
@@ -141,6 +189,7 @@ class DeMo(Optimizer):
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
         self._codecs: dict[tuple, SparseCodec] = {}
         self._reducers: dict[tuple, Reducer] = {}
+        self._work = InflightWork()
         defaults = dict(
             lr=lr,
             momentum_decay=momentum_decay,
@@ -157,9 +206,16 @@ class DeMo(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validated like the constructor's arguments."""
+        gi = len(self.param_groups)
+        if isinstance(param_group, dict):
+            check_keys(
+                f"keys of param group {gi}", param_group, {*self.defaults, *_TORCH_GROUP_KEYS}
+            )
+            check_ordered_params("params", param_group.get("params"))
         super().add_param_group(param_group)
         g = self.param_groups[-1]
         try:
+            check_param_tensors(gi, g["params"])
             check_float("lr", g["lr"], 0.0, lo_open=True)
             check_float("momentum_decay", g["momentum_decay"], 0.0, 1.0, hi_open=True)
             check_float("weight_decay", g["weight_decay"], 0.0)
@@ -209,20 +265,23 @@ class DeMo(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # GradScaler found inf/NaN gradients: take part in the exchange (no peer waits for this
+        # worker), send nothing, keep the momentum as it was.
+        amp_skipped = closure is None and amp_step_skipped(self)
         groups = []
         for gi, g in enumerate(self.param_groups):
             ps = [p for p in g["params"] if p.grad is not None]
             if ps:
                 groups.append((gi, ps, [p.grad for p in ps]))
         # Checked before anything changes: a non-finite gradient leaves the optimizer untouched.
-        bad = first_nonfinite(self.param_groups, groups)
-        finite = bad is None
-        if not finite:
+        bad = None if amp_skipped else first_nonfinite(self.param_groups, groups)
+        if bad is not None:
             gi, pi = bad
             msg = f"gradient of group {gi}, param {pi} is non-finite at step {self.step_count + 1}; nothing was sent"
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(msg)
             logger.warning("%s; this worker contributes nothing and resets its momentum", msg)
+        contribute = bad is None and not amp_skipped
         self.step_count += 1
         launched = []
         for gi, ps, grads in groups:
@@ -232,26 +291,28 @@ class DeMo(Optimizer):
                 st = self.state[p]
                 if "delta" not in st:
                     st["delta"] = torch.zeros_like(p, dtype=torch.float32)
-                elif not finite:
+                elif bad is not None:
                     st["delta"].zero_()
                 deltas.append(st["delta"])
-                if g["weight_decay"]:
+                if g["weight_decay"]:  # also on a skipped step: every replica decays alike
                     p.mul_(1.0 - g["lr"] * g["weight_decay"])
             # The momentum is the error-feedback buffer: δ <- β δ + lr g, send top-k of DCT(δ),
             # δ <- δ - what was taken (A1), all inside the reducer.
             pend = self._reducer_of(g).start(
-                grads if finite else [torch.zeros_like(d) for d in deltas],
-                residuals=deltas if finite else None,
+                grads if contribute else [torch.zeros_like(d) for d in deltas],
+                residuals=deltas if contribute else None,
                 decay=g["momentum_decay"],
                 scale=g["lr"],
                 subtract="raw" if self.subtract == "unquantized" else "sent",
-                contribute=finite,
+                contribute=contribute,
                 async_op=self.overlap,
                 tag=f"demo/g{gi}",
             )
             launched.append((gi, ps, pend, g["lr"]))
         if self.overlap:
             previous, self._pending = self._pending, launched
+            self._work.clear()
+            self._work.track(pend for _, _, pend, _ in launched)
             self._apply(previous)
         else:
             self._apply(launched)
@@ -265,11 +326,10 @@ class DeMo(Optimizer):
                 updates = [self.state[p].pop("pending") for p in ps]
             else:
                 updates, _weight = pend.result()
-            for p, u in zip(ps, updates, strict=True):
-                p.add_(torch.sign(u).to(p.dtype), alpha=-lr)
+            demo_update(ps, updates, lr=lr)
 
-    def state_dict(self) -> dict[str, Any]:
-        """State with a ``thinwire`` entry; a pending overlapped aggregate is saved, never dropped."""
+    def _resolve(self) -> None:
+        """Wait for the overlapped exchange in flight; keep its aggregate in state (``pending``)."""
         resolved = []
         for gi, ps, pend, lr in self._pending:
             if pend is not None:
@@ -278,29 +338,95 @@ class DeMo(Optimizer):
                     self.state[p]["pending"] = u.to(torch.float32).clone()
             resolved.append((gi, ps, None, lr))
         self._pending = resolved
+        self._work.clear()
+
+    def close(self) -> None:
+        """Wait for the overlapped exchange in flight, if any; keep its aggregate for next step.
+
+        A process must not exit while a ``torch.distributed`` collective is running (gloo aborts
+        it with "terminate called without an active exception"); call this before exiting after
+        a step with ``overlap=True``. Interpreter exit does the same for any work still in flight.
+        Nothing is dropped: the next ``step()`` applies the aggregate as usual, and
+        ``state_dict()`` saves it. Idempotent.
+
+        Issues no collective: it waits for the one every rank launched at the same step.
+        """
+        self._resolve()
+
+    def _settings(self) -> dict[str, Any]:
+        """The format-2 fields: class and global settings that change the numerics, shapes."""
+        return {
+            "optimizer": type(self).__name__,
+            "overlap": self.overlap,
+            "subtract": self.subtract,
+            "robust": self.robust,
+            "aggregate": self.aggregate,
+            "bucket_cap_mb": self.bucket_cap_mb,
+            "shapes": [list(p.shape) for g in self.param_groups for p in g["params"]],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """State with a ``thinwire`` entry; a pending overlapped aggregate is saved, never dropped.
+
+        ``thinwire`` also records the class, the settings that change the numerics and the
+        parameter shapes, which ``load_state_dict`` checks.
+        """
+        self._resolve()
         sd = super().state_dict()
         order = [p for g in self.param_groups for p in g["params"]]
         ids = {id(p): i for i, p in enumerate(order)}
         sd["thinwire"] = {
             "format": _FORMAT,
             "step": self.step_count,
-            "pending": [(gi, [ids[id(p)] for p in ps], lr) for gi, ps, _, lr in resolved],
+            "pending": [(gi, [ids[id(p)] for p in ps], lr) for gi, ps, _, lr in self._pending],
+            **self._settings(),
         }
         return sd
 
+    def _check_checkpoint(self, tw: dict[str, Any], sd: dict[str, Any]) -> None:
+        """Every check ``load_state_dict`` runs before it changes anything."""
+        if tw.get("format") not in _FORMATS:
+            raise ValueError(
+                f"state_dict format must be in {{{', '.join(map(str, _FORMATS))}}}, "
+                f"got {tw.get('format')!r}"
+            )
+        for key in _FIELDS_V1 if tw["format"] == 1 else _FIELDS_V2:
+            if key not in tw:
+                raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
+        for key in ("state", "param_groups"):
+            if key not in sd:
+                raise ValueError(f"state_dict is missing field {key!r}")
+        ours = self._settings()
+        if tw["format"] >= 2:
+            for key, value in ours.items():
+                if key != "shapes":
+                    check_setting(key, value, tw[key])
+        elif tw["pending"] and not self.overlap:
+            # Format 1 did not record overlap, but only an overlapped run leaves an aggregate
+            # pending; without overlap it would never be applied.
+            check_setting("overlap", self.overlap, True)
+        check_groups(self.param_groups, sd["param_groups"], _GROUP_SETTINGS)
+        check_shapes(self.param_groups, tw.get("shapes"), sd["state"], ("delta", "pending"))
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict()``; the float32 momentum stays float32 for bf16 params."""
+        """Restore a ``state_dict()``; the float32 momentum stays float32 for bf16 params.
+
+        Raises ``ValueError`` naming the setting and both values when the checkpoint was saved
+        by another class or with other settings that change the numerics (``overlap``,
+        ``subtract``, ``robust``, ``aggregate``, ``bucket_cap_mb``, per-group ``compress``,
+        ``topk``, ``chunk``, ``values``, ``index_coding``, ``momentum_decay``) or other
+        parameter shapes, before anything is changed. ``lr`` and ``weight_decay`` load from the
+        checkpoint, as in ``torch.optim``. Checkpoints of the previous format (1) load too; the
+        settings they did not record cannot be checked.
+        """
         sd = dict(state_dict)
         tw = sd.pop("thinwire", None)
         if not isinstance(tw, dict):
             raise ValueError(
                 "state_dict must hold a 'thinwire' entry (saved by a thinwire optimizer)"
             )
-        for key in ("format", "step", "pending"):
-            if key not in tw:
-                raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
-        if tw["format"] != _FORMAT:
-            raise ValueError(f"state_dict format must be {_FORMAT}, got {tw['format']}")
+        self._check_checkpoint(tw, sd)
+        self._resolve()  # an exchange in flight is superseded by the checkpoint's state
         order = [p for g in self.param_groups for p in g["params"]]
         load_keeping_width(self, super().load_state_dict, sd, order, ("delta", "pending"))
         self.step_count = int(tw["step"])

@@ -59,6 +59,10 @@ class DiLoCo(DiLoCoBase):
             (per coordinate; dense and quantized compressors only). Anything but ``"mean"``
             all-gathers every peer's payload instead of a ring all-reduce
             (``(M-1)(8 + wire bytes)`` per worker instead of ``2(M-1)/M * 4N``).
+        trim: for ``robust="trimmed_mean"``, workers dropped at each end per coordinate
+            (default None: ``floor(0.25 * M)``), range [1, M/2). Refused at construction when
+            the group cannot trim (``2 * trim >= M``, or the default trimming nobody at M <= 3),
+            and with any other rule.
         backend: ``"auto"`` (Triton kernels on CUDA tensors when triton imports, else torch),
             ``"torch"`` or ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``) for the
             sparse compressors' fused DCT + top-k and aggregation.
@@ -67,7 +71,20 @@ class DiLoCo(DiLoCoBase):
 
     State (per parameter): ``anchor`` (θ_g, fp32), ``residual`` (error feedback, fp32),
     ``inflight`` (a reduced Δ̄ awaiting its apply step). ``state_dict()`` adds ``inner``,
-    ``outer`` and ``thinwire`` (counters, in-flight record).
+    ``outer`` and ``thinwire`` (counters, in-flight record, the settings that change the
+    numerics and the parameter shapes). ``load_state_dict`` refuses a checkpoint of another
+    optimizer class or with other such settings (``ValueError`` naming the setting, this
+    optimizer's value and the checkpoint's) instead of adopting them.
+
+    The outer step is :func:`thinwire.optim.functional.diloco_outer_step` (the default outer
+    optimizer is a ``torch.optim.SGD`` whose step calls it, so its ``state_dict`` is SGD's).
+
+    Mixed precision: use ``torch.amp.GradScaler`` as usual (``scaler.step(opt)``). A step the
+    scaler skips for inf/NaN gradients skips the inner update but counts towards
+    ``sync_every``, so every worker keeps syncing at the same step.
+
+    Exit: ``close()`` waits for a reduction still in flight (Streaming DiLoCo's overlap);
+    interpreter exit does it for any reduction still in flight.
 
     Deviations: the inner optimizer's state is kept across syncs (as all reference codes do).
 
@@ -102,6 +119,7 @@ class DiLoCo(DiLoCoBase):
         outer: Callable[[list[dict[str, Any]]], Optimizer] | None = None,
         on_nonfinite: str = "raise",
         robust: str = "mean",
+        trim: int | None = None,
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
@@ -119,6 +137,7 @@ class DiLoCo(DiLoCoBase):
             outer=outer,
             on_nonfinite=on_nonfinite,
             robust=robust,
+            trim=trim,
             backend=backend,
             bucket_cap_mb=bucket_cap_mb,
             fragments=1,
@@ -148,6 +167,7 @@ class LocalSGD(DiLoCo):
         ef_decay: float = 1.0,
         on_nonfinite: str = "raise",
         robust: str = "mean",
+        trim: int | None = None,
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
@@ -164,6 +184,7 @@ class LocalSGD(DiLoCo):
             ef_decay=ef_decay,
             on_nonfinite=on_nonfinite,
             robust=robust,
+            trim=trim,
             backend=backend,
             bucket_cap_mb=bucket_cap_mb,
         )

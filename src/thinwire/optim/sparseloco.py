@@ -78,6 +78,8 @@ class SparseLoCo(DiLoCoBase):
         ef_scale_by_lr: scale Δ by α inside the buffer as A5 does (default: True).
         on_nonfinite: ``"raise"`` or ``"skip"`` (as DiLoCo).
         robust: ``"mean"`` (default) or ``"clip"`` (each peer clipped to the median norm).
+        trim: as :class:`~thinwire.optim.DiLoCo` (``robust="trimmed_mean"`` needs every group
+            to be sent without the sparse compressor).
         backend: kernel backend of the sparse codec, as :class:`~thinwire.optim.DiLoCo`.
         bucket_cap_mb: largest bucket in MiB of float32 values (default: 25, DDP's
             ``bucket_cap_mb``); each bucket of a param group crosses the wire as one payload.
@@ -108,6 +110,7 @@ class SparseLoCo(DiLoCoBase):
         ef_scale_by_lr: bool = True,
         on_nonfinite: str = "raise",
         robust: str = "mean",
+        trim: int | None = None,
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
@@ -128,6 +131,7 @@ class SparseLoCo(DiLoCoBase):
             outer=None,
             on_nonfinite=on_nonfinite,
             robust=robust,
+            trim=trim,
             backend=backend,
             bucket_cap_mb=bucket_cap_mb,
             fragments=1,

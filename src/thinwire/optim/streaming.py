@@ -34,7 +34,8 @@ class StreamingDiLoCo(DiLoCoBase):
 
     Args:
         params, inner, outer_lr, outer_momentum, nesterov, sync_every, comm, compressor,
-            error_feedback, ef_decay, outer, on_nonfinite, robust, backend, bucket_cap_mb: as :class:`~thinwire.optim.DiLoCo`
+            error_feedback, ef_decay, outer, on_nonfinite, robust, trim, backend, bucket_cap_mb:
+            as :class:`~thinwire.optim.DiLoCo`
             (``sync_every`` is each fragment's period *H*; it must be a multiple of P).
         fragments: P (an int, params split by ``fragment_pattern``) or an explicit list of
             parameter lists covering every parameter once (place embeddings and head there).
@@ -47,6 +48,8 @@ class StreamingDiLoCo(DiLoCoBase):
 
     State: as DiLoCo. ``state_dict()`` taken while a fragment is in flight waits for its
     reduction and saves the averaged result, which is applied at the recorded step on resume.
+    Call ``close()`` before exiting right after a step that launched a reduction (interpreter
+    exit also waits for it): a process must not exit with a gloo collective running.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class StreamingDiLoCo(DiLoCoBase):
         outer: Callable[[list[dict[str, Any]]], Optimizer] | None = None,
         on_nonfinite: str = "raise",
         robust: str = "mean",
+        trim: int | None = None,
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
@@ -86,6 +90,7 @@ class StreamingDiLoCo(DiLoCoBase):
             outer=outer,
             on_nonfinite=on_nonfinite,
             robust=robust,
+            trim=trim,
             backend=backend,
             bucket_cap_mb=bucket_cap_mb,
             fragments=fragments,
