@@ -1,7 +1,10 @@
 # Two commands on a fresh machine: `make bench` and `make test`. Each builds its own virtual
-# environment, pins the CPU build of torch and installs the project with the extras it needs.
+# environment, installs the pinned CPU build of torch FIRST (the library itself only asks for
+# torch>=2.4, which that build satisfies, so pip never pulls a CUDA build) and then the project
+# with the extras it needs. `make lint` checks style, formatting and types.
 PY ?= python3
 TORCH_PIN := torch==2.13.0
+LINT_PATHS := src tests benchmarks examples docs
 
 .PHONY: bench test lint clean
 
@@ -26,7 +29,9 @@ test: .venv/ok
 	TRITON_INTERPRET=1 .venv/bin/python -m pytest -q
 
 lint: .venv/ok
-	.venv/bin/ruff check src tests benchmarks examples
+	.venv/bin/ruff check $(LINT_PATHS)
+	.venv/bin/ruff format --check $(LINT_PATHS)
+	.venv/bin/mypy
 
 clean:
 	rm -rf .venv .venv-bench

@@ -9,10 +9,10 @@ Run::
 
 The scenarios are the ones ``tests/reliability`` asserts on (the same functions, imported from
 there, with the fault harness ``tests/reliability/_faults.py``): a gloo rank killed mid-sync and
-the restart, churn on a hivemind swarm, the payload fuzz campaign, a hostile peer against every
-aggregation rule, NaN gradients checked on the wire, corrupted payloads and a straggler. Every
-number comes from one run of seeded, deterministic training, except wall times and detection
-delays, which depend on the machine's load.
+the restart, churn on a hivemind swarm, the payload and frame fuzz campaigns, a hostile peer
+against every aggregation rule, NaN gradients checked on the wire, corrupted frames and a
+straggler. Every number comes from one run of seeded, deterministic training, except wall times
+and detection delays, which depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def churn(long: bool) -> list[str]:
         by_round.setdefault(s.round, {})[s.who] = s
     for recs in by_round.values():
         for s in recs.values():
-            want = torch.stack([recs[g].data.double() for g in s.group]).mean(0)  # type: ignore[attr-defined]
+            sent = torch.stack([recs[g].data.double() for g in s.group])  # type: ignore[attr-defined]
+            want = sent.sum(0) if s.reduce_op == "sum" else sent.mean(0)  # type: ignore[attr-defined]
             worst = max(worst, float((s.result.double() - want).abs().max()))
     sizes = sorted({len(s.group) for s in syncs})
     bitwise = sum(j["bitwise"] for j in res["rejoins"])
@@ -103,7 +104,7 @@ def churn(long: bool) -> list[str]:
         f"4 hivemind peers (127.0.0.1, matchmaking 1 s), DiLoCo H={h.H}; {rounds} rounds, one peer "
         f"away for {away} of every {period} rounds, rejoining as a new peer.",
         "",
-        "| rounds | wall | syncs checked | off the float64 group mean (max) | group sizes | "
+        "| rounds | wall | syncs checked | off the float64 group mean or sum (max) | group sizes | "
         "rejoins with bitwise state | distinct final θ_g | final loss vs no churn |",
         "|---:|---:|---:|---:|---|---:|---:|---:|",
         f"| {rounds} | {res['seconds']:.0f} s | {len(syncs) - len(errs)}/{len(syncs)} | "
@@ -118,15 +119,30 @@ def fuzz() -> list[str]:
     t0 = time.perf_counter()
     tally = f.fuzz()
     dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frames = f.fuzz_frames()
+    dt_frames = time.perf_counter() - t0
+    st = frames.status_counts()
+    damaged = sum(frames.by_kind[k] for k in f.DAMAGED)
+    resealed = sum(frames.by_kind[k] for k in f.RESEALED)
     return [
         f"{len(f.DENSE)} dense and {len(f.SPARSE)} sparse codec settings, tensors of <= 64 "
-        "elements, through the receive path of `thinwire.optim` (decode / bundle split, "
-        "geometry check, aggregation).",
+        "elements, through the receive paths of `thinwire.compression`: per-tensor payloads and "
+        "bundles (decode / bundle split, geometry check, aggregation), and the bucket frames "
+        "optimizers send (`make_bucket(...).decode` of a batch of frames, then the fold).",
         "",
-        "| damaged messages | refused with `PayloadError` | decoded (forged but valid, finite) | "
-        "any other outcome | wall |",
+        "| per-tensor payloads and bundles: damaged messages | refused with `PayloadError` | "
+        "decoded (forged but valid, finite) | any other outcome | wall |",
         "|---:|---:|---:|---:|---:|",
         f"| {tally.decodes:,} | {tally.rejected:,} | {tally.accepted:,} | 0 | {dt:.1f} s |",
+        "",
+        "| bucket frames: damaged | CRC left as it was: caught by the CRC | re-sealed: body "
+        "refused | re-sealed: accepted (valid, finite) | re-sealed flag 0: no contribution | "
+        "raised, or status 0 with non-finite values | wall |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {frames.frames:,} | {st.get('crc', 0):,} of {damaged:,} | {st.get('body', 0):,} | "
+        f"{frames.accepted:,} | {frames.empty:,} (of {resealed:,} re-sealed) | 0 | "
+        f"{dt_frames:.1f} s |",
     ]
 
 
@@ -156,7 +172,7 @@ def nonfinite() -> list[str]:
     import test_hostile as t
 
     lines = [
-        "Rank 2's gradients are NaN at step 5; every payload and tensor each rank sent was decoded.",
+        "Rank 2's gradients are NaN at step 5; every frame and tensor each rank sent was decoded.",
         "",
         "| optimizer path | policy | non-finite sent | rank 2 | peers | round weights seen |",
         "|---|---|---:|---|---|---|",
@@ -201,8 +217,10 @@ def corrupt() -> list[str]:
     log.setLevel(logging.WARNING)
     log.propagate = False
     lines = [
-        "Rank 2's second payload is damaged; drops = warnings `dropping the payload of peer 2` "
-        "(one per rank); the run is compared with one where rank 2 sent nothing that round.",
+        "Rank 2's second frame is damaged (corrupt: bit flips; truncate: a zero-filled tail; nan: "
+        "NaN bytes re-sealed with a valid CRC); drops = warnings `dropping the payload of peer 2` "
+        "(one per rank); the run is compared with one where rank 2 sent a flag-0 frame (no "
+        "contribution) that round.",
         "",
         "| optimizer path | fault | drops naming peer 2 | bitwise equal to the no-contribution run |",
         "|---|---|---:|---|",
@@ -214,7 +232,7 @@ def corrupt() -> list[str]:
                 handler.msgs.clear()
                 run = t.corrupt_run(kind, fault)
                 named = sum(
-                    m.startswith(f"dropping the payload of peer {t.BAD}:") for m in handler.msgs
+                    m.startswith(f"dropping the payload of peer {t.BAD} (") for m in handler.msgs
                 )
                 same = all(
                     torch.equal(x, y)

@@ -79,7 +79,14 @@ def test_import_without_triton_and_hivemind() -> None:
 
 @pytest.mark.parametrize(
     "pkg",
-    ["thinwire", "thinwire.compression", "thinwire.collectives", "thinwire.optim", "thinwire.bench", "thinwire.rl"],
+    [
+        "thinwire",
+        "thinwire.compression",
+        "thinwire.collectives",
+        "thinwire.optim",
+        "thinwire.bench",
+        "thinwire.rl",
+    ],
 )
 def test_exported_names_resolve_and_have_docstrings(pkg: str) -> None:
     mod = importlib.import_module(pkg)

@@ -38,6 +38,7 @@ from thinwire.collectives import (
 __all__ = ["BenchConfig", "run_bench", "run_rank"]
 
 ENGINES = ("gloo", "inproc")
+_PROGRESS_TENTHS = 10  # rank 0 reports a step event at each 10% of a run's steps
 
 
 @dataclass
@@ -127,6 +128,11 @@ def _records_since(comm: Communicator, start: int) -> list[Any]:
     return comm.ledger.records[start:]
 
 
+def _tenth(step: int, steps: int) -> int:
+    """How many whole tenths of ``steps`` are done after ``step`` steps."""
+    return step * _PROGRESS_TENTHS // steps
+
+
 def _run_method(
     name: str, comm: Communicator, cfg: BenchConfig, seed: int, data: _Data, progress: Any
 ) -> dict[str, Any]:
@@ -182,6 +188,10 @@ def _run_method(
                 p.grad.copy_(flat[off : off + p.numel()].view_as(p.grad))
                 off += p.numel()
         opt.step()
+        if progress is not None and _tenth(step, cfg.steps) > _tenth(step - 1, cfg.steps):
+            # Progress at each 10% of the steps, whatever H is (a long H would leave the bar
+            # still between two syncs).
+            progress.put(("step", name, seed, rank, step))
         if step % cfg.inner_steps == 0 or step == cfg.steps:
             recs = _records_since(comm, start)
             sent = sum(r.sent for r in recs if not r.tag.startswith("bench/"))
@@ -202,11 +212,14 @@ def _run_method(
                     "eval_loss": ev,
                 }
             )
-            if progress is not None:
-                progress.put(("step", name, seed, rank, step))
+            if progress is not None and _tenth(step, cfg.steps) == _tenth(step - 1, cfg.steps):
+                progress.put(("step", name, seed, rank, step))  # a sync between two tenths
     recs = [r for r in _records_since(comm, start) if not r.tag.startswith("bench/")]
     syncs = [r for r in recs if r.tag != "wan/clock"]
     wire = sum(r.payload_bytes for r in syncs)
+    # Dense fp32 bytes of what the syncs carried: every parameter once per H steps for the
+    # DiLoCo family (Streaming spreads that over its fragment events), once per step else.
+    dense_syncs = cfg.steps // cfg.inner_steps if method.kind == "outer" else cfg.steps
     return {
         "method": name,
         "rank": rank,
@@ -216,9 +229,7 @@ def _run_method(
         "control_sent": sum(r.control_sent for r in recs),
         "ops": len(syncs),
         "wire_payload_bytes": wire,
-        # Dense fp32 bytes of what the syncs carried: every parameter once per H steps for the
-        # DiLoCo family (Streaming spreads that over its fragment events), once per step else.
-        "dense_synced_bytes": n_params * 4 * (cfg.steps // cfg.inner_steps if method.kind == "outer" else cfg.steps),
+        "dense_synced_bytes": n_params * 4 * dense_syncs,
         "algorithms": sorted({r.algorithm for r in syncs}),
         "sim_time_s": wan.clock if wan is not None else time.perf_counter() - t_real,
         "compute_s": compute,
@@ -251,8 +262,12 @@ def _gloo_worker(
 ) -> None:
     import torch.distributed as dist
 
+    from thinwire.bench.cli import _setup_logging
     from thinwire.collectives import TorchDistCommunicator
 
+    # A spawned rank starts with no logging set up: give it the CLI's "thinwire: WARNING: ..."
+    # handler, or its warnings (a peer's dropped payload, a WAN timeout) print bare.
+    _setup_logging()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cfg = BenchConfig(**cfg_dict)
     try:
@@ -271,11 +286,23 @@ def _gloo_worker(
 
 
 def _drain(progress: Any, on_event: Any, alive: Any) -> None:
+    """Pass ``progress`` events to ``on_event`` while the ranks run, then whatever is left.
+
+    The ranks' last events ("done" of the last method) may still be queued when ``alive()``
+    turns false; they are delivered too, so a progress display ends complete.
+    """
     while alive():
         try:
             ev = progress.get(timeout=0.2)
         except queue.Empty:
             continue
+        if on_event is not None:
+            on_event(ev)
+    while True:
+        try:
+            ev = progress.get_nowait()
+        except queue.Empty:
+            return
         if on_event is not None:
             on_event(ev)
 

@@ -44,6 +44,7 @@ __all__ = [
     "COMPARE_HEADERS",
     "compare_rows",
     "describe_run",
+    "make_figure",
 ]
 
 SCHEMA = "thinwire.bench/v1"
@@ -352,7 +353,10 @@ def describe_run(res: dict[str, Any]) -> str:
 def write_outputs(
     summary: dict[str, Any], cfg: dict[str, Any], out: Path, *, plot: bool = True
 ) -> dict[str, Path]:
-    """Write ``results.json``, ``curves.csv`` and (with ``plot``) ``bench_<preset>.png`` into ``out``."""
+    """Write ``results.json``, ``curves.csv`` and (with ``plot``) ``bench_<preset>.png`` into ``out``.
+
+    The PNG is :func:`make_figure`: loss vs bytes, loss vs simulated time, bytes per method.
+    """
     out.mkdir(parents=True, exist_ok=True)
     preset = cfg.get("preset", "none")
     results = {
@@ -409,36 +413,84 @@ def write_outputs(
                         ]
                     )
     if plot:
-        try:
-            import matplotlib
-        except ImportError as exc:
-            raise ImportError(
-                f"the PNG needs matplotlib: {BENCH_EXTRA}, or pass plot=False"
-            ) from exc
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for m, s in summary.items():
-            r = s["runs"][0]
-            xs = [max(c["bytes_sent_cum"], 1) for c in r["curve"]]
-            ys = [c["eval_loss"] for c in r["curve"]]
-            a.plot(xs, ys, marker="o", ms=3, label=m)
-            b.plot([c["sim_time_s"] for c in r["curve"]], ys, marker="o", ms=3, label=m)
-        floor = next(iter(summary.values()))["loss_floor"]
-        for ax in (a, b):
-            if math.isfinite(floor):
-                ax.axhline(floor, color="k", ls=":", lw=1, label="entropy floor")
-            ax.set_ylabel("eval loss (nats/token)")
-            ax.grid(alpha=0.3)
-        a.set_xscale("log")
-        a.set_xlabel("bytes sent per rank")
-        b.set_xlabel(f"simulated time (s), preset {preset}")
-        a.legend(fontsize=8)
-        fig.suptitle(f"thinwire bench — {NOTE}")
-        fig.tight_layout()
+        fig = make_figure(summary, preset)
         paths["png"] = out / f"bench_{preset}.png"
         fig.savefig(paths["png"], dpi=110)
+        import matplotlib.pyplot as plt
+
         plt.close(fig)
     return paths
+
+
+def make_figure(summary: dict[str, Any], preset: str = "none") -> Any:
+    """The benchmark's figure: three panels side by side, one colour per method.
+
+    1. eval loss against bytes sent per rank (log scale): which method learns most per byte;
+    2. eval loss against simulated time under ``preset``: which finishes first on that link;
+    3. bytes sent per rank by each method, a horizontal bar chart on a log scale, each bar
+       labelled with its total and its reduction against DDP when DDP ran.
+
+    The entropy floor of the built-in language is a dotted line on the loss panels.
+
+    Args:
+        summary: :func:`summarize`'s output (its first seed's curves are drawn).
+        preset: WAN preset name, shown on the time axis (default ``"none"``).
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (the Agg backend); the caller saves and closes it.
+
+    Raises:
+        ImportError: matplotlib is not installed (extra ``thinwire[bench]``).
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(f"the PNG needs matplotlib: {BENCH_EXTRA}, or pass plot=False") from exc
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(
+        1, 3, figsize=(18, 4.8), gridspec_kw={"width_ratios": [1.0, 1.0, 0.9]}
+    )
+    colors: dict[str, Any] = {}
+    for m, s in summary.items():
+        r = s["runs"][0]
+        xs = [max(p["bytes_sent_cum"], 1) for p in r["curve"]]
+        ys = [p["eval_loss"] for p in r["curve"]]
+        (line,) = a.plot(xs, ys, marker="o", ms=3, label=m)
+        colors[m] = line.get_color()
+        b.plot(
+            [p["sim_time_s"] for p in r["curve"]], ys, marker="o", ms=3, label=m, color=colors[m]
+        )
+    floor = next(iter(summary.values()))["loss_floor"]
+    for ax in (a, b):
+        if math.isfinite(floor):
+            ax.axhline(floor, color="k", ls=":", lw=1, label="entropy floor")
+        ax.set_ylabel("eval loss (nats/token)")
+        ax.grid(alpha=0.3)
+    a.set_xscale("log")
+    a.set_xlabel("bytes sent per rank")
+    a.set_title("loss vs bytes")
+    b.set_xlabel(f"simulated time (s), preset {preset}")
+    b.set_title("loss vs time")
+    a.legend(fontsize=8)
+
+    names = list(summary)
+    sent = [max(float(summary[m]["bytes_sent_per_rank"]["mean"]), 1.0) for m in names]
+    pos = list(range(len(names)))
+    c.barh(pos, sent, color=[colors[m] for m in names])
+    c.set_yticks(pos, names)
+    c.invert_yaxis()  # first method on top, as in the legend and the table
+    c.set_xscale("log")
+    c.set_xlim(min(sent) / 2, max(sent) * 40)  # room for the labels right of the bars
+    for y, m, v in zip(pos, names, sent, strict=True):
+        ddp = summary[m].get("reduction_vs_ddp")
+        label = _fmt_bytes(v) + (f"  ({ddp:,.0f}x less than DDP)" if ddp and m != "ddp" else "")
+        c.text(v * 1.15, y, label, va="center", fontsize=8)
+    c.set_xlabel("bytes sent per rank (log scale)")
+    c.set_title("bytes per method")
+    c.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"thinwire bench — {NOTE}")
+    fig.tight_layout()
+    return fig
