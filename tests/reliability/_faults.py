@@ -7,6 +7,32 @@ update, or sends nothing. The engine underneath is untouched, so every peer stil
 engine: this is fault injection, not a mock. A :class:`Tap` records, for every wrapped rank, what
 it put on the wire and what the collective returned, so tests check the wire itself.
 
+Optimizers send one frame per bucket through ``all_gather_into_tensor`` (a uint8 tensor: the
+codec's body, then a CRC32 keyed with the wire version, the contribution flag and the digest of
+the codec settings and bucket shapes; :mod:`thinwire.compression.wire`). The harness finds the
+bucket codec of a clean frame among the layouts the optimizers of this process built (the frame's
+own CRC names it, see :func:`bucket_of_frame`) and applies each fault to the frame:
+
+* ``corrupt``: flip 1-8 bits anywhere in the frame (``arg``: how many); the CRC no longer
+  matches, receivers drop the frame;
+* ``truncate``: the frame arrives cut short: every byte from a random cut point on (at or before
+  its last non-zero byte, so the frame does change) reads as zero, CRC included, as in a
+  zero-filled receive buffer; the CRC no longer matches, receivers drop it. (A frame's size is
+  fixed by the shapes and its length is not on the wire, so a shorter frame cannot be sent.)
+* ``nan``: the body's last four bytes become ``0xFF`` (NaN in every float format, see
+  :data:`_NAN_BYTES`) and the frame is RE-SEALED with a valid CRC, so only the receiver's value
+  check can catch it;
+* ``scale`` / ``sign_flip``: decode the frame with its bucket codec, scale the update, and send
+  what an honest encoder sends for it (``bucket.encode``; sparse: the decoded selection is
+  densified, scaled and re-selected, as the per-tensor path did);
+* ``drop``: a valid frame with flag 0 and an all-zero body: "no contribution this round";
+* ``kill`` / ``stall``: as for every collective.
+
+``nan``, ``scale``, ``sign_flip`` and ``drop`` leave a frame that already carries flag 0 (its
+sender contributes nothing) as it is; ``corrupt`` and ``truncate`` damage its bytes all the same.
+A non-uint8 tensor gathered the same way (the all-reduce path's fallback gather of float32
+vectors) is altered as ``all_reduce`` alters its tensor.
+
 Membership faults (join late, leave and rejoin) are engine calls the tests make themselves
 (``close()`` and a fresh ``HivemindCommunicator.create``); :class:`FaultyComm` carries the round id
 hivemind needs so that a rejoined peer is matched into the right round.
@@ -32,7 +58,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from thinwire.compression import Codec, pack_bundle, unpack_bundle
+from thinwire.compression import (
+    STATUS_EMPTY,
+    STATUS_OK,
+    Codec,
+    DenseBucket,
+    SparseBucket,
+    SparsePart,
+    pack_bundle,
+    unpack_bundle,
+)
 from thinwire.compression.bundle import BUNDLE_MAGIC
 from thinwire.compression.payload import pack_payload, unpack_payload
 
@@ -43,6 +78,9 @@ __all__ = [
     "Regression",
     "Sent",
     "Tap",
+    "bucket_of_frame",
+    "frame_status",
+    "is_empty_frame",
     "run_threads",
     "finite_payload",
 ]
@@ -60,8 +98,8 @@ class Fault:
 
     Attributes:
         kind: one of :data:`KINDS`.
-        at: indices of this rank's collectives it hits (0-based count of ``all_reduce`` and
-            ``all_gather_bytes`` calls); None hits every one.
+        at: indices of this rank's collectives it hits (0-based count of ``all_reduce``,
+            ``all_gather_bytes`` and ``all_gather_into_tensor`` calls); None hits every one.
         arg: ``stall`` seconds, ``scale`` factor, ``kill`` exit code, ``corrupt`` bit flips
             (0: a random 1-8).
     """
@@ -84,6 +122,8 @@ class Sent:
 
     ``clean`` is what the optimizer handed to the communicator, ``data`` what the fault left of
     it (identical without a fault); ``result``/``group``/``error`` are filled when it completes.
+    ``bucket`` is the bucket codec of a gathered frame (None for anything else); ``reduce_op``
+    the operation of an ``all_reduce`` (``"mean"``, ``"sum"``; None for anything else).
     """
 
     who: str
@@ -97,6 +137,8 @@ class Sent:
     group: tuple[str, ...] = ()
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    bucket: DenseBucket | SparseBucket | None = None
+    reduce_op: str | None = None
 
 
 class Tap:
@@ -133,11 +175,85 @@ def _join(parts: list[bytes], bundled: bool) -> bytes:
     return pack_bundle(parts) if bundled else parts[0]
 
 
-def finite_payload(codec: Codec, data: bytes) -> bool:
-    """True when ``data`` (a payload or a bundle; empty = no contribution) decodes to finite values.
+def bucket_of_frame(
+    frame: torch.Tensor, codec: Codec | None = None
+) -> DenseBucket | SparseBucket | None:
+    """The bucket codec whose envelope opens ``frame`` (a clean frame), or None.
 
-    A payload a codec refuses to decode counts as not finite: nothing a receiver could use.
+    Candidates are the bucket codecs the optimizers of this process built (the reducers' cache,
+    which is how a receiving rank knows the layout too), of ``codec``'s settings if given. The
+    frame's keyed CRC32 covers the settings and shapes, so only its own layout opens it (a
+    collision is a 2**-32 event).
     """
+    if frame.dtype != torch.uint8 or frame.dim() != 1:
+        return None
+    from thinwire.optim import _reduce
+
+    for _ in range(5):  # another rank's thread may touch the cache: copy it, retry if it moved
+        try:
+            candidates = list(_reduce._bucket_cache.values())
+            break
+        except RuntimeError:
+            time.sleep(0.001)
+    else:
+        return None
+    for b in reversed(candidates):  # most recently used first
+        if b.nbytes != frame.numel():
+            continue
+        if codec is not None and (
+            type(b.codec) is not type(codec) or b.codec.settings != codec.settings
+        ):
+            continue
+        _, status = b.envelope.open_rows(frame.detach().reshape(1, -1))
+        if int(status[0]) in (STATUS_OK, STATUS_EMPTY):
+            return b
+    return None
+
+
+def frame_status(bucket: DenseBucket | SparseBucket, frame: torch.Tensor) -> tuple[int, bool]:
+    """What every receiver makes of ``frame``: its status code and whether its values are finite.
+
+    ``finite`` is True for a frame with no contribution (nothing to apply) and for an accepted
+    frame whose decoded values are all finite; a dropped frame is not finite (nothing usable).
+    """
+    out, status = bucket.decode(frame.detach().reshape(1, -1))
+    code = int(status[0])
+    if code == STATUS_EMPTY:
+        return code, True
+    if code != STATUS_OK:
+        return code, False
+    if isinstance(bucket, DenseBucket):
+        return code, bool(torch.isfinite(out).all())
+    return code, all(bool(torch.isfinite(p.val).all()) for p in out)
+
+
+def is_empty_frame(bucket: DenseBucket | SparseBucket | None, frame: Any) -> bool:
+    """A full-size frame that says "no contribution": flag 0 (its CRC opens under the flag-0
+    key) and an all-zero body."""
+    if bucket is None or not isinstance(frame, torch.Tensor) or frame.dtype != torch.uint8:
+        return False
+    if frame.numel() != bucket.nbytes:
+        return False
+    _, status = bucket.envelope.open_rows(frame.detach().reshape(1, -1))
+    return int(status[0]) == STATUS_EMPTY and not bool(frame[: bucket.body_nbytes].any())
+
+
+def finite_payload(
+    codec: Codec | None, data: Any, bucket: DenseBucket | SparseBucket | None = None
+) -> bool:
+    """True when ``data`` decodes to finite values (or carries no contribution).
+
+    ``data`` is a gathered frame (uint8 tensor; decoded with ``bucket``, or the bucket codec of
+    this process that opens it) or a per-tensor payload or bundle in bytes (empty = no
+    contribution; decoded with ``codec``). A message a receiver refuses (bad CRC, body that does
+    not decode, non-finite values) counts as not finite: nothing a receiver could use.
+    """
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8:
+            return bool(torch.isfinite(data).all())
+        if bucket is None:
+            bucket = bucket_of_frame(data, codec)
+        return bucket is not None and frame_status(bucket, data)[1]
     if not data:
         return True
     try:
@@ -155,7 +271,8 @@ class FaultyComm:
         faults: what goes wrong, and when.
         tap: where to record outgoing collectives (None: no record).
         codec: the codec of the payloads this rank gathers; needed by ``scale`` and
-            ``sign_flip`` on byte payloads (decode, transform, re-encode).
+            ``sign_flip`` on byte payloads (decode, transform, re-encode). Frames need none:
+            their bucket codec is found from the frame (:func:`bucket_of_frame`).
         who: label of this rank in the tap (default ``f"rank{inner.rank}"``; hivemind: peer id).
         seed: seed of the bit positions ``corrupt``/``truncate`` pick.
 
@@ -244,10 +361,55 @@ class FaultyComm:
                 )
         return data
 
-    def _record(self, op: str, tag: str, index: int, data: Any, clean: Any) -> Sent | None:
+    def _record(
+        self, op: str, tag: str, index: int, data: Any, clean: Any, bucket: Any = None
+    ) -> Sent | None:
         if self.tap is None:
             return None
-        return self.tap.add(Sent(self.who, op, tag, index, self.round, data, clean))
+        return self.tap.add(Sent(self.who, op, tag, index, self.round, data, clean, bucket=bucket))
+
+    def _flip_bits(self, raw: torch.Tensor, n: int) -> None:
+        """Flip ``n`` random bits of the uint8 tensor ``raw`` in place; it always changes."""
+        before = raw.clone()
+        for _ in range(n):
+            raw[self._rng.randrange(raw.numel())] ^= 1 << self._rng.randrange(8)
+        if torch.equal(raw, before):  # two flips of one bit cancelled out: flip one more
+            raw[self._rng.randrange(raw.numel())] ^= 1 << self._rng.randrange(8)
+
+    def _alter_frame(
+        self, frame: torch.Tensor, hits: list[Fault], bucket: DenseBucket | SparseBucket | None
+    ) -> torch.Tensor:
+        """``frame`` (a copy) as the faults leave it; see the module docstring for each kind."""
+        for f in hits:
+            if f.kind in ("stall", "kill") or frame.numel() == 0:
+                continue
+            if f.kind == "corrupt":
+                self._flip_bits(frame, int(f.arg) or self._rng.randint(1, 8))
+                continue
+            if f.kind == "truncate":
+                nonzero = frame.nonzero()
+                if nonzero.numel():
+                    frame[self._rng.randrange(int(nonzero[-1]) + 1) :] = 0
+                continue
+            if bucket is None:
+                raise ValueError(
+                    f"fault {f.kind!r} on a frame needs its bucket codec, and no bucket codec "
+                    "of this process opens it"
+                )
+            _, status = bucket.envelope.open_rows(frame.reshape(1, -1))
+            if int(status[0]) != STATUS_OK:  # no contribution (or already damaged): left as is
+                continue
+            body = frame[: bucket.body_nbytes].clone()
+            if f.kind == "drop":
+                frame = bucket.envelope.seal(torch.zeros_like(body), False)
+            elif f.kind == "nan":
+                if body.numel() >= 4:
+                    body[-4:] = torch.tensor(list(_NAN_BYTES), dtype=torch.uint8)
+                frame = bucket.envelope.seal(body, True)
+            else:  # scale / sign_flip: what an honest encoder would send for the altered update
+                factor = f.arg if f.kind == "scale" else -1.0
+                frame = _rescaled(bucket, frame, factor)
+        return frame
 
     def _finish(self, handle: Any, rec: Sent | None, async_op: bool) -> Any:
         if rec is not None:
@@ -277,7 +439,6 @@ class FaultyComm:
         t: torch.Tensor,
         op: str = "mean",
         *,
-        codec: Any = None,
         async_op: bool = False,
         tag: str = "",
         **kw: Any,
@@ -287,7 +448,9 @@ class FaultyComm:
         clean = t.detach().clone()
         self._alter_tensor(t, hits)
         rec = self._record("all_reduce", tag, index, t.detach().clone(), clean)
-        h = self.inner.all_reduce(t, op, codec=codec, async_op=True, tag=tag, **self._kw(kw))
+        if rec is not None:
+            rec.reduce_op = op
+        h = self.inner.all_reduce(t, op, async_op=True, tag=tag, **self._kw(kw))
         self._kill_if(hits)
         return self._finish(h, rec, async_op)
 
@@ -311,6 +474,30 @@ class FaultyComm:
         self._kill_if(hits)
         return self._finish(h, rec, async_op)
 
+    def all_gather_into_tensor(
+        self, t: torch.Tensor, *, async_op: bool = False, tag: str = "", **kw: Any
+    ) -> Any:
+        """The engine's all_gather_into_tensor of this rank's frame after its faults altered it.
+
+        A uint8 frame is altered as the module docstring says (on a copy: the caller's frame is
+        left as it was); any other tensor as :meth:`all_reduce` alters its tensor.
+        """
+        index, hits = self._start()
+        clean = t.detach().clone()
+        bucket = None
+        if t.dtype == torch.uint8 and t.dim() == 1:
+            needs = {"nan", "scale", "sign_flip", "drop"}
+            if self.tap is not None or any(f.kind in needs for f in hits):
+                bucket = bucket_of_frame(clean)
+            data = self._alter_frame(clean.clone(), hits, bucket)
+        else:
+            data = clean.clone()
+            self._alter_tensor(data, hits)
+        rec = self._record("all_gather_into_tensor", tag, index, data.clone(), clean, bucket)
+        h = self.inner.all_gather_into_tensor(data, async_op=True, tag=tag, **self._kw(kw))
+        self._kill_if(hits)
+        return self._finish(h, rec, async_op)
+
 
 def _poison(part: bytes) -> bytes:
     """``part`` re-enveloped (valid CRC) with its last four body bytes set to NaN patterns."""
@@ -319,6 +506,24 @@ def _poison(part: bytes) -> bytes:
         return part
     body = body[:-4] + _NAN_BYTES
     return pack_payload(header.codec_id, header.dtype, header.shape, header.settings, body)
+
+
+def _rescaled(
+    bucket: DenseBucket | SparseBucket, frame: torch.Tensor, factor: float
+) -> torch.Tensor:
+    """The frame an honest encoder sends for ``factor`` times ``frame``'s decoded update."""
+    out, _ = bucket.decode(frame.reshape(1, -1))
+    if isinstance(bucket, DenseBucket):
+        new, _, _ = bucket.encode(out[0] * factor)
+        return new
+    dense = []
+    for i, (p, shape) in enumerate(zip(out, bucket.shapes, strict=True)):
+        if bucket.geometries[i].num_chunks == 0:
+            dense.append(torch.zeros(shape, dtype=torch.float32, device=frame.device))
+        else:
+            dense.append(bucket.densify(i, SparsePart(p.idx[0], p.val[0])).reshape(shape) * factor)
+    new, _, _, _ = bucket.encode(dense)
+    return new
 
 
 # ------------------------------------------------------------------------------- the task

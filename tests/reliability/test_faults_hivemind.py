@@ -14,9 +14,10 @@ all-gathers its state (model + optimizer ``state_dict``; the joiner sends nothin
 loads the first donor's bytes and must then hold that donor's θ_g and outer state bitwise
 (``consistency_digest``), and it contributes from that round on.
 
-Oracles: every sync, on every peer, equals the float64 mean of the contributions of exactly the
-peers hivemind lists in ``handle.group`` for that round (none stale, none counted twice, the
-absent one with weight zero), and the final eval loss is within 5 % of the same job without churn
+Oracles: every sync, on every peer, equals the float64 mean of the contributions (their sum, when
+the optimizer asks the all-reduce for ``"sum"`` and divides itself) of exactly the peers hivemind
+lists in ``handle.group`` for that round (none stale, none counted twice, the absent one with
+weight zero), and the final eval loss is within 5 % of the same job without churn
 (four workers on the in-process engine, the same data). A hang fails through the timeouts.
 """
 
@@ -209,7 +210,8 @@ def baseline_loss(rounds: int) -> float:
 
 
 def round_errors(res: dict[str, Any]) -> list[str]:
-    """Every sync vs the float64 mean of its group's contributions; the mismatches, as text."""
+    """Every sync vs the float64 mean (or, for an ``all_reduce(..., "sum")``, the sum) of its
+    group's contributions; the mismatches, as text."""
     syncs = [s for s in res["tap"].records if s.tag == SYNC_TAG]
     for s in syncs:
         assert s.done.wait(60) and s.error is None, (s.who, s.round, s.error)
@@ -224,7 +226,8 @@ def round_errors(res: dict[str, Any]) -> list[str]:
             if s.who not in group or any(g not in recs for g in group):
                 bad.append(f"round {r}: group {group} is not among this round's senders")
                 continue
-            want = torch.stack([recs[g].data.double() for g in group]).mean(0)
+            sent = torch.stack([recs[g].data.double() for g in group])
+            want = sent.sum(0) if s.reduce_op == "sum" else sent.mean(0)  # what the op asked
             err = float((s.result.double() - want).abs().max())
             if err > 1e-6 + 1e-5 * float(want.abs().max()):
                 bad.append(f"round {r}, peer {res['owner'][s.who]}: off by {err:.3g}")

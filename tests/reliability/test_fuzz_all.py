@@ -1,17 +1,31 @@
-"""Fuzzed, truncated and bit-flipped payloads through every receive path (issue 9 acceptance).
+"""Fuzzed, truncated and bit-flipped payloads and frames through every receive path (issue 9).
 
-At least 100,000 damaged messages go through exactly what a receiving optimizer does with a
-peer's bytes (``thinwire.optim._reduce``): a dense payload is ``codec.decode(blob, numel)``; a
-sparse bundle is ``unpack_bundle(blob, count)``, then ``decode_sparse(part, numel)`` per tensor, a
-geometry check, and the fold ``aggregate_sparse`` (so a forged message that decodes but would
-crash the aggregator is caught too). Codecs: :class:`DenseCodec` over every value format (and
-non-default settings), :class:`SparseCodec` over both transforms, both top-k rules, both index
-codes and every value format, plus the DeMo and SparseLoCo wire codecs.
+Two receive paths, each fed damaged messages:
 
-The only acceptable outcomes (the oracle): :class:`PayloadError`, or, when a forged message is
-still a structurally valid encoding (CRC recomputed after the damage), finite float32 tensors of
-the header's shape. Any other exception, a non-finite value or a wrong shape fails; a hang fails
-through the timeout. Small tensors keep 100k decodes to seconds.
+1. Per-tensor payloads and bundles (the standalone ``Codec`` bytes API). At least 100,000 damaged
+   messages: a dense payload is ``codec.decode(blob, numel)``; a sparse bundle is
+   ``unpack_bundle(blob, count)``, then ``decode_sparse(part, numel)`` per tensor, a geometry
+   check, and the fold ``aggregate_sparse`` (so a forged message that decodes but would crash the
+   aggregator is caught too). The only acceptable outcomes: :class:`PayloadError`, or, when a
+   forged message is still a structurally valid encoding (CRC recomputed after the damage),
+   finite float32 tensors of the header's shape.
+2. Bucket frames (what optimizers send: one frame per bucket, ``make_bucket(codec, shapes)``,
+   all-gathered as a ``(P, W)`` uint8 tensor and decoded in one batch by every receiver, as
+   ``thinwire.optim._reduce`` does). At least 40,000 damaged frames, in batches whose row 0 is an
+   intact frame: bit flips, byte edits, a zero-filled tail, random bytes, a frame sealed under
+   another layout's digest (all with the CRC left as it was), and frames RE-SEALED with a valid
+   CRC over a damaged or random body (flag 1), or over a non-zero body with flag 0. The oracle:
+   ``decode`` never raises; every status is a known code; a frame damaged without re-sealing is
+   caught (``STATUS_CRC``; 1 or 2 flipped bits always are, CRC32's Hamming distance guarantees
+   it); a re-sealed flag-1 frame is ``STATUS_OK`` or ``STATUS_BODY``, a re-sealed flag-0 frame
+   ``STATUS_EMPTY``; status ``STATUS_OK`` never comes with non-finite values (sparse: nor with an
+   index outside its chunk), and the fold of the accepted rows does not crash; the intact row
+   decodes as it does alone, whatever its neighbours hold.
+
+Codecs: :class:`DenseCodec` over every value format (and non-default settings),
+:class:`SparseCodec` over both transforms, both top-k rules, both index codes and every value
+format, plus the DeMo and SparseLoCo wire codecs. Any other exception, a non-finite value or a
+wrong shape fails; a hang fails through the timeout. Small tensors keep the campaigns to seconds.
 """
 
 from __future__ import annotations
@@ -19,21 +33,30 @@ from __future__ import annotations
 import math
 import random
 import struct
+from collections import Counter
 
 import pytest
 import torch
 
 from thinwire.compression import (
+    STATUS_EMPTY,
+    STATUS_OK,
+    STATUS_REASONS,
     VALUE_FORMATS,
+    DenseBucket,
     DenseCodec,
+    Envelope,
     PayloadError,
+    SparseBucket,
     SparseCodec,
     aggregate_sparse,
     build_codec,
+    make_bucket,
     pack_bundle,
     unpack_bundle,
 )
 from thinwire.compression.payload import pack_payload, unpack_payload
+from thinwire.compression.wire import STATUS_BODY, STATUS_CRC
 from thinwire.optim.demo import demo_compressor
 from thinwire.optim.sparseloco import sparseloco_compressor
 
@@ -63,6 +86,7 @@ SPARSE = (
 )
 SHAPES = [(1,), (7,), (16,), (3, 5), (8, 8), (4, 9)]
 MIN_DECODES = 100_000
+MIN_FRAMES = 40_000
 
 
 class Tally:
@@ -226,9 +250,195 @@ def fuzz(dense_cases: int = 60_000, bundle_cases: int = 45_000, seed: int = 9) -
     return tally
 
 
+# ------------------------------------------------------------------------ bucket frames
+# Mutations of a frame; the first group leaves the CRC as it was, the second re-seals it.
+DAMAGED = ("flip_1_2", "flip_many", "byte_edit", "zero_tail", "random_bytes", "foreign_digest")
+RESEALED = ("reseal_damaged_body", "reseal_random_body", "reseal_flag0_nonzero_body")
+
+
+class FrameTally:
+    """Counts damaged frames by mutation and by the status receivers gave them."""
+
+    def __init__(self) -> None:
+        self.frames = 0  # damaged frames decoded (intact rows not counted)
+        self.by_kind: Counter[str] = Counter()
+        self.by_status: Counter[int] = Counter()
+        self.caught = 0  # dropped by receivers: CRC mismatch or a body that does not decode
+        self.accepted = 0  # re-sealed frames whose body still decodes to finite values
+        self.empty = 0  # re-sealed flag-0 frames: no contribution
+
+    def add(self, kind: str, code: int) -> None:
+        self.frames += 1
+        self.by_kind[kind] += 1
+        self.by_status[code] += 1
+        if code == STATUS_OK:
+            self.accepted += 1
+        elif code == STATUS_EMPTY:
+            self.empty += 1
+        else:
+            self.caught += 1
+
+    def status_counts(self) -> dict[str, int]:
+        names = {STATUS_OK: "ok", STATUS_EMPTY: "empty", STATUS_CRC: "crc", STATUS_BODY: "body"}
+        return {names[c]: n for c, n in sorted(self.by_status.items())}
+
+
+def _mutate_frame(
+    rng: random.Random, bucket: DenseBucket | SparseBucket, frame: bytes
+) -> tuple[str, bytes]:
+    """One damaged copy of ``frame`` (same size: a frame's size is fixed by its shapes)."""
+    kind = rng.choice(DAMAGED + RESEALED)
+    while True:
+        out = _mutated(rng, bucket, frame, kind)
+        if out != frame:  # flips that cancel out (one bit flipped twice) damage nothing: redraw
+            return kind, out
+
+
+def _mutated(
+    rng: random.Random, bucket: DenseBucket | SparseBucket, frame: bytes, kind: str
+) -> bytes:
+    L = bucket.body_nbytes
+    if kind == "flip_1_2":
+        out = _flip(rng, frame, rng.randint(1, 2))
+    elif kind == "flip_many":
+        out = _flip(rng, frame, rng.randint(3, 24))
+    elif kind == "byte_edit":
+        b = bytearray(frame)
+        at = rng.randrange(len(b))
+        b[at] = rng.choice([v for v in (0x00, 0xFF, 0x7F, 0x80, 0x7C) if v != b[at]])
+        out = bytes(b)
+    elif kind == "zero_tail":  # cut short: the tail of a zero-filled receive buffer, CRC included
+        last = max(i for i, v in enumerate(frame) if v)
+        cut = rng.randrange(last + 1)
+        out = frame[:cut] + bytes(len(frame) - cut)
+    elif kind == "random_bytes":
+        out = bytes(rng.randrange(256) for _ in frame)
+    elif kind == "foreign_digest":  # the same body under another settings/shape digest
+        digest = (bucket.envelope.digest ^ (1 + rng.randrange(2**32 - 1))) & 0xFFFFFFFF
+        sealed = Envelope(digest, L).seal(_u8(frame[:L]), rng.random() < 0.8)
+        out = bytes(sealed.tolist())
+    elif kind == "reseal_damaged_body":
+        out = _seal(bucket, _damage_body(rng, frame[:L]) if L else b"", True)
+    elif kind == "reseal_random_body":
+        out = _seal(bucket, bytes(rng.randrange(256) for _ in range(L)), True)
+    else:  # flag 0 over a body that is not all zero: receivers ignore the body
+        body = bytearray(frame[:L])
+        if L:
+            body[rng.randrange(L)] |= 1 << rng.randrange(8)
+        out = _seal(bucket, bytes(body), False)
+    return out
+
+
+def _u8(data: bytes) -> torch.Tensor:
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def _seal(bucket: DenseBucket | SparseBucket, body: bytes, contributes: bool) -> bytes:
+    body = body[: bucket.body_nbytes].ljust(bucket.body_nbytes, b"\0")  # keep the size
+    return bytes(bucket.envelope.seal(_u8(body), contributes).tolist())
+
+
+def _check_batch(
+    bucket: DenseBucket | SparseBucket,
+    rows: list[bytes],
+    kinds: list[str],
+    clean: tuple[torch.Tensor, ...],
+    tally: FrameTally,
+) -> None:
+    """Decode one batch (row 0 intact) as receivers do; check every row against the oracle."""
+    frames = torch.tensor([list(r) for r in rows], dtype=torch.uint8)
+    out, status = bucket.decode(frames)  # must not raise, whatever the rows hold
+    codes = status.tolist()
+    assert status.shape == (len(rows),) and all(c in STATUS_REASONS for c in codes), codes
+    assert codes[0] == STATUS_OK, "an intact frame was dropped next to damaged ones"
+    if isinstance(bucket, DenseBucket):
+        assert out.dtype == torch.float32 and tuple(out.shape) == (len(rows), bucket.numel)
+        assert torch.equal(out[0], clean[0]), "a damaged row changed an intact row's values"
+        for r, code in enumerate(codes):
+            if code == STATUS_OK:
+                assert bool(torch.isfinite(out[r]).all()), (kinds[r], "status 0, non-finite")
+    else:
+        for i, (part, g) in enumerate(zip(out, bucket.geometries, strict=True)):
+            if g.num_chunks == 0:
+                continue
+            assert torch.equal(part.idx[0], clean[i][0]) and torch.equal(part.val[0], clean[i][1])
+            for r, code in enumerate(codes):
+                if code == STATUS_OK:
+                    assert bool(torch.isfinite(part.val[r]).all()), (kinds[r], "non-finite")
+                    idx = part.idx[r]
+                    assert bool(((idx >= 0) & (idx < g.chunk_len)).all()), (kinds[r], "index")
+        present = [r for r, c in enumerate(codes) if c == STATUS_OK]
+        folded = bucket.aggregate(out, present)  # what the receiver folds; must not crash
+        assert [tuple(t.shape) for t in folded] == [tuple(s) for s in bucket.shapes]
+        assert all(t.dtype == torch.float32 for t in folded)
+    for r in range(1, len(rows)):
+        kind, code = kinds[r], codes[r]
+        if kind in DAMAGED:
+            assert code == STATUS_CRC, (kind, code, "a damaged frame was not caught")
+        elif kind == "reseal_flag0_nonzero_body":
+            assert code == STATUS_EMPTY, (kind, code)
+        else:
+            assert code in (STATUS_OK, STATUS_BODY), (kind, code)
+        tally.add(kind, code)
+
+
+BUCKET_SHAPES = [[(7,)], [(16,), (3, 5)], [(8, 8), (4, 9), (1,)], [(1,), (5, 3)]]
+
+
+def fuzz_frames(
+    dense_frames: int = 20_000, sparse_frames: int = 20_000, batch: int = 48, seed: int = 11
+) -> FrameTally:
+    """Run the frame campaign of the module docstring; every batch is checked as it is decoded."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(11)
+    cases = []  # (bucket, clean frame bytes, clean decode of row 0)
+    for codec in DENSE + SPARSE:
+        for shapes in BUCKET_SHAPES:
+            bucket = make_bucket(codec, shapes)
+            if isinstance(bucket, DenseBucket):
+                frame, _, ok = bucket.encode(torch.randn(bucket.numel, generator=gen))
+                vals, st = bucket.decode(frame[None])
+                clean: tuple = (vals[0],)
+            else:
+                frame, _, _, ok = bucket.encode([torch.randn(s, generator=gen) for s in shapes])
+                parts, st = bucket.decode(frame[None])
+                clean = tuple((p.idx[0], p.val[0]) for p in parts)
+            assert bool(ok) and int(st[0]) == STATUS_OK, "an intact frame was rejected"
+            cases.append((bucket, bytes(frame.tolist()), clean))
+    dense = [c for c in cases if isinstance(c[0], DenseBucket)]
+    sparse = [c for c in cases if isinstance(c[0], SparseBucket)]
+    tally = FrameTally()
+    for pool, total in ((dense, dense_frames), (sparse, sparse_frames)):
+        done = 0
+        while done < total:
+            bucket, frame, clean = pool[rng.randrange(len(pool))]
+            n = min(batch - 1, total - done)
+            rows, kinds = [frame], ["intact"]
+            for _ in range(n):
+                kind, row = _mutate_frame(rng, bucket, frame)
+                rows.append(row)
+                kinds.append(kind)
+            _check_batch(bucket, rows, kinds, clean, tally)
+            done += n
+    return tally
+
+
 @pytest.mark.timeout(300)
 def test_fuzz_every_receive_path_raises_only_payload_error():
     tally = fuzz()
     assert tally.decodes >= MIN_DECODES, tally.decodes
     # Both outcomes are reached: forged-but-valid bodies decode, everything else is refused.
     assert tally.accepted > 1000 and tally.rejected > 90_000, (tally.accepted, tally.rejected)
+
+
+@pytest.mark.timeout(300)
+def test_fuzz_bucket_frames_never_raise_and_never_accept_nonfinite():
+    tally = fuzz_frames()
+    assert tally.frames >= MIN_FRAMES, tally.frames
+    assert set(tally.by_kind) == set(DAMAGED + RESEALED), tally.by_kind
+    # Every frame damaged without re-sealing was caught by its CRC; re-sealed bodies reach the
+    # body parsers, which both accept (finite, valid) and refuse them.
+    damaged = sum(tally.by_kind[k] for k in DAMAGED)
+    assert tally.by_status[STATUS_CRC] == damaged, (tally.by_status, damaged)
+    assert tally.by_status[STATUS_BODY] > 500 and tally.accepted > 500, tally.status_counts()
+    assert tally.empty == tally.by_kind["reseal_flag0_nonzero_body"]
