@@ -10,11 +10,14 @@
 Every one takes a ``comm`` (:mod:`thinwire.collectives`) and an optional ``compressor`` setting
 (:func:`thinwire.compression.build_codec`). Their update rules are free functions in
 :mod:`thinwire.optim.functional` (:func:`diloco_outer_step`, :func:`demo_update`), as
-``torch.optim`` splits each optimizer into a class and a functional form.
+``torch.optim`` splits each optimizer into a class and a functional form. Code around an
+optimizer observes its syncs through ``register_sync_post_hook`` and ``sync_step`` (each hook
+receives a :class:`SyncInfo`), as ``torch.optim`` exposes ``register_step_post_hook``.
 """
 
 from __future__ import annotations
 
+from thinwire.optim._hooks import SyncInfo
 from thinwire.optim.demo import DeMo, demo_compressor
 from thinwire.optim.diloco import DiLoCo, LocalSGD
 from thinwire.optim.functional import demo_update, diloco_outer_step
@@ -27,6 +30,7 @@ __all__ = [
     "LocalSGD",
     "SparseLoCo",
     "StreamingDiLoCo",
+    "SyncInfo",
     "demo_compressor",
     "demo_update",
     "diloco_outer_step",

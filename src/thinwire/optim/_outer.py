@@ -37,6 +37,7 @@ from thinwire._validate import (
 from thinwire.collectives import Communicator
 from thinwire.compression import ROBUST_RULES, Codec, SparseCodec, build_codec
 from thinwire.optim._finite import amp_step_skipped, first_nonfinite
+from thinwire.optim._hooks import SyncHooks, SyncInfo
 from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer, make_reducer
 from thinwire.optim._state import (
     InflightWork,
@@ -195,7 +196,7 @@ def _check_trim(robust: str, trim: Any, comm: Communicator | None) -> int | None
     return trim
 
 
-class DiLoCoBase(Optimizer):
+class DiLoCoBase(SyncHooks, Optimizer):
     """Base of :class:`~thinwire.optim.DiLoCo`, ``LocalSGD``, ``StreamingDiLoCo`` and ``SparseLoCo``.
 
     Not public: see the subclasses for the documented constructors.
@@ -584,6 +585,19 @@ class DiLoCoBase(Optimizer):
             "weight": total_weight,
             "contributed": inf.contributed,
         }
+        self._after_sync(
+            SyncInfo(
+                sync_step=self.outer_step,
+                inner_step=self.inner_step,
+                fragment=inf.fragment,
+                weight=total_weight,
+                contributed=inf.contributed,
+            )
+        )
+
+    @property
+    def _sync_step(self) -> int:  # type: ignore[override]
+        return self.outer_step
 
     # ---------------------------------------------------------------- user helpers
     def close(self) -> None:

@@ -28,6 +28,7 @@ from thinwire._validate import (
 from thinwire.collectives import Communicator
 from thinwire.compression import SparseCodec
 from thinwire.optim._finite import amp_step_skipped, first_nonfinite
+from thinwire.optim._hooks import SyncHooks, SyncInfo
 from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer, make_reducer
 from thinwire.optim._state import (
     InflightWork,
@@ -88,7 +89,7 @@ def demo_compressor(
     )
 
 
-class DeMo(Optimizer):
+class DeMo(SyncHooks, Optimizer):
     r"""Decoupled Momentum optimization (arXiv:2411.19870v1, Algorithm 1; code A1 ``demo.py``).
 
     .. code-block:: text
@@ -203,6 +204,7 @@ class DeMo(Optimizer):
         super().__init__(params, defaults)
         self.step_count = 0
         self._pending: list[tuple[int, list[torch.Tensor], PendingReduce | None, float]] = []
+        self._pending_contributed = True  # whether this worker took part in the pending exchange
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validated like the constructor's arguments."""
@@ -311,31 +313,52 @@ class DeMo(Optimizer):
             launched.append((gi, ps, pend, g["lr"]))
         if self.overlap:
             previous, self._pending = self._pending, launched
+            prev_contributed, self._pending_contributed = self._pending_contributed, contribute
             self._work.clear()
             self._work.track(pend for _, _, pend, _ in launched)
-            self._apply(previous)
+            self._apply(previous, prev_contributed)
         else:
-            self._apply(launched)
+            self._apply(launched, contribute)
         return loss
 
     def _apply(
-        self, launched: list[tuple[int, list[torch.Tensor], PendingReduce | None, float]]
+        self,
+        launched: list[tuple[int, list[torch.Tensor], PendingReduce | None, float]],
+        contributed: bool,
     ) -> None:
+        weight = 0.0
         for _, ps, pend, lr in launched:
             if pend is None:
                 updates = [self.state[p].pop("pending") for p in ps]
+                w = float(self.state[ps[0]].pop("pending_weight", 1.0))
             else:
-                updates, _weight = pend.result()
+                updates, w = pend.result()
+            weight = max(weight, float(w))
             demo_update(ps, updates, lr=lr)
+        if launched:
+            self._after_sync(
+                SyncInfo(
+                    sync_step=self._sync_step,
+                    inner_step=self.step_count,
+                    weight=weight,
+                    contributed=contributed,
+                )
+            )
+
+    @property
+    def _sync_step(self) -> int:  # type: ignore[override]
+        # With overlap, step t applies the exchange of step t - 1.
+        return self.step_count - (1 if self.overlap and self.step_count > 0 else 0)
 
     def _resolve(self) -> None:
         """Wait for the overlapped exchange in flight; keep its aggregate in state (``pending``)."""
         resolved = []
         for gi, ps, pend, lr in self._pending:
             if pend is not None:
-                updates, _ = pend.result()
+                updates, weight = pend.result()
                 for p, u in zip(ps, updates, strict=True):
                     self.state[p]["pending"] = u.to(torch.float32).clone()
+                    self.state[p]["pending_weight"] = torch.tensor(weight, dtype=torch.float64)
             resolved.append((gi, ps, None, lr))
         self._pending = resolved
         self._work.clear()
@@ -379,6 +402,7 @@ class DeMo(Optimizer):
             "format": _FORMAT,
             "step": self.step_count,
             "pending": [(gi, [ids[id(p)] for p in ps], lr) for gi, ps, _, lr in self._pending],
+            "pending_contributed": self._pending_contributed,
             **self._settings(),
         }
         return sd
@@ -431,3 +455,4 @@ class DeMo(Optimizer):
         load_keeping_width(self, super().load_state_dict, sd, order, ("delta", "pending"))
         self.step_count = int(tw["step"])
         self._pending = [(gi, [order[i] for i in idxs], None, lr) for gi, idxs, lr in tw["pending"]]
+        self._pending_contributed = bool(tw.get("pending_contributed", True))
