@@ -1,7 +1,7 @@
 """Uniform argument checks for every public thinwire entry point.
 
 Every message has one shape — ``name must be in RANGE, got VALUE`` — so a user can fix a call
-without reading the source (STYLE.md §3). Wrong types raise ``TypeError``, wrong values
+without reading the source. Wrong types raise ``TypeError``, wrong values
 ``ValueError``; nothing here uses ``assert``, which ``python -O`` strips.
 """
 

@@ -3,7 +3,7 @@
 ``thinwire bench`` (also ``python -m thinwire.bench bench``) trains :class:`TinyGPT` on the
 seeded :class:`MarkovLanguage` with every method side by side against plain all-reduce data
 parallel, on real gloo processes under a simulated WAN, and reports bytes, loss and simulated
-time (``specs/collectives_wan_bench.md`` §5). ``thinwire demo`` prints the codec table.
+time (definitions in :mod:`thinwire.bench.report`). ``thinwire demo`` prints the codec table.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from thinwire.compression import (
 
 __all__ = ["DEMO_CODECS", "CodecRow", "demo_tensor", "run_demo", "format_rows"]
 
-# (label, pipeline) pairs: the wire formats of DiLoCo variants (specs/diloco.md §3) and of
-# DeMo / Psyche / SparseLoCo / templar (specs/demo_sparseloco.md §4.2), each with thinwire's
-# entropy-coded indices next to the fixed-width layout the references ship.
+# (label, pipeline) pairs: the wire formats of DiLoCo variants and of DeMo / Psyche /
+# SparseLoCo / templar, each with thinwire's entropy-coded indices next to the fixed-width
+# layout the references ship.
 DEMO_CODECS: tuple[tuple[str, str], ...] = (
     ("dense fp32", "fp32"),
     ("dense fp16", "fp16"),

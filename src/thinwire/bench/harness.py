@@ -5,7 +5,7 @@
 communicator: same seed, same initialisation (checked by hash across ranks), same token stream
 per rank, same evaluation set. Communication goes through :class:`WanCommunicator` in virtual
 mode, so simulated time = measured compute (forward and backward) + modelled communication under
-the preset; bytes come from the communicator's ledger (``specs/collectives_wan_bench.md`` §5).
+the preset; bytes come from the communicator's ledger (:mod:`thinwire.collectives.accounting`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from thinwire.optim import DeMo, DiLoCo, SparseLoCo, StreamingDiLoCo
 __all__ = ["Method", "METHODS", "DEFAULT_METHODS", "build_optimizer", "inner_adamw"]
 
 # Inner AdamW of every method (and DDP's optimizer): betas and weight decay of the DiLoCo /
-# SparseLoCo references (specs/diloco.md §1.2); lr from the sweep on the built-in task.
+# SparseLoCo reference training scripts (OpenDiLoCo, tplr-ai/SparseLoCo); lr from the sweep on
+# the built-in task.
 INNER_LR = 3e-3
 INNER_BETAS = (0.9, 0.95)
 INNER_WD = 0.1

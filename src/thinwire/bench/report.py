@@ -1,7 +1,7 @@
 """Benchmark reports: the summary per method, ``results.json``, ``curves.csv``, the PNG, the table,
 and the side-by-side comparison of two ``results.json`` files.
 
-Definitions (``specs/collectives_wan_bench.md`` §5): bytes are payload bytes sent per rank (max
+Definitions: bytes are payload bytes sent per rank (max
 over ranks) from the ledger; reduction vs DDP = DDP bytes / method bytes; compression ratio per
 sync = dense fp32 bytes of the synced tensors / wire bytes this rank put in its payloads; loss at
 equal bytes (equal simulated time) interpolates each eval-loss curve, in log-bytes (linearly in

@@ -1,7 +1,7 @@
 """The benchmark's built-in model and data: a tiny GPT and a synthetic language with a known floor.
 
-* :class:`TinyGPT` — a pre-LayerNorm decoder (``specs/collectives_wan_bench.md`` §5: 2 layers,
-  d_model 64, 4 heads, context 64, vocab 64, tied embeddings, ~0.1M parameters).
+* :class:`TinyGPT` — a pre-LayerNorm decoder (2 layers, d_model 64, 4 heads, context 64,
+  vocab 64, tied embeddings, ~0.1M parameters).
 * :class:`MarkovLanguage` — a seeded sparse Markov chain of order ``order`` over the vocabulary.
   Its entropy rate ``H = sum_s pi(s) H(P(.|s))`` (``pi`` the stationary distribution over
   contexts) is computed exactly and is the lowest cross-entropy any model can reach: the loss
@@ -30,7 +30,7 @@ __all__ = ["TinyConfig", "TinyGPT", "MarkovLanguage", "ByteCorpus", "param_hash"
 
 @dataclass(frozen=True)
 class TinyConfig:
-    """Shape of :class:`TinyGPT` (defaults: the benchmark's model, spec §5)."""
+    """Shape of :class:`TinyGPT` (defaults: the benchmark's model)."""
 
     vocab: int = 64
     context: int = 64

@@ -1,8 +1,8 @@
 """Compression toolkit: one implementation of every piece that crosses the wire.
 
 Every thinwire optimizer is "transform -> select -> quantize -> pack -> send -> unpack ->
-aggregate"; this package holds each step once (``specs/demo_sparseloco.md`` §1-4,
-``specs/diloco.md`` §1.6 and §3):
+aggregate"; this package holds each step once (``docs/design.md``, "Wire format", describes the
+bytes):
 
 * geometry and transform: :class:`ChunkGeometry` / :func:`split`, the orthonormal DCT
   (:func:`dct_basis`, :func:`dct_tiles`, :func:`idct_tiles`);

@@ -1,4 +1,4 @@
-"""The backend rule, written once, and the registry of (reference, kernel) pairs (STYLE.md §4).
+"""The backend rule, written once, and the registry of (reference, kernel) pairs.
 
 Every op that has a Triton kernel exists three times with one signature: the public op (takes
 ``backend=``), the pure-torch reference ``<op>_torch`` (the oracle and the CPU path) and the
@@ -12,10 +12,10 @@ last two runs:
   interpreter, which ``@triton.jit`` picks at decoration time, so the variable must be set before
   the kernel modules are first imported), otherwise a ``ValueError`` that says why.
 
-Kernel errors propagate: nothing here catches an exception and retries on the reference (STYLE.md
-§7, "silent fallbacks"). ``triton`` is imported lazily, on the first dispatch that needs it, so
-``import thinwire`` works without it. The chosen backend is logged once per (op, backend) at
-DEBUG.
+Kernel errors propagate: nothing here catches an exception and retries on the reference (a silent
+fallback would hide a broken kernel). ``triton`` is imported lazily, on the first dispatch that
+needs it, so ``import thinwire`` works without it. The chosen backend is logged once per
+(op, backend) at DEBUG.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Accepted values of every op's ``backend`` argument (STYLE.md §4).
+#: Accepted values of every op's ``backend`` argument.
 BACKENDS = ("auto", "torch", "triton")
 
 #: Module every kernel module imports first; it records whether the kernels were decorated for
@@ -165,7 +165,7 @@ def register(
 
     Args:
         name: op name; registering a name twice replaces nothing and raises.
-        reference: the pure-torch reference (same signature as the launcher, STYLE.md §4).
+        reference: the pure-torch reference (same signature as the launcher).
         kernel: the launcher, or ``"module:attribute"`` to import it lazily.
 
     Returns:

@@ -1,9 +1,10 @@
 """Deterministic aggregation of several peers' sparse payloads into one dense update.
 
-``specs/demo_sparseloco.md`` §1.4: every reference concatenates all workers' (index, value) pairs
-and takes a ``scatter_reduce(mean)``, i.e. the mean over the workers that *selected* a coordinate
-(``mode="index_mean"``, the default, parity with A1/A3/A5/A6). ``mode="global_mean"`` divides by
-the number of participating peers instead (the SparseLoCo paper's summary formula) **[ours]**.
+Every reference implementation (bloc97/DeMo, Psyche, tplr-ai/SparseLoCo, templar) concatenates all
+workers' (index, value) pairs and takes a ``scatter_reduce(mean)``, i.e. the mean over the workers
+that *selected* a coordinate (``mode="index_mean"``, the default, parity with them).
+``mode="global_mean"`` divides by the number of participating peers instead (the SparseLoCo
+paper's summary formula) **[ours]**.
 
 Determinism: peers are folded in list (rank) order, one ``scatter_add_`` per peer in float32.
 Within one peer the indices of a chunk are distinct, so no two writes of one call touch the same

@@ -2,8 +2,8 @@
 
 Everything here is vectorised torch (at most one Python loop over bit positions, never over
 elements) and runs on whatever device the input lives on. One bit order is used throughout,
-least-significant bit first (spec ``demo_sparseloco.md`` §2.4, following Psyche's
-``serializable_tensor.rs`` code rather than its doc comment):
+least-significant bit first (as Psyche's ``serializable_tensor.rs`` code does, whatever its doc
+comment draws):
 
 * the packed stream is a sequence of bits; stream bit ``s`` lives in byte ``s // 8`` at bit
   ``s % 8``;
@@ -16,12 +16,12 @@ least-significant bit first (spec ``demo_sparseloco.md`` §2.4, following Psyche
 Public ops:
 
 * :func:`pack_bits` / :func:`unpack_bits` / :func:`packed_nbytes`: codes of 1, 2, 4 or 8 bits
-  (sign bits, 2-bit centroid codes; spec §4.1 value codecs), a fast path that shifts whole bytes.
+  (sign bits, 2-bit centroid codes), a fast path that shifts whole bytes.
 * :func:`pack_uint` / :func:`unpack_uint` / :func:`uint_nbytes`: any width in 1..32 (the ``fixed``
-  index codec of spec §4.1), built on single bits; for widths 1, 2, 4 and 8 it produces the same
+  index codec), built on single bits; for widths 1, 2, 4 and 8 it produces the same
   bytes as :func:`pack_bits`, its slow twin.
-* :func:`pack12_pairs` / :func:`unpack12_pairs`: templar's 12-bit pair layout (spec §4.1
-  ``pack12``, parity A6); for an even count it equals ``pack_uint(idx, 12)``.
+* :func:`pack12_pairs` / :func:`unpack12_pairs`: templar's 12-bit pair layout (``pack12``, as
+  templar's ``compress.py``); for an even count it equals ``pack_uint(idx, 12)``.
 
 Batched, unchecked row ops for code running inside an optimizer step, where reading a tensor's
 values on the host (``.item()``, ``int(t)``, ``nonzero()``) would stall the device:
@@ -57,14 +57,14 @@ __all__ = [
     "padding_ok_rows",
 ]
 
-# Widths that divide a byte, so codes never straddle a byte boundary (spec §4.1: `8/b` codes per
-# byte for the sign and centroid value codecs).
+# Widths that divide a byte, so codes never straddle a byte boundary (`8/b` codes per byte for
+# the sign and centroid value codecs).
 PACK_BITS_WIDTHS = (1, 2, 4, 8)
 # Widest field pack_uint accepts: values are handled as int64, and 32 bits covers every index of a
-# chunk up to 2^32 elements (spec §2.4 narrows indices to at most u32).
+# chunk up to 2^32 elements (Psyche narrows indices to at most u32).
 MAX_UINT_WIDTH = 32
 # templar's pair packing handles indices of 12 bits, i.e. chunks of at most 64*64 elements
-# (spec §4.1 pack12, A6 `compress.py`).
+# (templar's `compress.py`).
 _PACK12_BITS = 12
 
 _CODE_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -284,10 +284,10 @@ def packed_nbytes(n: int, bits: int) -> int:
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Pack codes of ``bits`` bits each into bytes, least-significant bit first (spec §2.4, §4.1).
+    """Pack codes of ``bits`` bits each into bytes, least-significant bit first.
 
     Code ``i`` goes to bits ``[(i*bits) % 8, (i*bits) % 8 + bits)`` of byte ``(i*bits) // 8``;
-    padding bits in the last byte are zero. Golden values (spec §7 item 9): signs
+    padding bits in the last byte are zero. Golden values: signs
     ``[0,1,1,0,1,1,1,0]`` -> ``0x76``; 2-bit codes ``[1,3,0,2]`` -> ``0x8d``.
 
     Args:
@@ -349,7 +349,7 @@ def uint_nbytes(n: int, width: int) -> int:
 
 
 def pack_uint(values: Tensor, width: int) -> Tensor:
-    """Write unsigned integers as a fixed-width, LSB-first bit stream (spec §4.1 ``fixed``).
+    """Write unsigned integers as a fixed-width, LSB-first bit stream (the ``fixed`` index codec).
 
     Value ``i`` occupies stream bits ``[i*width, (i+1)*width)``, its bit ``j`` at stream bit
     ``i*width + j``; stream bit ``s`` is bit ``s % 8`` of byte ``s // 8``; padding bits are zero.
@@ -403,7 +403,7 @@ def _check_pack12_count(n: int) -> None:
 
 
 def pack12_pairs(idx: Tensor) -> Tensor:
-    """templar's 12-bit index pair packing (spec §4.1 ``pack12``, parity A6 ``compress.py``).
+    """templar's 12-bit index pair packing (``pack12``, parity with templar's ``compress.py``).
 
     Each pair ``(a, b)`` becomes 3 bytes ``[a & 0xFF, (a >> 8) | ((b & 0xF) << 4), b >> 4]``;
     ``(0xABC, 0x123)`` -> ``bc 3a 12``. The layout is the LSB-first 12-bit stream, so the bytes

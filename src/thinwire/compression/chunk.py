@@ -2,15 +2,16 @@
 
 Holds :func:`split` (the chunk side for one dimension) and :class:`ChunkGeometry` (the tiling of a
 whole tensor, with exact ``to_tiles``/``from_tiles`` and ``to_chunks``/``from_chunks`` inverses).
-Specification: ``specs/demo_sparseloco.md`` §1.1, which pins the rules of bloc97/DeMo ``demo.py``
-(A1), Psyche ``distro.rs`` (A3) and tplr SparseLoCo / templar (A5, A6).
+The rules are those of the reference code: bloc97/DeMo ``demo.py``, Psyche ``distro.rs`` and
+tplr-ai/SparseLoCo / templar (DeMo, arXiv:2411.19870v1; SparseLoCo, arXiv:2508.15706v1).
 
 Layout. A tensor is viewed as ``(batch, R, C)``: leading dims of an N-D tensor (N > 2) fold into
-``batch`` (A3's convention; A1 rejects such tensors), a 2-D tensor has ``batch = 1``, a 1-D tensor
-``(n,)`` is ``(1, 1, n)`` and a 0-d tensor is ``(1, 1, 1)``. With ``n1 = split(R, target)`` and
-``n2 = split(C, target)`` the canonical encoded layout is ``(batch, R/n1, C/n2, n1, n2)``; tiles are
-numbered batch-major, then tile-row, then tile-column, and inside a tile the flat index is
-``row_in_tile * n2 + col_in_tile`` (row-major), range ``[0, n1*n2)``.
+``batch`` (Psyche's convention; bloc97/DeMo rejects such tensors), a 2-D tensor has
+``batch = 1``, a 1-D tensor ``(n,)`` is ``(1, 1, n)`` and a 0-d tensor is ``(1, 1, 1)``. With
+``n1 = split(R, target)`` and ``n2 = split(C, target)`` the canonical encoded layout is
+``(batch, R/n1, C/n2, n1, n2)``; tiles are numbered batch-major, then tile-row, then
+tile-column, and inside a tile the flat index is ``row_in_tile * n2 + col_in_tile`` (row-major),
+range ``[0, n1*n2)``.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ __all__ = ["DEFAULT_TARGET", "ChunkGeometry", "split"]
 
 logger = logging.getLogger(__name__)
 
-#: Default chunk side ``s``: A1 ``compression_chunk``, A5 ``chunk_size`` and A6 ``target_chunk``
-#: all use 64, so a 2-D chunk holds 64*64 = 4096 elements and a 1-D chunk 64 (spec §1.1).
+#: Default chunk side ``s``: bloc97/DeMo ``compression_chunk``, tplr-ai/SparseLoCo ``chunk_size``
+#: and templar ``target_chunk`` all use 64, so a 2-D chunk holds 64*64 = 4096 elements and a 1-D
+#: chunk 64.
 DEFAULT_TARGET = 64
 
-#: A chunk side below ``target / 4`` is reported as degraded (spec §1.1: "log a warning when a
-#: chunk side is < target/4"); e.g. a prime dimension larger than ``target`` gets side 1.
+#: A chunk side below ``target / 4`` is reported as degraded (a warning is logged); e.g. a prime
+#: dimension larger than ``target`` gets side 1.
 _DEGRADED_FRACTION = 4
 
 
@@ -54,13 +56,13 @@ def _split_cached(n: int, target: int) -> int:
 def split(n: int, target: int) -> int:
     """Chunk side for one dimension: the largest divisor of ``n`` that is ``<= target``.
 
-    Spec §1.1: ``split(n, target)`` returns ``n`` itself when ``n <= target``. Reference values:
+    ``split(n, target)`` returns ``n`` itself when ``n <= target``. Reference values:
     ``split(12, 5) = 4``, ``split(100, 26) = 25``, ``split(50257, 64) = 29``, ``split(97, 64) = 1``.
     Results are cached per ``(n, target)``.
 
     Args:
         n: dimension length, ``>= 1``.
-        target: requested chunk side ``s``, ``>= 1`` (default elsewhere: 64, spec §1.1).
+        target: requested chunk side ``s``, ``>= 1`` (default elsewhere: 64).
 
     Returns:
         The chunk side, a divisor of ``n`` in ``[1, min(n, target)]``.
@@ -81,7 +83,7 @@ def _warn_degraded(dim: int, side: int, target: int) -> None:
     logger.warning(
         "dimension %d has chunk side %d < target/%d (target=%d): its largest divisor <= target "
         "is small (prime-like dimension), so chunks along it are thin and the DCT/top-k work "
-        "per chunk degrades (spec §1.1)",
+        "per chunk degrades",
         dim,
         side,
         _DEGRADED_FRACTION,
@@ -103,7 +105,7 @@ def _side(dim: int, target: int) -> int:
 
 @dataclass(frozen=True)
 class ChunkGeometry:
-    """How one tensor shape is tiled into chunks (spec §1.1).
+    """How one tensor shape is tiled into chunks (the layout in this module's docstring).
 
     Build with :meth:`ChunkGeometry.of`; the constructor does not validate.
 
@@ -129,17 +131,17 @@ class ChunkGeometry:
     def of(cls, shape: Sequence[int] | torch.Size, target: int = DEFAULT_TARGET) -> ChunkGeometry:
         """Geometry for a tensor of ``shape`` with chunk side ``target``.
 
-        Rules (spec §1.1): a 0-d tensor is treated as ``(1,)``; a 1-D tensor ``(n,)`` has
+        Rules: a 0-d tensor is treated as ``(1,)``; a 1-D tensor ``(n,)`` has
         ``n1 = 1`` and ``n2 = split(n, target)``, so its chunks hold ``split(n, target)``
         elements; a 2-D tensor ``(R, C)`` has ``n1 = split(R, target)``,
         ``n2 = split(C, target)``; an N-D tensor chunks its last two dims and folds the leading
-        dims into ``batch`` (A3). A zero-length dimension gets side 1, so tensors with
+        dims into ``batch`` (as Psyche). A zero-length dimension gets side 1, so tensors with
         ``numel == 0`` have ``num_chunks == 0``. A side below ``target / 4`` on a longer dimension
         logs one warning per distinct dimension.
 
         Args:
             shape: tensor shape, non-negative ints.
-            target: chunk side ``s``, ``>= 1`` (default: 64, A1/A5/A6).
+            target: chunk side ``s``, ``>= 1`` (default: 64, as DeMo, SparseLoCo and templar).
 
         Returns:
             The geometry.
@@ -157,7 +159,7 @@ class ChunkGeometry:
             batch, rows, cols = 1, 1, dims[0]
         else:
             batch, rows, cols = math.prod(dims[:-2]), dims[-2], dims[-1]
-        # 1-D tensors keep n1 = 1 (chunks run along the only dim), per spec §1.1.
+        # 1-D tensors keep n1 = 1 (chunks run along the only dim).
         n1 = 1 if len(dims) < 2 else _side(rows, target)
         n2 = _side(cols, target)
         return cls(shape=dims, target=target, n1=n1, n2=n2, batch=batch, rows=rows, cols=cols)

@@ -1,4 +1,4 @@
-"""Chunked orthonormal DCT-II / DCT-III: DeMo's transform (spec ``demo_sparseloco.md`` §1.2).
+"""Chunked orthonormal DCT-II / DCT-III: DeMo's transform (arXiv:2411.19870v1, Alg. 1).
 
 Holds :func:`dct_basis` (the cached basis matrix ``F_n``), :func:`dct_tiles` / :func:`idct_tiles`
 (the 2-D transform of every tile in a ``(N, n1, n2)`` batch) and the conveniences
@@ -8,8 +8,8 @@ Basis: ``F_n[j, b] = c_b * cos(pi * (2j + 1) * b / (2n))`` with ``c_0 = sqrt(1/n
 ``c_b = sqrt(2/n)`` for ``b > 0``; row ``j`` is the spatial position, column ``b`` the frequency.
 Encoding a row vector is ``x @ F_n`` (= ``scipy.fft.dct(x, type=2, norm="ortho")``), a tile is
 ``T = F_{n1}^T X F_{n2}``, and the inverse is ``X = F_{n1} T F_{n2}^T`` because ``F_n`` is
-orthogonal. This is the reference implementation; bloc97/DeMo (A1) and Psyche (A3) use the same
-matrices but build them from an fp32 FFT, where thinwire uses the fp64 closed form (spec §1.2).
+orthogonal. This is the reference implementation; bloc97/DeMo and Psyche use the same
+matrices but build them from an fp32 FFT, where thinwire uses the fp64 closed form.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from thinwire.compression.chunk import ChunkGeometry
 __all__ = ["dct_basis", "dct_chunks", "dct_tiles", "idct_chunks", "idct_tiles"]
 
 #: Input dtypes accepted by the transforms; fp16/bf16 are computed and returned in fp32
-#: (STYLE.md §4: fp32 compute, bf16 inputs accepted).
+#: (fp32 compute, bf16 inputs accepted).
 _TILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# One basis per (n, dtype, device), spec §1.2. Only this module writes it; entries are immutable
+# One basis per (n, dtype, device). Only this module writes it; entries are immutable
 # by contract, and the key space is tiny (a handful of chunk sides per model).
 _BASIS_CACHE: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -51,7 +51,7 @@ def dct_basis(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Orthonormal DCT-II basis ``F_n`` (spec §1.2), cached per ``(n, dtype, device)``.
+    """Orthonormal DCT-II basis ``F_n``, cached per ``(n, dtype, device)``.
 
     Built in float64 from the closed form and cast once to ``dtype``. The returned tensor is the
     cached object itself: it must not be modified in place (clone it first).
@@ -88,7 +88,7 @@ def _compute_dtype(t: torch.Tensor, name: str) -> torch.dtype:
 
 
 def dct_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """Forward 2-D DCT-II of each tile: ``T = F_{n1}^T X F_{n2}`` (spec §1.2).
+    """Forward 2-D DCT-II of each tile: ``T = F_{n1}^T X F_{n2}``.
 
     For 1-D geometries ``n1 = 1`` and ``F_1 = [[1]]``, so this is the 1-D DCT of each chunk.
 
@@ -111,7 +111,7 @@ def dct_tiles(tiles: torch.Tensor) -> torch.Tensor:
 
 
 def idct_tiles(coeffs: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`dct_tiles` (DCT-III): ``X = F_{n1} T F_{n2}^T`` (spec §1.2).
+    """Inverse of :func:`dct_tiles` (DCT-III): ``X = F_{n1} T F_{n2}^T``.
 
     Args:
         coeffs: ``(N, n1, n2)`` coefficients; float16, bfloat16, float32 or float64.
@@ -135,7 +135,7 @@ def dct_chunks(x: torch.Tensor, geom: ChunkGeometry) -> torch.Tensor:
 
     Args:
         x: tensor of shape ``geom.shape``; float16, bfloat16, float32 or float64.
-        geom: the chunk geometry (spec §1.1).
+        geom: the chunk geometry (:class:`ChunkGeometry`).
 
     Returns:
         ``(geom.num_chunks, geom.chunk_len)`` coefficients, flat index
@@ -155,7 +155,7 @@ def idct_chunks(coeffs: torch.Tensor, geom: ChunkGeometry) -> torch.Tensor:
     Args:
         coeffs: ``(geom.num_chunks, geom.chunk_len)`` coefficients; float16, bfloat16, float32
             or float64.
-        geom: the chunk geometry (spec §1.1).
+        geom: the chunk geometry (:class:`ChunkGeometry`).
 
     Returns:
         Tensor of shape ``geom.shape``; float64 for float64 input, float32 otherwise.

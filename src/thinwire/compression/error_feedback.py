@@ -1,17 +1,17 @@
 """Error feedback (EF) residual buffers: accumulate what is to be sent, subtract what was sent.
 
 EF-SGD (Karimireddy et al. 2019, "Error Feedback Fixes SignSGD and other Gradient Compression
-Schemes"; ``specs/demo_sparseloco.md`` anchor A8) keeps a residual ``e``; each step it compresses
+Schemes", ICML 2019) keeps a residual ``e``; each step it compresses
 ``p = decay * e + scale * input``, transmits ``C(p)`` and keeps ``e' = p - C(p)``, so
 
     ``decay * e + scale * input == transmitted + e'``
 
 and nothing the compressor drops is lost, only delayed. DeMo's momentum buffer and SparseLoCo's
-error buffer (spec §3.2 steps 2 and 7: ``e <- beta * e + alpha * Delta``, then
+error buffer (SparseLoCo, arXiv:2508.15706v1, Alg. 1: ``e <- beta * e + alpha * Delta``, then
 ``e <- e - reconstruction``) are this pattern. The two halves are separate functions because the
 compressor runs between them: :func:`error_feedback_update` builds ``p`` in place, the caller
 compresses it, and :func:`error_feedback_subtract` removes the *dequantized* reconstruction so
-quantization error stays in the buffer (spec §3.2 step 7). :class:`ErrorFeedback` keeps one
+quantization error stays in the buffer (as SparseLoCo does). :class:`ErrorFeedback` keeps one
 float32 buffer per key.
 """
 
@@ -27,7 +27,7 @@ from thinwire._validate import check_float, check_type
 
 __all__ = ["BUFFER_DTYPE", "ErrorFeedback", "error_feedback_update", "error_feedback_subtract"]
 
-#: Residual buffers of :class:`ErrorFeedback` are float32 (spec §3.2: "``e`` ... fp32").
+#: Residual buffers of :class:`ErrorFeedback` are float32, whatever the parameters' dtype.
 BUFFER_DTYPE = torch.float32
 
 
@@ -49,8 +49,8 @@ def error_feedback_update(
 ) -> Tensor:
     """Accumulate in place: ``residual <- decay * residual + scale * inp``; return ``residual``.
 
-    The returned buffer is what gets compressed (spec §3.2 step 2, with ``decay = beta`` and
-    ``scale = alpha`` under ``ef_scale_by_lr=True``). Computed as
+    The returned buffer is what gets compressed (SparseLoCo's error-buffer update, with
+    ``decay = beta`` and ``scale = alpha`` under ``ef_scale_by_lr=True``). Computed as
     ``residual.mul_(decay).add_(inp, alpha=scale)`` in ``residual``'s dtype.
 
     Args:
@@ -74,7 +74,7 @@ def error_feedback_update(
 def error_feedback_subtract(residual: Tensor, transmitted: Tensor) -> Tensor:
     """Remove what was sent, in place: ``residual <- residual - transmitted``; return ``residual``.
 
-    ``transmitted`` is the receiver-side reconstruction (dense, same shape; spec §3.2 step 7).
+    ``transmitted`` is the receiver-side reconstruction (dense, same shape).
 
     Raises:
         TypeError: non-tensor or non-float input. ValueError: shape mismatch.

@@ -1,17 +1,16 @@
 """Fused compression hot paths: public dispatching ops and their pure-torch references.
 
-Three ops, each in the STYLE.md §4 form (public op with ``backend=``, reference ``<op>_torch``
-composed from the existing references, Triton launcher ``<op>_triton`` in
+Three ops, each in the three-function form (public op with ``backend=``, reference
+``<op>_torch`` composed from the existing references, Triton launcher ``<op>_triton`` in
 :mod:`thinwire.compression._triton`, one signature):
 
 * :func:`ef_quantize_pack`: error-feedback update, quantize (int8 / int4 / 2-bit centroid / sign /
   FP4 E3M0), LSB-first bit packing and subtraction of the dequantized value, in one call
-  (``specs/demo_sparseloco.md`` §3.2 steps 2 and 7, §6 "EF fused update", "quantize + pack");
-* :func:`dct_topk`: chunked DCT with a given basis fused with per-chunk top-k (spec §1.2, §1.3,
-  §6 "chunked DCT", "per-chunk top-k");
+  (SparseLoCo's error-buffer update and subtraction, arXiv:2508.15706v1, Alg. 1);
+* :func:`dct_topk`: chunked DCT with a given basis fused with per-chunk top-k (DeMo's compressor,
+  arXiv:2411.19870v1, Alg. 1);
 * :func:`decode_accumulate`: many peers' sparse ``(idx, val)`` folded into a dense float32 tensor
-  in a fixed peer order, bit-identical to :func:`thinwire.compression.aggregate_sparse` (spec §1.4,
-  §6 "aggregate / decode").
+  in a fixed peer order, bit-identical to :func:`thinwire.compression.aggregate_sparse`.
 
 The references define every detail the kernels reproduce (rounding, tie-break, padding, the order
 of float additions); ``tests/compression/test_kernels.py`` checks the kernels against them under
@@ -45,8 +44,8 @@ from thinwire.compression.quant import (
 )
 from thinwire.compression.topk import topk_chunks, topk_chunks_fast
 
-#: How several peers' values at one coordinate combine (``specs/demo_sparseloco.md`` §1.4): the
-#: mean over the peers that selected it (reference parity) or the sum over all peers / P.
+#: How several peers' values at one coordinate combine (see :mod:`thinwire.compression.aggregate`):
+#: the mean over the peers that selected it (reference parity) or the sum over all peers / P.
 AGGREGATE_MODES = ("index_mean", "global_mean")
 
 __all__ = [
@@ -66,7 +65,7 @@ EF_FORMATS = ("int8", "int4", "2bit", "sign", "fp4_e3m0")
 #: Bits per packed code, from the quantizers' ``code_bits`` (8, 4, 2, 1, 4; 2-bit has 4 bins).
 EF_FORMAT_BITS = {fmt: code_bits(fmt) for fmt in EF_FORMATS}
 #: ``block=None`` picks the quantizer's own default; for sign that is one scale for the whole
-#: tensor, and 2-bit has no blocks (one mean and centroid table per tensor, spec §3.3).
+#: tensor, and 2-bit has no blocks (one mean and centroid table per tensor).
 _DEFAULT_BLOCK: dict[str, int | None] = {
     "int8": INT8_DEFAULT_BLOCK,
     "int4": INT4_DEFAULT_BLOCK,
@@ -74,7 +73,7 @@ _DEFAULT_BLOCK: dict[str, int | None] = {
     "sign": None,
     "2bit": None,
 }
-#: Basis dtype of :func:`dct_topk`: the transform is computed in float32 (STYLE.md §4).
+#: Basis dtype of :func:`dct_topk`: the transform is computed in float32.
 _BASIS_DTYPES = (torch.float32,)
 
 
@@ -281,7 +280,7 @@ def ef_quantize_pack(
     checked: bool = True,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Error-feedback update, quantize, pack and subtract in one pass (spec §3.2 steps 2 and 7).
+    """Error-feedback update, quantize, pack and subtract in one pass.
 
     ``p = decay * residual + scale * inp`` (float32; each product rounded before the add);
     ``q = QUANTIZERS[fmt](p)`` with the reference quantizers' exact rounding rules; codes packed
@@ -299,7 +298,7 @@ def ef_quantize_pack(
 
     Args:
         residual: error-feedback buffer ``e`` (float32).
-        inp: what is added to it (gradient or pseudo-gradient, ``Delta`` in spec §3.2).
+        inp: what is added to it (gradient or pseudo-gradient, ``Delta`` in SparseLoCo's Alg. 1).
         decay: multiplier of the old residual, ``beta`` in [0, 1].
         scale: multiplier of ``inp``, ``alpha``, finite (default 1).
         fmt: ``"int8"``, ``"int4"``, ``"2bit"`` (4 centroid bins, 6 sigmas), ``"sign"`` (scaled)
@@ -342,7 +341,7 @@ def dct_topk(
     checked: bool = True,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Chunked DCT fused with per-chunk top-k (spec §1.2, §1.3; DeMo's compressor).
+    """Chunked DCT fused with per-chunk top-k (DeMo's compressor).
 
     ``T = basis1^T X basis2`` for every tile ``X`` (float32 compute; ``basis`` is normally
     :func:`dct_basis` ``(n)``), flattened row-major (index ``r * n2 + c``), then the ``k``
@@ -386,7 +385,7 @@ def decode_accumulate(
     checked: bool = True,
     backend: str = "auto",
 ) -> Tensor:
-    """Fold many peers' sparse payloads into a dense float32 tensor, bit-identically (spec §1.4).
+    """Fold many peers' sparse payloads into a dense float32 tensor, bit-identically.
 
     Peers are folded in list (rank) order: per peer ``acc[c, idx] += val`` and
     ``count[c, idx] += 1`` in float32, then ``index_mean`` divides by the count where it is
@@ -401,7 +400,8 @@ def decode_accumulate(
         val_list: matching ``(num_chunks, k_p)`` float32/float16/bfloat16 dequantized values.
         num_chunks: rows of the output, >= 0.
         chunk_len: columns of the output, >= 1.
-        mode: ``"index_mean"`` (default; parity A1/A3/A5/A6) or ``"global_mean"``.
+        mode: ``"index_mean"`` (default; as the DeMo, Psyche, SparseLoCo and templar code) or
+            ``"global_mean"``.
         checked: check every index against ``[0, chunk_len)`` (reads two values back from the
             device per peer). The optimizers pass False: their decoders already clamp and flag
             out-of-range indices on device.

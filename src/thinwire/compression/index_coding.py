@@ -1,15 +1,15 @@
-"""Lossless coding of per-chunk sorted index sets (the index stream of spec §4.1).
+"""Lossless coding of per-chunk sorted index sets (the index stream of a sparse payload).
 
 Input to every coder is ``idx``, an ``(N, k)`` integer tensor: one row per chunk of ``C``
 elements, each row the ``k`` kept positions in strictly increasing order (the top-k module emits
-sorted indices, spec §1.3). Two coders share one interface (:class:`IndexCoder`):
+sorted indices). Two coders share one interface (:class:`IndexCoder`):
 
 * :class:`FixedIndexCoder` (``"fixed"``): every index as a ``ceil(log2 C)``-bit field
-  (spec §4.1 ``fixed``; 12 bits at ``C = 4096``).
+  (12 bits at ``C = 4096``).
 * :class:`EliasFanoIndexCoder` (``"entropy"``): the Elias–Fano code of each chunk (Elias 1974,
   Fano 1971; layout as in Vigna, "Quasi-succinct indices", WSDM 2013, §3). At ``C = 4096`` it
   spends 9.0 / 8.0 / 7.0 bits per index for ``k`` = 32 / 64 / 128, within 10% of the entropy
-  floor ``log2 binom(C, k) / k`` = 8.32 / 7.36 / 6.38 of spec §4.1, against 12 for ``pack12``.
+  floor ``log2 binom(C, k) / k`` = 8.32 / 7.36 / 6.38, against 12 for ``pack12``.
 
 Both spend a fixed number of bits per chunk that depends only on ``(k, C)``, so the wire size is
 known from the shape alone (:meth:`IndexCoder.nbytes`); all chunks form one LSB-first bit stream
@@ -68,7 +68,7 @@ class IndexCodingError(ValueError):
 def log2_binom(n: int, k: int) -> float:
     """``log2(binom(n, k))`` via ``math.lgamma``: the bits needed to name a k-subset of n items.
 
-    Divided by ``k`` it is the entropy floor per index of spec §4.1.
+    Divided by ``k`` it is the entropy floor per index of a k-subset of ``n`` positions.
 
     Args:
         n: set size, ``>= 0``.
@@ -182,7 +182,7 @@ def _raise_decoded(out: Tensor, C: int) -> None:
 
 
 class IndexCoder(abc.ABC):
-    """Common interface of the per-chunk index coders (spec §4.1 index codecs).
+    """Common interface of the per-chunk index coders.
 
     A coder spends exactly :meth:`chunk_bits` bits per chunk, a function of ``(k, C)`` only; the
     ``N`` chunks form one bit stream padded with zero bits to whole bytes.
@@ -307,7 +307,7 @@ class IndexCoder(abc.ABC):
 
 
 class FixedIndexCoder(IndexCoder):
-    """Every index as a fixed ``ceil(log2 C)``-bit field, LSB-first (spec §4.1 ``fixed``).
+    """Every index as a fixed ``ceil(log2 C)``-bit field, LSB-first (the ``"fixed"`` coder).
 
     The width is ``(C - 1).bit_length()``: 12 bits at ``C = 4096``, 6 at ``C = 64``, and 0 at
     ``C = 1``, where the only possible index set ``{0}`` needs no bits and the buffer is empty.
@@ -459,7 +459,7 @@ class EliasFanoIndexCoder(IndexCoder):
         _raise_decoded(out[0], C)
 
 
-#: The index coders by setting name (spec §4.1): ``"fixed"`` and ``"entropy"`` (Elias–Fano).
+#: The index coders by setting name: ``"fixed"`` and ``"entropy"`` (Elias–Fano).
 INDEX_CODERS: dict[str, IndexCoder] = {
     "fixed": FixedIndexCoder(),
     "entropy": EliasFanoIndexCoder(),

@@ -1,6 +1,6 @@
 """The versioned wire envelope every thinwire codec writes, and ``PayloadError``.
 
-Layout (little-endian), ``specs/demo_sparseloco.md`` §4.1 **[ours]**::
+Layout (little-endian), thinwire's own::
 
     offset  size        field
     0       2           magic b"TW"
@@ -183,7 +183,7 @@ def unpack_payload(
         raise PayloadError(
             f"payload settings must be {settings!r}, got {text!r} (encoded by another codec)"
         )
-    # FIX (helper, issue 2 fuzz): a header with a valid CRC can still name dims whose product
+    # Found by fuzzing: a header with a valid CRC can still name dims whose product
     # torch cannot index (strides overflow int64 even when a zero dim makes numel 0); decoding
     # then raised TypeError/RuntimeError from reshape. No real tensor has such a shape.
     span = 1
@@ -198,7 +198,7 @@ def unpack_payload(
 def body_tensor(body: bytes, start: int, nbytes: int) -> torch.Tensor:
     """A uint8 tensor copy of ``body[start:start+nbytes]`` (the caller checked the bounds)."""
     if nbytes == 0:
-        # FIX (helper, issue 2 tests): an empty numpy-backed tensor has stride 0, and
+        # An empty numpy-backed tensor has stride 0, and
         # `.view(torch.float16)` in the cast dequantizer rejects it; a fresh empty tensor is fine.
         return torch.zeros(0, dtype=torch.uint8)
     return torch.from_numpy(np.frombuffer(body, dtype=np.uint8, count=nbytes, offset=start).copy())

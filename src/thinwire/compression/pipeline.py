@@ -3,9 +3,9 @@
 Two codecs cover every optimizer's wire format:
 
 * :class:`DenseCodec` — quantize every element (DiLoCo's fp16 / int8 / int4 / FP4 / 2-bit
-  pseudo-gradients, ``specs/diloco.md`` §1.6 and §3).
+  pseudo-gradients; byte counts in ``docs/design.md``, "Byte formulas").
 * :class:`SparseCodec` — chunk, optionally DCT, keep the top-k per chunk, quantize the kept values,
-  code their indices (DeMo, Psyche DisTrO, SparseLoCo, ``specs/demo_sparseloco.md`` §1-4).
+  code their indices (DeMo, arXiv:2411.19870v1; Psyche DisTrO; SparseLoCo, arXiv:2508.15706v1).
 
 Both are built from plain settings, by keyword or from a pipeline string such as
 ``"dct > topk(32) > quant(sign) > pack"`` (see :func:`build_codec`), so optimizers only configure
@@ -64,7 +64,7 @@ def _finite_or_raise(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class DenseCodec(Codec):
-    """Quantize every element of a tensor (``specs/diloco.md`` §3 wire formats).
+    """Quantize every element of a tensor (the dense wire formats of the DiLoCo family).
 
     Args:
         values: value format, one of :data:`VALUE_FORMATS` (default ``"fp32"``).
@@ -132,7 +132,7 @@ class SparseEncoding:
         payload: the bytes to send.
         message: the message as every receiver will decode it (dequantized values).
         raw_val: the selected values before quantization, ``(num_chunks, k)`` float32 — DeMo's
-            Psyche variant subtracts these from momentum (``specs/demo_sparseloco.md`` §2.4).
+            Psyche variant subtracts these from momentum.
     """
 
     payload: bytes
@@ -144,10 +144,10 @@ class SparseCodec(Codec):
     """Chunk -> (DCT) -> per-chunk top-k -> quantize values -> code indices.
 
     Args:
-        chunk: target chunk side ``s`` (``split`` rule, spec §1.1); default 64.
+        chunk: target chunk side ``s`` (the :func:`thinwire.compression.split` rule); default 64.
         topk: kept entries per chunk (``topk_rule="per_chunk"``: ``min(topk, chunk_len)``, DeMo)
-            or per ``s*s`` elements (``"density"``: ``max(1, round(chunk_len*topk/s^2))``, SparseLoCo
-            spec §3.2 step 4); default 32.
+            or per ``s*s`` elements (``"density"``: ``max(1, round(chunk_len*topk/s^2))``,
+            SparseLoCo); default 32.
         transform: ``"dct"`` (DeMo) or ``"none"`` (SparseLoCo).
         values: value format of the kept entries (default ``"fp32"``).
         index_coding: ``"entropy"`` (Elias-Fano, ~1.09x the bound at k=64 of 4096) or ``"fixed"``

@@ -23,9 +23,10 @@ optimizer step on a GPU without stalling it. :data:`QUANTIZER_CORES` lists them 
 an out-of-bounds index, and the caller flags it with :func:`code_range` or a finiteness check.
 For valid input the public functions return exactly the core's result.
 
-Specs: ``specs/demo_sparseloco.md`` §3.3 (2-bit) and §7 item 8 (golden vector),
-``specs/diloco.md`` §1.6 (FP4 E3M0), STYLE.md §4 (reference conventions). Every bound quoted below
-is tested in ``tests/compression/test_quant.py``.
+Sources: the 2-bit centroid quantizer follows the SparseLoCo reference code (tplr-ai/SparseLoCo
+``sparseloco.py``, templar ``compress.py``; SparseLoCo, Sarfi et al., arXiv:2508.15706v1); FP4 E3M0
+follows Streaming DiLoCo (Douillard et al., arXiv:2501.18512v1 §2). Every bound quoted below is
+tested in ``tests/compression/test_quant.py``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ __all__ = [
     "code_range",
 ]
 
-#: Accepted input dtypes (STYLE.md §4: others raise ``TypeError`` listing these).
+#: Accepted input dtypes; others raise ``TypeError`` listing these.
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Symmetric absmax int8: ``q in [-127, 127]``, ``scale = amax / 127`` (LLM.int8(), Dettmers et al.
@@ -85,20 +86,20 @@ INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT8_LEVELS = 127
 #: Symmetric absmax int4: ``q in [-7, 7]``, ``scale = amax / 7``; codes ``q + 8`` (1..15).
 INT4_LEVELS = 7
-#: Default block sizes: 256 for int8 is STYLE.md §4's example signature; 128 for int4, fp8 and
-#: FP4 is thinwire's choice (``specs/diloco.md`` §1.6: "block size is our choice, default 128").
+#: Default block sizes: 256 for int8; 128 for int4, fp8 and FP4. Both are thinwire's choices
+#: (Streaming DiLoCo does not state the block size of its FP4 scales).
 INT8_DEFAULT_BLOCK = 256
 INT4_DEFAULT_BLOCK = 128
 FP8_DEFAULT_BLOCK = 128
 FP4_DEFAULT_BLOCK = 128
 
-#: Largest finite fp8 magnitudes (OCP 8-bit floating point spec, as exposed by ``torch.finfo``):
+#: Largest finite fp8 magnitudes (OCP 8-bit floating point specification, as ``torch.finfo``):
 #: 448 for E4M3FN, 57344 for E5M2.
 FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 FP8_E5M2_MAX = float(torch.finfo(torch.float8_e5m2).max)
 _FP8 = {"e4m3": (torch.float8_e4m3fn, FP8_E4M3_MAX), "e5m2": (torch.float8_e5m2, FP8_E5M2_MAX)}
 
-#: FP4 E3M0 (Streaming DiLoCo, ``specs/diloco.md`` §1.6): sign bit + 3 exponent bits, no mantissa.
+#: FP4 E3M0 (Streaming DiLoCo, arXiv:2501.18512v1 §2): sign bit + 3 exponent bits, no mantissa.
 #: ``e3 = 0`` is zero; ``e3 in 1..7`` is ``scale * 2**(e3 - 7)``, so the block max maps to 1.
 FP4_E3M0_LEVELS = tuple([0.0] + [2.0 ** (e3 - 7) for e3 in range(1, 8)])
 #: Rounding thresholds on ``y = |x| / scale``: the midpoint between consecutive levels. ``e3`` is
@@ -107,7 +108,7 @@ _FP4_THRESHOLDS = tuple(
     (FP4_E3M0_LEVELS[j - 1] + FP4_E3M0_LEVELS[j]) / 2 for j in range(1, len(FP4_E3M0_LEVELS))
 )
 
-#: SparseLoCo quantizer defaults (``specs/demo_sparseloco.md`` §3.3: A5 512M sweep, A6
+#: SparseLoCo quantizer defaults (tplr-ai/SparseLoCo 512M sweep; templar ``hparams.json``
 #: ``quantization_bins=4``, ``quantization_range=6``).
 TWO_BIT_DEFAULT_BINS = 4
 TWO_BIT_DEFAULT_RANGE_SIGMAS = 6.0
@@ -384,7 +385,7 @@ def quantize_2bit_centroid(
     n_bins: int = TWO_BIT_DEFAULT_BINS,
     range_sigmas: float = TWO_BIT_DEFAULT_RANGE_SIGMAS,
 ) -> QuantResult:
-    """SparseLoCo value quantizer (``specs/demo_sparseloco.md`` §3.3, parity A5/A6).
+    """SparseLoCo value quantizer (parity with tplr-ai/SparseLoCo and templar ``compress.py``).
 
     Over all ``n`` values: ``mu = mean(v)``, ``c = v - mu``, ``sigma = ||c||_2 / sqrt(n - 1)``
     (0 if ``n <= 1``), ``scale = range_sigmas * sigma / n_bins`` (1.0 if 0, NaN or inf),
@@ -476,8 +477,8 @@ def quantize_sign(x: Tensor, *, block: int | None = None, scale: bool = True) ->
     ``code = signbit(x)`` (1 = negative; ``-0.0`` gives 1, ``+0.0`` gives 0);
     ``scale_b = mean(|x|)`` over the *real* elements of block ``b`` (a short last block divides
     by its own length); ``deq = -scale_b`` for code 1, ``+scale_b`` for code 0. ``block=None``
-    uses one scale for the whole tensor. ``scale=False`` gives DeMo/Psyche's unscaled ``±1``
-    (spec §2.4) with empty side data; zero then decodes to ``+1`` (1 bit cannot hold 0).
+    uses one scale for the whole tensor. ``scale=False`` gives the unscaled ``±1`` of Psyche's
+    1-bit DeMo variant, with empty side data; zero then decodes to ``+1`` (1 bit cannot hold 0).
 
     Args:
         x: float32/float16/bfloat16 tensor, any shape (flattened).
@@ -609,7 +610,7 @@ def quantize_fp4_e3m0(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
 ) -> QuantResult:
-    """FP4 E3M0 (``specs/diloco.md`` §1.6): sign + 3-bit exponent, per-block fp32 scale.
+    """FP4 E3M0 (Streaming DiLoCo, arXiv:2501.18512v1 §2): sign + 3-bit exponent, fp32 block scale.
 
     ``scale_b = amax_b``; ``y = |x| / scale_b`` (float32, in ``[0, 1]``); code
     ``signbit(x) << 3 | e3`` where ``e3 = 0`` means 0 and ``e3 in 1..7`` means

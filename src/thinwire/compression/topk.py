@@ -1,10 +1,10 @@
-"""Per-chunk top-k selection and its scatter inverse (spec ``demo_sparseloco.md`` §1.3).
+"""Per-chunk top-k selection and its scatter inverse (DeMo, arXiv:2411.19870v1, Alg. 1).
 
 Holds :func:`topk_chunks` (the ``k`` largest-magnitude entries of each chunk, with a defined order
 and tie-break), :func:`scatter_chunks` (place kept values back into zeros) and
-:func:`k_for_chunk` (SparseLoCo's per-chunk ``k`` rule, spec §3.2 step 4).
+:func:`k_for_chunk` (SparseLoCo's per-chunk ``k`` rule, as the tplr-ai/SparseLoCo code has it).
 
-All references (A1 bloc97/DeMo, A5 tplr SparseLoCo, A6 templar) call
+All references (bloc97/DeMo, tplr-ai/SparseLoCo, templar) call
 ``torch.topk(x.abs(), k, sorted=False)``, whose tie order and output order are unspecified and
 differ between CPU and CUDA. thinwire defines both **[ours]**: among equal magnitudes the lower
 index wins, and the kept indices of each chunk are returned in ascending order. A kernel must
@@ -35,7 +35,7 @@ __all__ = [
     "topk_chunks_reference",
 ]
 
-#: Value dtypes accepted by top-k (STYLE.md §4: fp32 and bf16 inputs, plus fp16/fp64).
+#: Value dtypes accepted by top-k: fp32 and bf16 inputs, plus fp16/fp64.
 _VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Elements of the int64 ranking key that :func:`topk_chunks_fast` builds at a time, per device
@@ -63,7 +63,7 @@ def _check_2d(name: str, t: torch.Tensor) -> None:
 
 
 def topk_chunks(chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the ``k`` entries of largest ``|value|`` in each chunk (spec §1.3).
+    """Keep the ``k`` entries of largest ``|value|`` in each chunk.
 
     Order is defined **[ours]**: entries are ranked by descending magnitude with ties broken by
     lower index (a stable sort), the first ``k`` are kept, and their indices are returned sorted
@@ -85,7 +85,7 @@ def topk_chunks(chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         TypeError: if ``chunks`` is not a tensor of a supported dtype, or ``k`` is not an int.
         ValueError: if ``chunks`` is not 2-D, ``k`` is outside ``[1, C]``, or ``chunks`` holds a
             NaN or infinity (a magnitude ranking of non-finite values has no useful meaning, and a
-            NaN must never reach a peer; STYLE.md §3).
+            NaN must never reach a peer).
     """
     _check_topk_args(chunks, k)
     return topk_chunks_fast(chunks, k)
@@ -242,7 +242,7 @@ def scatter_chunks_fast(idx: torch.Tensor, val: torch.Tensor, chunk_len: int) ->
 
 
 def k_for_chunk(chunk_len: int, topk: int, target: int = DEFAULT_TARGET) -> int:
-    """Entries kept per chunk under SparseLoCo's rule (spec §3.2 step 4, A5).
+    """Entries kept per chunk under SparseLoCo's rule (tplr-ai/SparseLoCo ``sparseloco.py``).
 
     ``k = max(1, round(chunk_len * topk / target**2))``, so a 1-D chunk of 64 elements keeps the
     same density as a 4096-element tile. ``round`` is Python's round-half-to-even, computed
@@ -252,9 +252,9 @@ def k_for_chunk(chunk_len: int, topk: int, target: int = DEFAULT_TARGET) -> int:
 
     Args:
         chunk_len: elements per chunk, ``>= 1``.
-        topk: entries kept per full ``target x target`` tile (A5 ``top_k``; A6 uses 64 of 4096),
-            in ``[1, target**2]``.
-        target: chunk side ``s`` (default: 64, spec §1.1), ``>= 1``.
+        topk: entries kept per full ``target x target`` tile (tplr-ai/SparseLoCo ``top_k``;
+            templar uses 64 of 4096), in ``[1, target**2]``.
+        target: chunk side ``s`` (default: 64, as DeMo and SparseLoCo), ``>= 1``.
 
     Returns:
         ``k`` in ``[1, chunk_len]``.

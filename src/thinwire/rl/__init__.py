@@ -1,6 +1,6 @@
-"""GRPO whose learners sit on different machines over WAN links (``specs/grpo.md``).
+"""GRPO whose learners sit on different machines over WAN links.
 
-* objective (DeepSeekMath arXiv:2402.03300, DAPO arXiv:2503.14476): :class:`GRPOConfig`,
+* objective (DeepSeekMath arXiv:2402.03300v3 §4.1, DAPO arXiv:2503.14476): :class:`GRPOConfig`,
   :func:`compute_advantages`, :class:`GRPOLoss`;
 * policies and sampling: :class:`Policy`, :class:`TinyCausalLM`, :class:`HFCausalLMPolicy`,
   :func:`sample`, :func:`sequence_logprobs`;

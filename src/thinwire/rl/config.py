@@ -1,4 +1,4 @@
-"""``GRPOConfig``: every knob of a thinwire GRPO run, validated once (spec grpo.md §1.6, §0).
+"""``GRPOConfig``: every knob of a thinwire GRPO run, validated once.
 
 Every invalid field raises ``ValueError`` (or ``TypeError`` for a wrong type) whose message keeps
 the uniform ``name must be in RANGE, got VALUE`` shape of ``thinwire._validate`` and then says how
@@ -31,18 +31,19 @@ def _fix(check: Callable[..., Any], hint: str, *args: Any, **kwargs: Any) -> Any
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
-    """Configuration of the GRPO objective and of the asynchronous pipeline (spec §1.6).
+    """Configuration of the GRPO objective and of the asynchronous pipeline.
 
     Batches are specified as ``prompts_per_step`` prompts × ``group_size`` completions, so the
     "batch size must be divisible by num_generations" error of TRL (#2858) cannot arise.
 
     Args:
-        group_size: completions sampled per prompt; *G* of DeepSeekMath §4.1 (TRL's
-            ``num_generations``, also readable as ``cfg.num_generations``). Must be ≥ 2: the
+        group_size: completions sampled per prompt; *G* of GRPO (DeepSeekMath, "DSM" below,
+            arXiv:2402.03300v3 §4.1; TRL's ``num_generations``, also readable as
+            ``cfg.num_generations``). Must be ≥ 2: the
             advantage is relative to the group (TRL PR #3199). (default: 8, TRL; DigitSum uses 32)
-        prompts_per_step: groups consumed by one optimizer step (per learner). (default: 32, §4.3)
+        prompts_per_step: groups consumed by one optimizer step (per learner). (default: 32)
         micro_batch_size: completions per forward/backward pass; ``None`` runs the whole step in
-            one pass. Any value gives the same gradient (exact accumulation, §1.4). (default: None)
+            one pass. Any value gives the same gradient (exact accumulation). (default: None)
         scale_rewards: advantage scaling, ``"group"`` (DSM, TRL default), ``"batch"`` (TRL's
             "PPO Lite") or ``"none"`` (Dr. GRPO, prime-rl). (default: "group")
         epsilon_low: lower clip ε_low; ratios below 1 − ε_low stop pushing down. (default: 0.2)
@@ -59,16 +60,16 @@ class GRPOConfig:
             (default: 1.0)
         max_completion_length: most tokens per completion; *L_max* of the ``constant``
             normaliser. (default: 512, TRL)
-        max_staleness: largest accepted ``v_now − v_b`` of a group (§2.4); 0 is synchronous
+        max_staleness: largest accepted ``v_now − v_b`` of a group; 0 is synchronous
             on-policy GRPO. (default: 2, prime-rl ``async_level``)
         stale_mode: ``"drop"`` removes too-stale groups whole; ``"withhold"`` keeps their rewards
             in the group statistics but masks their tokens (prime-rl PR #2960). (default: "drop")
-        sync: how rollout workers refresh weights (§2): ``"pull"`` (sequential — a worker pulls
+        sync: how rollout workers refresh weights: ``"pull"`` (sequential — a worker pulls
             the latest weights before each group) or ``"push_pull"`` (workers keep generating;
             a refresh is triggered when the version gap passes ``max_staleness``).
             (default: "pull")
-        seed: root of every generator of the run (§0). (default: 0)
-        lr: learning rate of the inner optimizer. (default: 1e-3, the DigitSum value of §4.3;
+        seed: root of every generator of the run. (default: 0)
+        lr: learning rate of the inner optimizer. (default: 1e-3, the DigitSum value;
             TRL and DSM use 1e-6 for LLMs)
         max_grad_norm: gradient-norm clip before each step; ``None`` disables it.
             (default: 1.0, transformers/TRL)
@@ -79,10 +80,10 @@ class GRPOConfig:
             times a truncated IS weight, TRL's vLLM mode). (default: "behavior")
         tis_cap: *C_max* of the truncated IS weight in ``"decoupled"`` mode. (default: 3.0, TRL)
         filter_zero_std_groups: DAPO dynamic sampling: drop groups whose reward σ < 1e-6 and
-            resample (§1.5). (default: False)
+            resample. (default: False)
         max_resample_rounds: resampling rounds of dynamic sampling. (default: 3)
         mask_truncated: DAPO overlong filtering: completions that hit
-            ``max_completion_length`` without EOS get mask 0 (§1.5). (default: False)
+            ``max_completion_length`` without EOS get mask 0. (default: False)
 
     Raises:
         ValueError: a field is out of range or two fields contradict; the message says which

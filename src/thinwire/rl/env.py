@@ -1,4 +1,4 @@
-"""Environments and rubrics, verifiers-style (spec grpo.md §5.1).
+"""Environments and rubrics, verifiers-style.
 
 - ``Task`` (prompt, answer, info, task_id) and ``Trajectory`` (token-level record of one rollout,
   with a loss mask that is 0 on env/tool tokens, and its reward).
@@ -87,7 +87,7 @@ class Trajectory:
     ``completion_ids`` holds every token after the prompt (model turns and, in multi-turn
     environments, env/tool tokens), with no padding; ``loss_mask`` is 1 on model tokens only and
     ``behavior_logprobs`` is 0 where the mask is 0. ``reward`` is NaN until scored and stays NaN
-    for an unscorable trajectory (spec §1.2).
+    for an unscorable trajectory (see :class:`Rubric`).
     """
 
     task: Task
@@ -118,7 +118,7 @@ def _as_score(value: Any, name: str) -> float | None:
 
 
 class Rubric:
-    """Weighted reward functions; ``score_group`` is the single entry point (spec §5.1).
+    """Weighted reward functions; ``score_group`` is the single entry point.
 
     A function asks for what it needs by argument name: ``prompt``, ``completion``, ``answer``,
     ``info``, ``state``, ``task``, ``prompt_ids``, ``completion_ids`` (or ``**kwargs`` for all)
@@ -295,7 +295,7 @@ def _to_ids(prompt: Any, encode: Encode | None) -> Tensor:
 
 
 class Environment(abc.ABC):
-    """A source of tasks plus the rollout logic and the rubric that scores it (spec §5.1).
+    """A source of tasks plus the rollout logic and the rubric that scores it.
 
     Subclasses implement ``dataset`` and ``rollout`` and set ``rubric``. ``rollout_group``
     samples the G members of one group and scores them together; ``run_group`` is its
@@ -367,7 +367,7 @@ class _TaskListEnv(Environment):
 
 
 class SingleTurnEnv(_TaskListEnv):
-    """One model turn per task; the default environment (spec §5.1).
+    """One model turn per task; the default environment.
 
     Args:
         dataset: the tasks, or ``{split: tasks}``.
@@ -429,7 +429,7 @@ class SingleTurnEnv(_TaskListEnv):
 
 
 class MultiTurnEnv(_TaskListEnv):
-    """Alternating model turns and environment responses (spec §5.1, verifiers' MultiTurnEnv).
+    """Alternating model turns and environment responses (as verifiers' MultiTurnEnv).
 
     The rollout keeps a token context (prompt, then every turn). A model turn is sampled from the
     whole context; its tokens get loss mask 1. ``env_response`` returns new messages (dicts with

@@ -1,11 +1,11 @@
 """The GRPO learner: admits rollout groups, computes the loss, steps a thinwire optimizer, publishes.
 
-``specs/grpo.md`` §2.5 (learner step) and §3.1 (multiple learners). One :class:`Learner` holds a
-trainable replica; it talks to other learners only through its optimizer (``DiLoCo``,
-``StreamingDiLoCo``, ``DeMo``, ``SparseLoCo``, or a plain ``torch.optim`` optimizer for one
-learner) and, in per-step-synced modes, through one 16-byte all-reduce of the loss normaliser
-``(N_seq, N_tok)`` (``global_normalizer=True``; DeMo). Every step adds ``1 + merges`` to the
-policy version (§2.2) and publishes the new weights to the :class:`~thinwire.rl.store.PolicyStore`.
+One :class:`Learner` holds a trainable replica; it talks to other learners only through its
+optimizer (``DiLoCo``, ``StreamingDiLoCo``, ``DeMo``, ``SparseLoCo``, or a plain ``torch.optim``
+optimizer for one learner) and, in per-step-synced modes, through one 16-byte all-reduce of the loss
+normaliser ``(N_seq, N_tok)`` (``global_normalizer=True``; DeMo). Every step adds ``1 + merges`` to
+the policy version (see :mod:`thinwire.rl.store`) and publishes the new weights to the
+:class:`~thinwire.rl.store.PolicyStore`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Batch:
     ``prompt_ids [B, Tp]`` (left-padded, ``prompt_mask``), ``completion_ids [B, K]`` (right-padded
     with ``pad_id``), ``behavior_logp [B, K]`` (0 on padding), ``mask [B, K]`` (loss mask, False on
     padding), ``adv [B]``, ``external [B]`` (groups shared by peers: no behaviour log-probs of this
-    learner, §2.6), ``temperature``.
+    learner), ``temperature``.
     """
 
     def __init__(self, rollouts: Sequence[Rollout], adv: torch.Tensor, external: torch.Tensor,
@@ -94,7 +94,7 @@ class Batch:
 def collate(
     groups: Sequence[RolloutGroup], cfg: GRPOConfig, *, learner_id: int, pad_id: int
 ) -> Batch:
-    """Advantages per group (§1.2) broadcast to members, then padded tensors (§2.5 steps 2-3)."""
+    """Advantages per group broadcast to members, then padded tensors."""
     rollouts: list[Rollout] = []
     adv_parts = []
     external = []
@@ -118,7 +118,7 @@ def collate(
 
 
 class Learner:
-    """One GRPO learner (spec §2.5).
+    """One GRPO learner.
 
     Args:
         policy: the trainable replica (``nn.Module`` following the ``Policy`` protocol).
@@ -131,7 +131,7 @@ class Learner:
         learner_id: origin id of this learner's weights.
         comm: communicator for the global normaliser (per-step-synced modes).
         global_normalizer: all-reduce ``(N_seq, N_tok)`` across learners each step and scale the
-            local loss by ``R`` so the averaged gradient is the union-batch gradient (§3.1 DeMo).
+            local loss by ``R`` so the averaged gradient is the union-batch gradient (DeMo).
         remote: optional :class:`DeltaPublisher` to remote workers.
         remote_every: publish to remote workers every this many versions (or at each merge of a
             DiLoCo-family optimizer when None; every step otherwise).
@@ -185,10 +185,10 @@ class Learner:
 
     # ------------------------------------------------------------------ collection
     def collect(self, n_groups: int | None = None) -> list[RolloutGroup]:
-        """Take admissible groups from the inbox until the step has ``prompts_per_step`` (§2.5.1).
+        """Take admissible groups from the inbox until the step has ``prompts_per_step``.
 
         Dynamic sampling (``filter_zero_std_groups``): groups with reward σ < 1e-6 are dropped
-        and replaced, for up to ``max_resample_rounds`` extra rounds (§1.5).
+        and replaced, for up to ``max_resample_rounds`` extra rounds (DAPO's dynamic sampling).
 
         Raises:
             TimeoutError: nothing admissible arrived within ``collect_timeout``.
@@ -287,9 +287,9 @@ class Learner:
     def backward(
         self, groups: Sequence[RolloutGroup], *, old_logps: list[torch.Tensor] | None = None
     ) -> dict[str, float]:
-        """Accumulate the GRPO gradient of ``groups`` into ``.grad`` (§2.5 step 3); no step.
+        """Accumulate the GRPO gradient of ``groups`` into ``.grad``; no step.
 
-        Micro-batches contribute sums under the step-global normaliser (§1.4), which spans all
+        Micro-batches contribute sums under the step-global normaliser, which spans all
         learners when ``global_normalizer`` is set (one 16-byte all-reduce, tag
         ``"learners/normalizer"``). Collective in that case. ``old_logps`` (one tensor per
         micro-batch) are the decoupled ratio's reference; default: this pass's detached log-probs.
@@ -345,7 +345,7 @@ class Learner:
         if self.remote_every is not None:
             due = self.version - self._last_remote >= self.remote_every
         elif hasattr(self.optimizer, "outer_step"):
-            due = merged  # DiLoCo family: remote workers get the merged weights only (§3.1)
+            due = merged  # DiLoCo family: remote workers get the merged weights only
         else:
             due = True
         if force or due:

@@ -1,4 +1,4 @@
-"""The GRPO objective: advantages, clipped ratio loss, k3 KL, aggregation (spec grpo.md §1).
+"""The GRPO objective: advantages, clipped ratio loss, k3 KL, aggregation.
 
 Reference: Shao et al., "DeepSeekMath", arXiv:2402.03300v3, §4.1 (GRPO, eq. 3 and the k3 KL
 estimator); DAPO (Yu et al., arXiv:2503.14476v1, §3: clip-higher, token-level loss, dynamic
@@ -8,8 +8,8 @@ normaliser, unscaled advantages); INTELLECT-2 (arXiv:2505.07291v1, §3.3: two-si
 The math lives in free functions (``compute_advantages``, ``k3``, ``grpo_per_token_loss``,
 ``aggregation_weights``); ``GRPOLoss`` binds them to a ``GRPOConfig``. Gradient accumulation is
 exact: a micro-batch contributes its weighted *sum* under the step-global normaliser, so summing
-the losses of the micro-batches of a step gives the full-batch loss and gradient (§1.4; the bug
-class of TRL #3021 and TRL PR #7249).
+the losses of the micro-batches of a step gives the full-batch loss and gradient (the bug
+class of TRL #3021 and TRL PR #7249 cannot arise).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ __all__ = [
     "GRPOLoss",
 ]
 
-# Added to σ before dividing (TRL grpo_trainer; DeepSeekMath writes a bare σ), spec §1.2.
+# Added to σ before dividing (TRL grpo_trainer; DeepSeekMath writes a bare σ).
 ADV_EPS = 1e-4
-# Dynamic sampling keeps groups with σ ≥ this, not σ != 0: float noise (NeMo-RL PR #4158), §1.5.
+# Dynamic sampling keeps groups with σ ≥ this, not σ != 0: float noise (NeMo-RL PR #4158).
 ZERO_STD_EPS = 1e-6
 
 
@@ -70,7 +70,7 @@ def _group_stats(rewards: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     filled = torch.where(valid, rewards, torch.zeros_like(rewards))
     mean = filled.sum(dim=1) / n.clamp(min=1)
     dev = torch.where(valid, rewards - mean[:, None], torch.zeros_like(rewards))
-    # Bessel-corrected (spec §1.2); fewer than 2 scorable members have no spread: σ = 0.
+    # Bessel-corrected (as TRL); fewer than 2 scorable members have no spread: σ = 0.
     var = (dev * dev).sum(dim=1) / (n - 1).clamp(min=1)
     std = torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))
     hi = torch.where(valid, rewards, torch.full_like(rewards, -math.inf)).amax(dim=1)
@@ -86,7 +86,7 @@ def compute_advantages(
     mode: Literal["group", "batch", "none"] = "group",
     eps: float = ADV_EPS,
 ) -> Tensor:
-    """Group-relative advantages, one scalar per completion (spec §1.2).
+    """Group-relative advantages, one scalar per completion (DeepSeekMath §4.1.2).
 
     ``A_i = (R_i − μ_g) / (σ + eps)`` with σ the Bessel-corrected std of the group (``"group"``,
     DeepSeekMath) or of every scorable reward of the step (``"batch"``, TRL's PPO Lite);
@@ -132,14 +132,14 @@ def group_reward_std(rewards: Tensor) -> Tensor:
         rewards: ``[n_groups, G]``, NaN for unscorable members.
 
     Returns:
-        ``[n_groups]`` standard deviations (log it as ``frac_reward_zero_std``, §2.5).
+        ``[n_groups]`` standard deviations (log it as ``frac_reward_zero_std``).
     """
     _, std, _, constant = _group_stats(_float_rewards(rewards))
     return torch.where(constant, torch.zeros_like(std), std)
 
 
 def informative_groups(rewards: Tensor, min_std: float = ZERO_STD_EPS) -> Tensor:
-    """Keep-mask of DAPO dynamic sampling: groups whose reward σ ≥ ``min_std`` (spec §1.5).
+    """Keep-mask of DAPO dynamic sampling: groups whose reward σ ≥ ``min_std`` (DAPO §3).
 
     Filter on the scalar reward actually used for the advantages (the weighted rubric sum), not
     on a single component (verl-recipe PR #125).
@@ -156,7 +156,7 @@ def informative_groups(rewards: Tensor, min_std: float = ZERO_STD_EPS) -> Tensor
 
 
 def k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Schulman's k3 estimator of KL(π_θ‖π_ref) per token (DeepSeekMath eq. 4, spec §1.3).
+    """Schulman's k3 estimator of KL(π_θ‖π_ref) per token (DeepSeekMath eq. 4).
 
     ``k3 = exp(d) − d − 1`` with ``d = logπ_ref − logπ_θ``; non-negative, zero when the two
     agree, unbiased for the KL under samples from π_θ. Computed as ``expm1(d) − d`` so small
@@ -178,7 +178,7 @@ def k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 
 def apply_overlong_mask(mask: Tensor, truncated: Tensor) -> Tensor:
-    """DAPO overlong filtering: zero the mask of completions cut at the length limit (§1.5).
+    """DAPO overlong filtering: zero the mask of completions cut at the length limit.
 
     Args:
         mask: ``[B, T]`` completion mask (bool or {0, 1}).
@@ -222,7 +222,7 @@ def grpo_per_token_loss(
     tis_cap: float = 3.0,
     importance_level: Literal["token", "sequence"] = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token GRPO loss ℓ_{i,t} of spec §1.3 (0 at masked positions).
+    """Per-token GRPO loss ℓ_{i,t} (0 at masked positions).
 
     ``r = exp(logπ_θ − logπ_ref_ratio)`` with the reference detached (the behaviour log-probs,
     or ``old_logp`` in decoupled mode), so r = 1 on-policy but keeps its gradient;
@@ -241,7 +241,7 @@ def grpo_per_token_loss(
         beta: KL weight β; needs ``ref_logp`` when > 0.
         ref_logp: ``[B, T]`` log-probs under the frozen reference.
         old_logp: ``[B, T]`` learner log-probs at the start of the step: switches on the decoupled
-            ratio with a truncated IS weight (TRL's vLLM mode, §1.3).
+            ratio with a truncated IS weight (TRL's vLLM mode).
         tis_cap: *C_max* of the truncated IS weight (default: 3.0, TRL).
         importance_level: ``"token"``, or ``"sequence"`` for GSPO's per-completion ratio
             ``exp(mean_t(logπ_θ − logπ_b))`` over unmasked tokens.
@@ -309,7 +309,7 @@ def aggregation_weights(
     max_completion_length: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Per-token weights whose dot product with ℓ is the loss of spec §1.4.
+    """Per-token weights whose dot product with ℓ is the loss of one optimizer step.
 
     - ``token_mean`` (DAPO): ``m / max(1, N_tok)``.
     - ``sequence_mean`` (DeepSeekMath): ``m / (N_seq · max(1, Σ_t m_i))``.
@@ -347,10 +347,10 @@ def aggregation_weights(
 
 
 def step_counts(masks: Iterable[Tensor]) -> tuple[int, int]:
-    """``(N_seq, N_tok)`` over the micro-batch masks of one optimizer step (spec §1.4).
+    """``(N_seq, N_tok)`` over the micro-batch masks of one optimizer step.
 
     Pass the result to every ``GRPOLoss`` call of the step (all-reduce it first when several
-    learners share one normaliser, §3.1 DeMo mode: 16 bytes).
+    learners share one normaliser, as DeMo learners do: 16 bytes).
     """
     n_seq = 0
     n_tok = 0
@@ -385,7 +385,7 @@ def merge_metrics(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 class GRPOLoss:
-    """The GRPO loss of one (micro-)batch, configured by a ``GRPOConfig`` (spec §1.3–§1.4).
+    """The GRPO loss of one (micro-)batch, configured by a ``GRPOConfig``.
 
     Call it once per micro-batch with the step-global counts and sum (or backward each) the
     results: the accumulated gradient equals the full-batch gradient exactly.

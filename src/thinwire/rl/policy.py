@@ -1,5 +1,5 @@
 """Policies for GRPO: the ``Policy`` protocol, ``TinyCausalLM``, the Hugging Face adapter, and the
-sampling / log-prob helpers every worker and learner uses (spec grpo.md §4.2, §5.3, §1.1).
+sampling / log-prob helpers every worker and learner uses.
 
 Log-probabilities are always those of the sampled token under the **temperature-scaled**
 distribution, ``log_softmax(logits / T)[token]`` (TRL and prime-rl divide by the sampling
@@ -36,7 +36,7 @@ __all__ = [
 
 @runtime_checkable
 class Policy(Protocol):
-    """What GRPO needs from a model (spec §5.3); any ``nn.Module`` with these members fits.
+    """What GRPO needs from a model; any ``nn.Module`` with these members fits.
 
     Attributes:
         vocab_size: size of the logit dimension V.
@@ -100,16 +100,16 @@ class _Block(nn.Module):
 
 
 class TinyCausalLM(nn.Module):
-    """A ~69k-parameter causal transformer for CPU GRPO (spec §4.2).
+    """A ~69k-parameter causal transformer for CPU GRPO.
 
     Pre-norm blocks, learned positions, untied output head with bias, GELU FFN, no dropout. With
-    the defaults it has exactly 69,390 parameters (the *P* of spec §3.2). Initialisation follows
+    the defaults it has exactly 69,390 parameters. Initialisation follows
     PyTorch's defaults but draws from its own ``torch.Generator`` seeded by ``seed`` (see
     ``reset_parameters``), and modules are built on the meta device first, so constructing one
     never touches torch's global RNG (threads of one process can build replicas safely).
 
     Args:
-        vocab_size: V (default: 14, DigitSum §4.1).
+        vocab_size: V (default: 14, DigitSum's vocabulary).
         d_model: width (default: 64). n_layers: blocks (default: 2). n_heads: heads (default: 4,
             must divide ``d_model``). ffn: hidden width of the FFN (default: 128).
         context: longest input, learned positions (default: 8; DigitSum needs 4 + 3).
@@ -161,10 +161,10 @@ class TinyCausalLM(nn.Module):
     def reset_parameters(self, seed: int) -> None:
         """Re-initialise every parameter from ``torch.Generator().manual_seed(seed)``.
 
-        The distributions are PyTorch's defaults (``nn.Linear``: weight and bias
-        U(−1/√fan_in, 1/√fan_in), i.e. kaiming-uniform with a = √5; ``nn.Embedding``: N(0, 1);
-        LayerNorm: 1 and 0), drawn from a private generator. The spec §4.4 numbers were measured
-        with this initialisation; GPT-2's N(0, 0.02) learned DigitSum far more slowly here
+        The distributions are PyTorch's defaults (``nn.Linear``: weight and bias U(−1/√fan_in,
+        1/√fan_in), i.e. kaiming-uniform with a = √5; ``nn.Embedding``: N(0, 1); LayerNorm: 1 and
+        0), drawn from a private generator. The DigitSum thresholds of the end-to-end tests come
+        from runs with this initialisation; GPT-2's N(0, 0.02) learned DigitSum far more slowly here
         (steps 151–200: 0.38–0.63 mean reward against 0.93, seed 0, 1024 completions per step).
         """
         gen = torch.Generator().manual_seed(seed)
@@ -225,7 +225,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     attention_mask: Tensor | None = None,
 ) -> Tensor:
-    """Log-prob of every token given its prefix, 0 where ``completion_mask`` is 0 (spec §1.1).
+    """Log-prob of every token given its prefix, 0 where ``completion_mask`` is 0.
 
     Args:
         policy: any ``Policy``.
@@ -263,9 +263,9 @@ def completion_logprobs(
 ) -> Tensor:
     """Log-probs ``[B, K]`` of ``completion_ids [B, K]`` after ``prompt_ids [B, Tp]``.
 
-    Only the K positions that predict completion tokens go through the log-softmax (the HF
-    adapter's "logits sliced to the completion positions", §5.3). Positions after a stop token
-    are scored too; multiply by ``completion_mask`` (or let ``GRPOLoss`` mask them).
+    Only the K positions that predict completion tokens go through the log-softmax, for every policy
+    (the Hugging Face adapter included). Positions after a stop token are scored too; multiply by
+    ``completion_mask`` (or let ``GRPOLoss`` mask them).
 
     Args:
         policy: any ``Policy``. prompt_ids: ``[B, Tp]``, Tp ≥ 1. completion_ids: ``[B, K]``.
@@ -316,7 +316,7 @@ def sample(
     stop_ids: Sequence[int] | None = None,
     prompt_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sample completions and record their behaviour log-probs (spec §1.1, §5.2).
+    """Sample completions and record their behaviour log-probs.
 
     Plain ancestral sampling from ``softmax(logits / T)`` (no top-k/top-p, so the recorded
     log-probs are exactly the sampling distribution); one ``torch.multinomial`` draw per step from
@@ -385,7 +385,7 @@ def greedy_decode(
 
 
 def frozen_reference(policy: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``policy`` for the β·k3 term (spec §5.3): no grads, eval mode."""
+    """A frozen deep copy of ``policy`` for the β·k3 term: no grads, eval mode."""
     ref = copy.deepcopy(policy)
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -401,7 +401,7 @@ def _first_id(value: Any) -> int | None:
 
 
 class HFCausalLMPolicy(nn.Module):
-    """Adapter from any Hugging Face ``AutoModelForCausalLM`` to the ``Policy`` protocol (§5.3).
+    """Adapter from any Hugging Face ``AutoModelForCausalLM`` to the ``Policy`` protocol.
 
     Needs the optional extra ``thinwire[hf]`` (``transformers``) only to load a model by path;
     wrapping an already-built model imports nothing. Prompts are left-padded and position ids
@@ -409,7 +409,7 @@ class HFCausalLMPolicy(nn.Module):
     unpadded one. ``eos_token_id`` is the stop token.
 
     Deviation from TRL: dropout is switched off by default (TRL's ``disable_dropout`` defaults to
-    False) because the ratio against the behaviour log-probs must be exactly 1 on-policy (§1.3).
+    False) because the ratio against the behaviour log-probs must be exactly 1 on-policy.
 
     Args:
         model_or_path: a causal-LM module (``model(input_ids=, attention_mask=, position_ids=)``

@@ -1,14 +1,14 @@
 """Rollout records, their versioned little-endian wire format, and the byte-counted channel.
 
-A :class:`Rollout` is one sampled completion with everything a learner (or a verifier) needs:
-the policy version and origin of the weights that produced it, the behaviour log-probs the
-worker recorded, the loss mask, the reward and its components (``specs/grpo.md`` §2.3; the
-I2-era prime-rl parquet schema is the model). A :class:`RolloutGroup` holds the G completions of
-one prompt. :func:`encode` / :func:`decode` give the wire record; :func:`decode` rejects truncated,
-corrupted (CRC-32) or malformed input with :class:`RolloutDecodeError`, never a half-built
-record. :class:`Channel` is the in-process stand-in for a link between two roles (worker →
-learner, learner → remote workers): a bounded queue whose every payload is counted in the
-ledgers of the sending and receiving sides under the channel's tag.
+A :class:`Rollout` is one sampled completion with everything a learner (or a verifier) needs: the
+policy version and origin of the weights that produced it, the behaviour log-probs the worker
+recorded, the loss mask, the reward and its components (the INTELLECT-2-era prime-rl parquet schema
+is the model). A :class:`RolloutGroup` holds the G completions of one prompt. :func:`encode` /
+:func:`decode` give the wire record; :func:`decode` rejects truncated, corrupted (CRC-32) or
+malformed input with :class:`RolloutDecodeError`, never a half-built record. :class:`Channel` is the
+in-process stand-in for a link between two roles (worker → learner, learner → remote workers): a
+bounded queue whose every payload is counted in the ledgers of the sending and receiving sides under
+the channel's tag.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class RolloutDecodeError(ValueError):
 
 @dataclass(eq=False)
 class Rollout:
-    """One completion of one prompt, tagged with the policy version that produced it (§2.3).
+    """One completion of one prompt, tagged with the policy version that produced it.
 
     Args:
         group_id: 16-byte id shared by the G members of a group (a uuid4).
@@ -80,13 +80,13 @@ class Rollout:
         loss_mask: 1-D bool tensor of length ``Lc``; False for padding, tool/env tokens and
             withheld or overlong completions.
         behavior_logprobs: 1-D float32 tensor of length ``Lc``: log-prob of each sampled token
-            under the temperature-scaled sampling distribution (§1.1).
-        policy_version: version of the weights that sampled it (§2.2).
+            under the temperature-scaled sampling distribution.
+        policy_version: version of the weights that sampled it (see :mod:`thinwire.rl.store`).
         origin: id of the learner whose weights sampled it.
         worker_id: id of the rollout worker.
         temperature: sampling temperature.
         truncated: hit the length limit without EOS.
-        reward: scalar reward; NaN for an unscorable completion (§1.2).
+        reward: scalar reward; NaN for an unscorable completion (no reward function applied).
         reward_components: reward of each reward function by name (None → NaN on the wire).
         created_at: wall-clock time of creation (``time.time()``).
         fingerprint: digest of the weights that sampled it (``thinwire.rl.store.param_fingerprint``);
@@ -143,9 +143,9 @@ class Rollout:
 class RolloutGroup:
     """The G completions of one prompt (members in ``sample_idx`` order).
 
-    The pipeline guarantees that all members come from one policy version (§2.2);
+    The pipeline guarantees that all members come from one policy version;
     :attr:`policy_version` raises if they do not. ``info`` carries task metadata that travels
-    with shared groups (SAPO, §2.6); it is not part of the wire record.
+    with shared groups (SAPO, :mod:`thinwire.rl.sharing`); it is not part of the wire record.
     """
 
     rollouts: tuple[Rollout, ...]
@@ -192,12 +192,13 @@ class RolloutGroup:
         """The one version all members were sampled with.
 
         Raises:
-            ValueError: members carry different versions (a worker broke the §2.2 rule).
+            ValueError: members carry different versions (a worker broke the rule of one version
+                per group).
         """
         vs = set(self.versions)
         if len(vs) != 1:
             raise ValueError(
-                f"members of one group must come from one policy version (spec §2.2), got {sorted(vs)}"
+                f"members of one group must come from one policy version, got {sorted(vs)}"
             )
         return self.rollouts[0].policy_version
 
@@ -234,12 +235,13 @@ def _component_bytes(components: Mapping[str, float | None]) -> bytes:
 
 
 def wire_nbytes(rollout: Rollout) -> int:
-    """Exact length of ``encode(rollout)`` without encoding (§3.2 "rollouts → learner" row).
+    """Exact length of ``encode(rollout)`` without encoding.
 
     ``12 + 61 + len(fingerprint) + 8 + 4·Lp + 4·Lc + ceil(Lc / 8) + 4·Lc + 2 + Σ(6 + len(name))
     + 4`` bytes: header, fixed fields, fingerprint, lengths, prompt and completion int32, bit-packed
     mask, float32 log-probs, reward components, CRC-32. DigitSum (Lp = 4, Lc = 3, 16-byte
-    fingerprint, no components): 144 bytes, against the ~104 estimated in §3.2.
+    fingerprint, no components): 144 bytes, against ~104 for the rough estimate
+    ``4(Lp + Lc) + 4·Lc + 64``.
     """
     lp, lc = rollout.prompt_ids.shape[0], rollout.completion_ids.shape[0]
     comps = sum(6 + len(n.encode("utf-8")) for n in rollout.reward_components)
@@ -250,7 +252,7 @@ def wire_nbytes(rollout: Rollout) -> int:
 
 
 def encode(rollout: Rollout) -> bytes:
-    """Serialize one rollout to the versioned little-endian wire record of §2.3.
+    """Serialize one rollout to the versioned little-endian wire record.
 
     Layout (byte offsets): 0 magic ``b"TWRO"``; 4 schema u16 (= 1); 6 flags u16 (bit 0:
     truncated); 8 body length u32; 12 ``group_id`` (16 bytes); 28 ``prompt_id`` i64;
@@ -473,14 +475,15 @@ class Channel:
     Each :meth:`send` adds an :class:`~thinwire.collectives.OpRecord` (op ``"send"``, algorithm
     ``"p2p"``, engine ``"channel"``) with ``sent = nbytes`` to ``sender_ledger`` and each
     :meth:`recv` one with ``recv = nbytes`` to ``receiver_ledger``, under ``tag`` — so every
-    channel's bytes sit in the same ledgers as the learners' collectives (§3.2). ``send`` of a
+    channel's bytes sit in the same ledgers as the learners' collectives. ``send`` of a
     ``bytes`` payload counts its length; ``send_object`` passes an in-memory object between
     co-located roles and counts the ``nbytes`` its wire form would take.
 
     Args:
         tag: ledger tag, e.g. ``"rollouts/local"``, ``"weights/broadcast"``.
         capacity: most items in flight; 0 is unbounded. A full channel blocks ``send``
-            (back-pressure: §2.1 bounds in-flight groups to ``max_staleness × groups_per_step``).
+            (back-pressure: the pipeline bounds in-flight groups to
+            ``max_staleness × groups_per_step``).
         sender_ledger / receiver_ledger: ledgers to count in (None: not counted on that side).
     """
 

@@ -1,6 +1,6 @@
 """Drivers: one learner site on any communicator (:func:`run_learner`), and :func:`run_local`.
 
-``specs/grpo.md`` §0, §2, §3. A *site* is one learner with its co-located rollout workers, its
+A *site* is one learner with its co-located rollout workers, its
 optional remote workers (weights as compressed deltas over the WAN, rollouts back as wire
 records) and optional SAPO sharing. :func:`run_learner` runs one site on a communicator that links
 it to the other learners — ``TorchDistCommunicator`` under ``torchrun`` (gloo), or one rank of an
@@ -8,7 +8,7 @@ it to the other learners — ``TorchDistCommunicator`` under ``torchrun`` (gloo)
 :func:`run_local` runs ``n_learners`` sites as thread ranks of an in-process group in one process
 (tests, the CPU demo) and merges their results.
 
-Channels and their ledger tags (§3.2): ``learners/sync/...`` (the optimizer's exchange, and the DDP
+Channels and their ledger tags: ``learners/sync/...`` (the optimizer's exchange, and the DDP
 gradient all-reduce of the baseline), ``learners/normalizer`` (16-byte ``(N_seq, N_tok)``
 all-reduce of per-step-synced modes), ``weights/local`` (LAN pulls by co-located workers),
 ``weights/broadcast`` (remote workers), ``rollouts/local``, ``rollouts/remote``,
@@ -19,7 +19,7 @@ each step's groups; ``max_staleness = 0`` is synchronous on-policy GRPO), ``"thr
 (``cfg.sync == "push_pull"``: worker threads keep generating into a bounded inbox, learners
 consume at their pace) and ``"lagged"`` (a deterministic stand-in for the steady state of
 push-pull: each step's groups are sampled with the oldest kept version ``≥ v_now −
-max_staleness``, the spec §4.5 "rollouts always from the version 2 steps back" set-up).
+max_staleness``, so every step trains on rollouts ``max_staleness`` versions old).
 """
 
 from __future__ import annotations
@@ -70,11 +70,12 @@ SYNC_KINDS = ("none", "ddp", "diloco", "streaming", "demo", "sparseloco")
 
 @dataclass(frozen=True)
 class SyncOptions:
-    """How learners synchronise (spec §3.1, §4.6). Defaults are the ``thinwire.rl`` RL defaults.
+    """How learners synchronise. Defaults are the ``thinwire.rl`` RL defaults.
 
     Args:
-        sync_every: *H*, inner steps between merges (DiLoCo family; default 10, §4.6).
-        outer_lr / outer_momentum: outer SGD (default 1.0 / 0.0: periodic averaging, §4.6);
+        sync_every: *H*, inner steps between merges (DiLoCo family; default 10).
+        outer_lr / outer_momentum: outer SGD (default 1.0 / 0.0: periodic averaging, which
+            learned DigitSum better than the pre-training values in the runs behind this default);
             :meth:`diloco_pretraining` gives the DiLoCo paper's 0.7 / 0.9 Nesterov, H = 500.
         compressor: pseudo-gradient codec of DiLoCo/Streaming (e.g. ``"quant(int4, block=128)"``).
         error_feedback: keep the compression residual (DiLoCo/Streaming).
@@ -82,7 +83,7 @@ class SyncOptions:
         demo_lr / demo_topk / demo_chunk / demo_values: DeMo settings (lr tuned on DigitSum).
         demo_bucket: run DeMo on a :class:`FlatBucket` of all parameters (two payloads per step).
         demo_small_topk: top-k per tile of the bucket of small tensors (default: ``demo_topk``).
-        demo_decay: DeMo's momentum decay β (default 0.999, A1).
+        demo_decay: DeMo's momentum decay β (default 0.999, as bloc97/DeMo).
         demo_lr_final: cosine-decay DeMo's lr from ``demo_lr`` to this over the run (None: constant).
         sparse_topk / sparse_chunk / sparse_bits: SparseLoCo settings.
     """
@@ -202,7 +203,7 @@ def build_optimizer(
 
     Returns:
         ``(optimizer, global_normalizer, grad_hook)``: whether the learner must use the global
-        loss normaliser (per-step-synced modes, §3.1), and a hook to run after backward (the DDP
+        loss normaliser (per-step-synced modes), and a hook to run after backward (the DDP
         gradient all-reduce, or filling a :class:`FlatBucket`), or None.
     """
     check_choice("sync", kind, SYNC_KINDS)
@@ -505,7 +506,7 @@ def run_learner(
                 groups = [
                     g for w, q in zip(all_workers, quota, strict=True) if q for g in produce(w, q)
                 ]
-                if cfg.filter_zero_std_groups:  # dynamic sampling (§1.5): resample what was dropped
+                if cfg.filter_zero_std_groups:  # dynamic sampling (DAPO): resample what was dropped
                     keep = [g for g in groups if bool(informative_groups(g.rewards()[None])[0])]
                     for _ in range(cfg.max_resample_rounds):
                         if len(keep) >= n_local:
@@ -522,7 +523,7 @@ def run_learner(
             else:
                 metrics = learner.step(list(groups) + external)
             metrics["rollouts/rejected_unverified"] = float(inbox.rejected)
-            for tag, v in ledger.by_tag().items():  # cumulative bytes per channel (§2.5 step 6)
+            for tag, v in ledger.by_tag().items():  # cumulative bytes per channel
                 ch = "/".join(tag.split("/")[:2])
                 for k in ("sent", "recv"):
                     metrics[f"bytes/{ch}/{k}"] = metrics.get(f"bytes/{ch}/{k}", 0.0) + v[k]
@@ -569,7 +570,7 @@ def run_local(
     timeout_s: float = 600.0,
     **site: Any,
 ) -> RunResult:
-    """Run ``n_learners`` learner sites as thread ranks of an in-process group (spec §0).
+    """Run ``n_learners`` learner sites as thread ranks of an in-process group.
 
     Every learner starts from the same initial policy (built once, deep-copied), has its own
     ``workers_per_learner`` co-located workers, and all learner-to-learner traffic goes through
@@ -580,7 +581,7 @@ def run_local(
         n_learners: R ≥ 1.
         sync: see :func:`run_learner`.
         workers_per_learner: co-located workers per learner.
-        steps: optimizer steps per learner (default: 400, spec §4.3).
+        steps: optimizer steps per learner (default: 400).
         wan_preset: WAN preset of the learner links.
         num_threads: ``torch.set_num_threads`` for the run (restored after); None leaves it.
         timeout_s: seconds a learner waits for its peers in one collective.

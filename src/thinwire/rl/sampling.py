@@ -1,4 +1,4 @@
-"""Sampling clients: how an environment asks a policy for completions (spec grpo.md §5.2).
+"""Sampling clients: how an environment asks a policy for completions.
 
 ``SamplingClient`` is the protocol environments talk to (a remote inference server can implement
 it); ``LocalSampler`` runs a local ``Policy`` with ``thinwire.rl.policy.sample``. No top-k/top-p:
@@ -70,12 +70,12 @@ class SamplingClient(Protocol):
 
 
 class LocalSampler:
-    """``SamplingClient`` over an in-process ``Policy`` (spec §5.2).
+    """``SamplingClient`` over an in-process ``Policy``.
 
     Args:
         policy: the policy to sample from; swap weights with ``policy.load_state_dict``.
         generator: the randomness source; seed it from (seed, worker_id, group counter) for a
-            reproducible run (spec §0). (default: a new generator seeded with ``seed``)
+            reproducible run. (default: a new generator seeded with ``seed``)
         seed: seed of the default generator (default: 0).
     """
 

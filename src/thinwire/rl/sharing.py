@@ -1,4 +1,4 @@
-"""Sharing rollouts instead of gradients (SAPO mode, ``specs/grpo.md`` §2.6).
+"""Sharing rollouts instead of gradients (SAPO mode).
 
 Gensyn, "Sharing is Caring: Efficient LM Post-Training with Collective RL Experience Sharing"
 (SAPO, arXiv:2509.08721v1, §3 and Table 1). Each learner publishes some of its scored groups to
@@ -6,7 +6,8 @@ its peers and builds its batch from ``I`` local and ``J`` external groups (SAPO'
 8 × Qwen2.5-0.5B was 4 local / 4 external; external groups with zero advantage are discarded
 before sampling). Groups travel as :func:`~thinwire.rl.rollout.encode_group` records in one
 ``all_gather_bytes`` per step over the learners' communicator (tag ``"rollouts/shared"``), so
-their bytes sit in the ledger next to the optimizer's (§3.2 "SAPO rollout sharing" row).
+their bytes sit in the ledger next to the optimizer's (G rollout records per shared group, to
+each peer).
 External groups keep the sender's ``origin``: the staleness filter admits them without a
 staleness and the learner uses its own detached log-probs as the ratio reference (r ≡ 1).
 

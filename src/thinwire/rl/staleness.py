@@ -1,6 +1,6 @@
 """Staleness bookkeeping of the asynchronous pipeline: admission rule and consumption filter.
 
-``specs/grpo.md`` §2.4. The staleness of a group consumed by a learner at version ``v_now`` is
+The staleness of a group consumed by a learner at version ``v_now`` is
 ``s = v_now − v_b`` (prime-rl: the version the batch trains on minus the version that generated
 the rollout, queue time included). Admission control (:func:`needs_refresh`) keeps workers from
 starting groups on weights that are already too old; :class:`StalenessFilter` is the safety net at
@@ -26,12 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 def staleness(version_now: int, version_behavior: int) -> int:
-    """``s = v_now − v_b`` (§2.2)."""
+    """``s = v_now − v_b`` (versions as defined in :mod:`thinwire.rl.store`)."""
     return int(version_now) - int(version_behavior)
 
 
 def needs_refresh(worker_version: int, learner_version: int, max_staleness: int) -> bool:
-    """Admission control (§2.4 rule 1): True when the worker must pull before starting a group.
+    """Admission control: True when the worker must pull before starting a group.
 
     A worker does not start a group on weights older than ``v_learner − max_staleness``: such a
     group would already be too stale when it is consumed.
@@ -40,15 +40,15 @@ def needs_refresh(worker_version: int, learner_version: int, max_staleness: int)
 
 
 class StalenessFilter:
-    """Drop (or withhold) groups whose staleness exceeds ``max_staleness`` (§2.4 rules 2-4).
+    """Drop (or withhold) groups whose staleness exceeds ``max_staleness``.
 
-    Only groups sampled by this learner's own weights (``origin == learner_id``) have a
-    staleness; groups shared by peers (SAPO, §2.6) carry another learner's versions and are
-    admitted as ``external``. A group claiming a version newer than ``v_now`` cannot come from
+    Only groups sampled by this learner's own weights (``origin == learner_id``) have a staleness;
+    groups shared by peers (SAPO, :mod:`thinwire.rl.sharing`) carry another learner's versions and
+    are admitted as ``external``. A group claiming a version newer than ``v_now`` cannot come from
     this learner and is dropped as ``future``.
 
     Args:
-        max_staleness: largest accepted ``s``; 0 admits only on-policy groups (§2.4 rule 3).
+        max_staleness: largest accepted ``s``; 0 admits only on-policy groups.
         mode: ``"drop"`` (default; drop whole groups, prime-rl and TRL-async) or ``"withhold"``
             (keep the group, mask the tokens of stale members, keep their rewards).
         learner_id: origin id of this learner's weights.

@@ -1,6 +1,6 @@
 """Policy store, version bookkeeping, weight fingerprints and the remote weight channel.
 
-``specs/grpo.md`` §2.1-2.2 and §3.2. A :class:`PolicyStore` (one per learner) keeps the latest
+A :class:`PolicyStore` (one per learner) keeps the latest
 published weights and their ``policy_version`` plus a few older versions (the verifier and lagged
 workers read them); co-located workers pull from it over the LAN (counted under
 ``"weights/local"``). Remote workers never receive full weights after the first publish:
@@ -9,7 +9,7 @@ where ``θ_mirror`` is the sender's exact copy of what the receiver reconstructe
 error never accumulates (the next delta carries it); :class:`DeltaSubscriber` applies the same
 decode on the remote side, bit-identically.
 
-Versions (§2.2): every event that changes the weights a learner samples from adds one —
+Versions: every event that changes the weights a learner samples from adds one —
 each inner step and each outer merge; :func:`merge_count` reads the merges of a thinwire optimizer.
 """
 
@@ -70,14 +70,14 @@ def param_fingerprint(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> by
 
 
 def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of a full copy of ``state`` (``b·P`` of §3.2)."""
+    """Bytes of a full copy of ``state``: ``b·P`` for ``P`` values of ``b`` bytes each."""
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def merge_count(optimizer: torch.optim.Optimizer) -> int:
     """Outer merges done so far by a DiLoCo-family optimizer (``outer_step``); 0 for others.
 
-    A learner adds ``1 + (merges after − merges before)`` to its version per ``step()`` (§2.2):
+    A learner adds ``1 + (merges after − merges before)`` to its version per ``step()``:
     the inner step and each merge that overwrote the replica. DeMo steps count once.
     """
     return int(getattr(optimizer, "outer_step", 0))
@@ -238,10 +238,10 @@ class DeltaPublisher:
     """Sends a learner's weights to remote workers: full float32 once, then compressed deltas.
 
     Every :meth:`publish` after the first encodes ``θ_new − θ_mirror`` with ``codec`` (a
-    :func:`thinwire.compression.build_codec` pipeline, default int8 absmax blocks, §3.2 "≈ P +
-    scales") and advances ``θ_mirror`` by exactly what the receivers decode. ``view`` is a
-    :class:`PolicyStore` of the mirror, i.e. of the weights remote workers actually sample with,
-    so their rollouts can be verified against the right fingerprint.
+    :func:`thinwire.compression.build_codec` pipeline, default int8 absmax blocks, about ``P`` bytes
+    plus the scales) and advances ``θ_mirror`` by exactly what the receivers decode. ``view`` is a
+    :class:`PolicyStore` of the mirror, i.e. of the weights remote workers actually sample with, so
+    their rollouts can be verified against the right fingerprint.
 
     Args:
         channel: carries the payloads (tag it ``"weights/broadcast"``; one channel per remote

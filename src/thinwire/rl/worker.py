@@ -1,16 +1,16 @@
 """Rollout workers: sample groups from an environment with one policy version per group.
 
-``specs/grpo.md`` §2.1-2.4. A :class:`RolloutWorker` holds its own copy of the policy, refreshes
-it from a weight source (a learner's :class:`~thinwire.rl.store.PolicyStore` over the LAN, or
-:class:`RemoteWeights` fed by compressed deltas over the WAN), samples groups, scores them with
-the environment and emits :class:`~thinwire.rl.rollout.RolloutGroup` records tagged with the
-version, origin and fingerprint of the weights that produced them. It never computes gradients.
+A :class:`RolloutWorker` holds its own copy of the policy, refreshes it from a weight source (a
+learner's :class:`~thinwire.rl.store.PolicyStore` over the LAN, or :class:`RemoteWeights` fed by
+compressed deltas over the WAN), samples groups, scores them with the environment and emits
+:class:`~thinwire.rl.rollout.RolloutGroup` records tagged with the version, origin and fingerprint
+of the weights that produced them. It never computes gradients.
 
 Weights change only *between* calls to :meth:`RolloutWorker.generate`, so every member of every
-group it returns comes from one version (§2.2: a worker that receives new weights mid-group
-finishes the group on the old weights). Randomness is explicit: each call draws from a generator
-seeded from ``(seed, worker_id, call counter)`` (§0), so a run is reproducible given the config
-and the arrival order.
+group it returns comes from one version (a worker that receives new weights mid-group finishes the
+group on the old weights; versions are defined in :mod:`thinwire.rl.store`). Randomness is explicit:
+each call draws from a generator seeded from ``(seed, worker_id, call counter)``, so a run is
+reproducible given the config and the arrival order.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class RemoteWeights:
 
 
 class RolloutWorker:
-    """Samples scored groups with one policy version per call (spec §2.1).
+    """Samples scored groups with one policy version per call.
 
     Args:
         env: the environment. Environments with ``sample_prompts(n, generator)`` and
@@ -294,13 +294,13 @@ class RolloutWorker:
         wire: bool = False,
         refresh_gap: int = 1,
     ) -> None:
-        """Push-pull loop (§2.1, §2.4): keep generating until ``stop`` is set.
+        """Push-pull loop: keep generating until ``stop`` is set.
 
         Before each call: refresh if a version at least ``refresh_gap`` newer is available
         (cheap on the LAN: ``refresh_gap=1``; remote workers refresh when payloads arrive), and
         never start a group on weights older than ``learner_version() − max_staleness``
         (admission control: wait for newer weights instead). Each group goes to ``outbox``
-        (blocks while it is full — the bounded queue of §2.1); ``wire=True`` sends the encoded
+        (blocks while it is full: the queue is bounded); ``wire=True`` sends the encoded
         record (remote workers), else the object with its wire size counted.
         """
         check_int("refresh_gap", refresh_gap, 1)

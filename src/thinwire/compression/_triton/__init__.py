@@ -1,4 +1,4 @@
-"""Triton kernels and launchers for the compression hot paths (STYLE.md §4).
+"""Triton kernels and launchers for the compression hot paths.
 
 One module per fused op of :mod:`thinwire.compression.fused`: :mod:`.ef_quantize_pack`,
 :mod:`.dct_topk`, :mod:`.decode_accumulate`, plus :mod:`._common` (shared ``@triton.jit``

@@ -32,8 +32,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch configuration. These are fixed constants, NOT tuned: no GPU was available when the
 # kernels were written, so they are conventional starting points (4 warps per program, as in the
 # Triton vector-add and softmax tutorials). They must be re-chosen from `benchmarks/kernels.py`
-# on a GPU and the reason recorded here (STYLE.md §4: launch configs fixed and justified from a
-# benchmark; autotuning only in benchmarks/).
+# on a GPU and the reason recorded here (launch configs stay fixed and justified by a benchmark;
+# autotuning belongs in benchmarks/ only).
 NUM_WARPS = 4
 
 #: ``enable_fp_fusion=False``: the references round every product to float32 before adding it
@@ -76,7 +76,7 @@ def pack_lsb_first(codes, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.const
     """Pack ``(ROWS, COLS)`` codes (each ``< 2**BITS``) into ``(ROWS, COLS * BITS // 8)`` bytes.
 
     Code ``j`` of a byte goes to bits ``[j * BITS, (j + 1) * BITS)`` (``pack_bits``'s LSB-first
-    order, spec §2.4); the shifted codes are disjoint, so their sum is their bitwise OR. Lanes that
+    order); the shifted codes are disjoint, so their sum is their bitwise OR. Lanes that
     must be padding have to hold code 0.
     """
     if BITS == 8:

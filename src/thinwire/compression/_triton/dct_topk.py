@@ -1,6 +1,6 @@
 """Triton kernel of :func:`thinwire.compression.fused.dct_topk` and its launcher.
 
-One program per tile (spec §6 "chunked DCT", "per-chunk top-k"): load the ``n1 x n2`` tile into
+One program per tile: load the ``n1 x n2`` tile into
 a ``P1 x P2`` register block (sides padded to powers of two, at least 16 because ``tl.dot`` needs
 every dimension >= 16 on the GPU; padding lanes load 0), compute ``T = F1^T X F2`` with two IEEE
 float32 ``tl.dot`` against bases zero-padded by the launcher (so padded rows and columns of ``T``
@@ -37,7 +37,7 @@ __all__ = ["MAX_TILE_SIDE", "MIN_DOT_SIDE", "dct_topk_triton"]
 #: ``tl.dot`` requires M, N, K >= 16 on NVIDIA GPUs (Triton's dot verifier); smaller sides
 #: (1-D chunks have ``n1 = 1``) are zero-padded to 16.
 MIN_DOT_SIDE = 16
-#: Largest tile side one program holds: the default chunk side (spec §1.1). Measured by compiling
+#: Largest tile side one program holds: the default chunk side (64). Measured by compiling
 #: for sm_90 with this machine's triton 3.9 (no GPU needed): a 64 x 64 tile compiles in ~3 s and
 #: stages 48 KB of shared memory; 128 x 128 took ~10 minutes in ptxas and 192 KB, so larger tiles
 #: need a tiled (looped) variant, which is not written.

@@ -1,6 +1,6 @@
 """Triton kernel of :func:`thinwire.compression.fused.decode_accumulate` and its launcher.
 
-One program per chunk walks the peers in list order (spec §6 "aggregate / decode"): for each peer
+One program per chunk walks the peers in list order: for each peer
 it gathers ``acc[idx]`` (and ``count[idx]``), waits at a barrier until every thread of the
 program has loaded, stores ``acc[idx] + val`` (``count + 1``) and waits again before the next
 peer. Within a peer the indices of a chunk are distinct, so no two lanes write one slot; across

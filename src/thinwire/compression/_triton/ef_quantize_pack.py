@@ -12,7 +12,7 @@ Three ways through, chosen by the launcher from ``fmt`` and ``block``:
   partials per block (max is exact; the sign scale's sum rounds in another order than the
   reference's, a few ulps), then ``_ef_code_kernel`` quantizes, packs and subtracts in place.
   Traffic: 12 B (update) + 8 B (code pass) per element.
-* **2-bit** (SparseLoCo centroids, spec §3.3): ``_ef_update_kernel``; the per-tensor mean and
+* **2-bit** (SparseLoCo centroids): ``_ef_update_kernel``; the per-tensor mean and
   norm with the reference's own torch reductions (a Triton tree reduction rounds differently and
   would move codes that sit on a bin boundary, so the codes would no longer equal the
   reference's exactly); ``_two_bit_kernel`` (codes, packing, per-program bin sums and counts,
@@ -372,7 +372,7 @@ def _blocked(
 def _two_bit(
     res: Tensor, x: Tensor, out: Tensor, decay: float, scale: float, checked: bool
 ) -> tuple[Tensor, Tensor]:
-    """SparseLoCo 2-bit centroids (spec §3.3): update, torch stats, codes + bins, subtract."""
+    """SparseLoCo 2-bit centroids: update, torch stats, codes + bins, subtract."""
     n = res.numel()
     n_bins = quant.TWO_BIT_DEFAULT_BINS
     bits = EF_FORMAT_BITS["2bit"]

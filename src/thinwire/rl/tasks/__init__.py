@@ -1,4 +1,4 @@
-"""Built-in environments for thinwire.rl (spec grpo.md §4): ``DigitSumEnv``."""
+"""Built-in environments for thinwire.rl: ``DigitSumEnv``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DigitSum: a CPU-trainable GRPO task with an exact reward (spec grpo.md §4.1).
+"""DigitSum: a CPU-trainable GRPO task with an exact reward.
 
 The prompt ``<bos> d_tens d_ones =`` gives a target T; the policy answers with exactly K = 3
 tokens and earns 1.0 when all three are digits summing to T. Many answers are correct (15 to 75
@@ -34,7 +34,7 @@ __all__ = [
     "count_solutions",
 ]
 
-# Token ids of spec §4.1: digits 0-9 are ids 0-9.
+# Token ids: digits 0-9 are ids 0-9.
 PAD = 10
 EQ = 11
 BOS = 12
@@ -62,7 +62,7 @@ class Prompt:
 
 
 class DigitSumEnv(SingleTurnEnv):
-    """The built-in reference environment (spec §4.1, §5.1).
+    """The built-in reference environment (the task in this module's docstring).
 
     Use it directly (``sample_prompts`` + ``thinwire.rl.policy.sample`` + ``reward``) or as a
     ``SingleTurnEnv`` (``dataset``, ``rollout_group``, ``rubric``; tasks carry the prompt ids and
@@ -103,7 +103,7 @@ class DigitSumEnv(SingleTurnEnv):
 
     @property
     def sampling_args(self) -> SamplingArgs:
-        """Exactly K tokens at temperature 1.0, no stop token (spec §4.1, §4.3)."""
+        """Exactly K tokens at temperature 1.0, no stop token."""
         return SamplingArgs(max_new_tokens=self.k, temperature=1.0, stop_ids=())
 
     @staticmethod
@@ -160,7 +160,7 @@ class DigitSumEnv(SingleTurnEnv):
         return self.reward(int(answer), completion_ids)
 
     def uniform_baseline(self) -> float:
-        """Exact expected reward of a uniform policy over the 14 tokens (spec §4.1).
+        """Exact expected reward of a uniform policy over the 14 tokens.
 
         ``(10/14)^k`` (all k tokens are digits) times the mean over targets of
         ``count_solutions(T) / 10^k``; 0.017493 for the defaults.
@@ -172,7 +172,7 @@ class DigitSumEnv(SingleTurnEnv):
 
     @torch.no_grad()
     def greedy_accuracy(self, policy: Policy) -> int:
-        """How many targets the policy's greedy answer solves (spec §4.4: ≥ 17 of 20)."""
+        """How many targets the policy's greedy answer solves (the end-to-end tests ask ≥ 17/20)."""
         targets = torch.tensor(self.targets)
         prompts = torch.stack([self.prompt_ids(int(t)) for t in targets])
         answers = greedy_decode(policy, prompts, self.k)
