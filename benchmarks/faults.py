@@ -1,4 +1,4 @@
-"""Fault-injection report (issue 9): runs the reliability scenarios and prints their figures.
+"""Fault-injection report: runs the reliability scenarios and prints their figures.
 
 Run::
 
@@ -340,7 +340,7 @@ def main() -> None:
             path.write_text(head + block + tail)
         else:
             path.write_text(
-                text.rstrip("\n") + "\n\n## Reliability under faults (issue 9)\n\n" + block + "\n"
+                text.rstrip("\n") + "\n\n## Reliability under faults\n\n" + block + "\n"
             )
 
 

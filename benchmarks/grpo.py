@@ -7,13 +7,13 @@ Run::
     .venv/bin/python benchmarks/grpo.py --only sweep             # DeMo learning-rate sweep
     .venv/bin/python benchmarks/grpo.py --only verify            # verifier detection and cost
 
-Prints one markdown block for ``benchmarks/RESULTS.md``. Configurations are those of spec
-grpo.md §4.3-4.6 (per learner: 32 prompts x G = 32 for one learner, 16 x 32 each for two; Adam
-1e-3, ε 0.2/0.28, β 0, token_mean, temperature 1), every learner link simulated as
-``home_broadband``. "learner bytes" are the ledger's ``learners/*`` bytes (optimizer exchange
-and loss normaliser), sent + received, summed over both learners; the DDP-GRPO baseline of the
-same length all-reduces fp32 gradients every step. Rewards are the mean sampled reward of a
-step window; greedy is the greedy accuracy over the 20 targets after the last step.
+Prints one markdown block for ``benchmarks/RESULTS.md``. Configurations (per learner: 32 prompts x G
+= 32 for one learner, 16 x 32 each for two; Adam 1e-3, ε 0.2/0.28, β 0, token_mean, temperature 1),
+every learner link simulated as ``home_broadband``. "learner bytes" are the ledger's ``learners/*``
+bytes (optimizer exchange and loss normaliser), sent + received, summed over both learners; the
+DDP-GRPO baseline of the same length all-reduces fp32 gradients every step. Rewards are the mean
+sampled reward of a step window; greedy is the greedy accuracy over the 20 targets after the last
+step.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Kernel micro-benchmark: GB/s of each fused op's Triton kernel and its speed-up over the torch
-reference, measured in the same process on the same CUDA device (STYLE.md §4, issue 6).
+reference, measured in the same process on the same CUDA device.
 
 Run::
 
@@ -50,15 +50,15 @@ from thinwire.compression import (
 
 BEGIN = "<!-- kernels.py:begin -->"
 END = "<!-- kernels.py:end -->"
-SECTION = "## Kernels (issue 6: Triton kernels against their torch references)"
+SECTION = "## Kernels (Triton kernels against their torch references)"
 INTRO = (
     "GB/s = minimum bytes read + written per call / median time (`triton.testing.do_bench`); the "
     "ratio is the torch reference's time over the kernel's, same process, same device. "
     '"check" compares integer outputs exactly (and decode\'s floats bit for bit) before timing.'
 )
 SIZES = [4**k * 2**16 for k in range(7)]  # 64 K .. 256 M elements
-#: DeMo's default chunk 64 x 64 (spec §1.1) with k = 32 (A1 `compression_topk`); SparseLoCo's
-#: 64 of 4096 per chunk (A6) from 4 peers for decode.
+#: DeMo's default chunk 64 x 64 with k = 32 (bloc97/DeMo `compression_topk`); SparseLoCo's
+#: 64 of 4096 per chunk (templar) from 4 peers for decode.
 TILE_SIDE, DEMO_K, DECODE_K, DECODE_PEERS = 64, 32, 64, 4
 EF_CASES = [("int8", None), ("int4", None), ("fp4_e3m0", None), ("sign", None), ("2bit", None)]
 

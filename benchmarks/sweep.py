@@ -88,13 +88,7 @@ def main() -> None:
         path = Path(__file__).with_name("RESULTS.md")
         text = path.read_text()
         if BEGIN not in text:
-            text += (
-                '\n## Sweep of method settings (issue "bandwidth benchmark")\n\n'
-                + BEGIN
-                + "\n"
-                + END
-                + "\n"
-            )
+            text += "\n## Sweep of method settings\n\n" + BEGIN + "\n" + END + "\n"
         head, _, rest = text.partition(BEGIN)
         _, _, tail = rest.partition(END)
         path.write_text(head + block + tail)

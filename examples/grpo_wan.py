@@ -1,7 +1,7 @@
 """GRPO on DigitSum with two learners behind simulated home-broadband links.
 
 Launch (2 learners as gloo processes on loopback; DiLoCo at the RL default — outer lr 1.0,
-momentum 0, H = 10 — over ``home_broadband``; spec grpo.md §3, §4.5-4.6)::
+momentum 0, H = 10 — over ``home_broadband``)::
 
     OMP_NUM_THREADS=1 torchrun --standalone --nnodes=1 --nproc-per-node=2 examples/grpo_wan.py --sync diloco
 
@@ -66,7 +66,7 @@ from thinwire.collectives import PRESETS, TorchDistCommunicator, WanCommunicator
 from thinwire.rl.config import GRPOConfig
 from thinwire.rl.runtime import SYNC_KINDS, LearnerResult, SyncOptions, run_learner, run_local
 
-P_TINY = 69_390  # TinyCausalLM parameters (spec §3.2)
+P_TINY = 69_390  # TinyCausalLM parameters at its defaults
 
 
 def _int_at_least(lo: int) -> Callable[[str], int]:

@@ -1,12 +1,13 @@
 """Gloo collectives on one machine, timed as if the ranks sat behind home broadband links.
 
-Launch (4 ranks over loopback, simulated WAN; spec §6)::
+Launch (4 ranks over loopback, simulated WAN)::
 
     OMP_NUM_THREADS=1 torchrun --standalone --nnodes=1 --nproc-per-node=4 examples/wan_allreduce.py --preset home_broadband
 
 Each step models ``--compute-s`` of compute, overlaps it with an async all-reduce of a 1e6-element
-fp32 tensor, then all-gathers the reduced tensor's bytes. Real bytes move over gloo; time is the
-WAN model's virtual clock (spec §3.3), so the run takes seconds while reporting WAN minutes.
+fp32 tensor, then all-gathers the reduced tensor's bytes. Real bytes move over gloo; time is the WAN
+model's virtual clock (``docs/design.md``, "The WAN model"), so the run takes seconds while
+reporting WAN minutes.
 Expected output (jitter is seeded, so the numbers repeat exactly)::
 
     preset home_broadband: up 10 Mbit/s, down 50 Mbit/s, RTT 40 ms, jitter 5 ms, P=4
@@ -16,9 +17,9 @@ Expected output (jitter is seeded, so the numbers repeat exactly)::
     rank 2: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 360 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
     rank 3: sent 54000072 B, recv 54000072 B (ring formula 54000072 B), control 360 B, simulated 44.30 s (comm 44.30 s, exposed 41.30 s, compute 3.00 s)
 
-Bytes follow spec §2.4: a ring all-reduce sends ``2(P-1) ceil(n/P) * 4`` bytes per rank, an
-equal-size all_gather_bytes ``(P-1)(8 + m)``; the clock exchange and gloo's 8-byte end mark on each
-ring row are counted as control bytes.
+Bytes, as ``thinwire.collectives.accounting`` counts them: a ring all-reduce sends
+``2(P-1) ceil(n/P) * 4`` bytes per rank, an equal-size all_gather_bytes ``(P-1)(8 + m)``; the
+clock exchange and gloo's 8-byte end mark on each ring row are counted as control bytes.
 """
 
 from __future__ import annotations
