@@ -1,9 +1,10 @@
 """Test-suite set-up shared by every test file.
 
 * ``TRITON_INTERPRET=1`` is set before anything imports thinwire whenever CUDA is absent:
-  ``@triton.jit`` decides at decoration time whether to interpret (STYLE.md §4).
+  ``@triton.jit`` decides at decoration time whether to interpret.
 * A hypothesis ``ci`` profile: no deadline (the CPU is shared), derandomized, modest examples.
-* Under ``CI=true`` a skipped test that is not marked ``gpu`` fails the run (STYLE.md §5).
+* Under ``CI=true`` a skipped test that is not marked ``gpu`` fails the run: only missing hardware
+  justifies a skip.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ def test_two_hivemind_peers_train_together(tmp_path):
     assert done[0].group(1) == done[1].group(1)
     # The 108,288-element fp32 vector is below one hivemind part (2**17 elements), so one peer
     # reduces all of it: the other sends it its whole vector (4N bytes) and the reducer sends the
-    # whole result back ((P-1) * 4N) — spec §2.4 butterfly — 4N per peer per sync, 2 syncs.
+    # whole result back ((P-1) * 4N; the butterfly formula of thinwire.collectives.accounting):
+    # 4N per peer per sync, 2 syncs.
     sent = [int(d.group(2).replace(",", "")) for d in done]
     assert sent == [2 * 4 * N_PARAMS] * 2
     assert "group 2" in out0 and "group 2" in second.stdout

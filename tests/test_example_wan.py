@@ -25,9 +25,9 @@ def test_wan_allreduce_example_bytes_and_clock():
         res.stdout,
     )
     assert sorted(int(x[0]) for x in lines) == list(range(P))
-    # spec §2.4: ring all-reduce 2(P-1) ceil(n/P) * 4, equal-size all_gather_bytes (P-1)(8 + 4n)
+    # ledger: ring all-reduce 2(P-1) ceil(n/P) * 4, equal-size all_gather_bytes (P-1)(8 + 4n)
     per_step = 2 * (P - 1) * math.ceil(n / P) * 4 + (P - 1) * (8 + 4 * n)
-    # spec §3.2, home_broadband (alpha 20 ms, B = 10 Mbit/s), jitter off; the 0.5 s of compute
+    # WAN model, home_broadband (alpha 20 ms, B = 10 Mbit/s), jitter off; the 0.5 s of compute
     # hides under the all-reduce, which is longer, so each step costs T_allreduce + T_allgather
     alpha, B = 0.020, 10e6 / 8
     t_ar = 2 * (P - 1) * (alpha + math.ceil(n / P) * 4 / B)

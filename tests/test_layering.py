@@ -1,5 +1,6 @@
-"""Layering and public-API checks (STYLE.md §2): imports point downwards only, ``import
-thinwire`` works without the optional engines, and every exported name resolves and is documented.
+"""Layering and public-API checks (``docs/design.md``, "Layers"): imports point downwards only,
+``import thinwire`` works without the optional engines, and every exported name resolves and is
+documented.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "thinwire"
 
-# Package -> layer (STYLE.md §2). Top-level private helpers are layer 0.
+# Package -> layer (the table in docs/design.md, "Layers"). Top-level private helpers are layer 0.
 LAYERS = {"_validate": 0, "compression": 1, "collectives": 1, "optim": 2, "rl": 3, "bench": 4}
 
 

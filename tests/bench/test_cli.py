@@ -1,5 +1,5 @@
 """End-to-end runs of ``thinwire bench`` in a reduced configuration, checked against the ledger
-formulas (``specs/collectives_wan_bench.md`` §7 item 8) and the output files' contents."""
+formulas (``docs/design.md``, "Byte formulas") and the output files' contents."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_bench_cli_ledger_matches_formulas(tmp_path, engine):
     assert res["config"]["engine"] == engine and res["preset"]["basis"]
     m = res["methods"]
     ddp = m["ddp"]["bytes_sent_per_rank"]["mean"]
-    # DDP: one fp32 ring all-reduce of every gradient per step (spec §7.8).
+    # DDP: one fp32 ring all-reduce of every gradient per step.
     assert ddp == steps * _ring_bytes(N_PARAMS, P)
     # DiLoCo fp32: one ring all-reduce of the pseudo-gradient per H steps, exactly H x fewer bytes.
     assert m["diloco-fp32"]["bytes_sent_per_rank"]["mean"] * H == ddp

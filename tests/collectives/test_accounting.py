@@ -1,4 +1,5 @@
-"""Byte formulas of spec §2.4 against the spec's worked numbers, simulations and hivemind itself."""
+"""Byte formulas of thinwire.collectives.accounting against hand-worked numbers, simulations and
+hivemind itself."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from thinwire.collectives import accounting as acct
 
 
 def test_ring_allreduce_spec_example():
-    # Spec §7 item 3: P=4, 1e6 fp32 elements -> c = 250000*4 bytes, 2*3*c = 6,000,000 each way.
+    # Worked by hand: P=4, 1e6 fp32 elements -> c = 250000*4 bytes, 2*3*c = 6,000,000 each way.
     assert acct.ring_allreduce_bytes(1_000_000, 4, 4) == (6_000_000, 6_000_000)
 
 
@@ -43,7 +44,7 @@ def test_allgather_tensor_has_no_length_header():
 
 
 def test_allgather_spec_example():
-    # Spec §7 item 3: payload lengths [0, 5, 100] on P=3.
+    # Worked by hand: payload lengths [0, 5, 100] on P=3.
     sizes = [0, 5, 100]
     direct = [acct.allgather_direct_bytes(sizes, r) for r in range(3)]
     assert [s for s, _ in direct] == [16, 26, 216]
@@ -137,7 +138,7 @@ def test_sum_sent_equals_sum_recv(sizes, numel, itemsize, src_seed):
 
 
 def test_butterfly_part_elems():
-    # Spec §2.4: fp32 2**17, fp16 (ratio 0.5 of fp32) 2**18, uint8 (ratio 0.25) 2**19.
+    # 2**19-byte parts: fp32 2**17, fp16 (ratio 0.5 of fp32) 2**18, uint8 (ratio 0.25) 2**19.
     assert acct.butterfly_part_elems(4) == 2**17
     assert acct.butterfly_part_elems(4, 0.5) == 2**18
     assert acct.butterfly_part_elems(4, 0.25) == 2**19
@@ -152,7 +153,7 @@ def test_butterfly_hand_examples():
     assert acct.butterfly_shares(100, 3, 2**17) == [100, 0, 0]
     fp32 = lambda n: 4 * n  # noqa: E731
     parts = acct.butterfly_partition(100, 3, 2**17)
-    # Spec §7 item 7: one peer sends and receives (P-1)w, the others w.
+    # A vector below one part: one peer sends and receives (P-1)w, the others w.
     assert [acct.butterfly_bytes(parts, r, fp32) for r in range(3)] == [
         (800, 800),
         (400, 400),
@@ -182,7 +183,7 @@ def test_butterfly_hand_examples():
     ],
 )
 def test_butterfly_matches_hivemind(numel, P, part, client):
-    # Oracle: hivemind's own load balancer and TensorPartContainer (spec §2.4 cites them).
+    # Oracle: hivemind's own load balancer and TensorPartContainer (what the formulas follow).
     from hivemind.averaging.load_balancing import load_balance_peers
     from hivemind.averaging.partition import TensorPartContainer
 

@@ -1,11 +1,10 @@
 """Tests of :class:`thinwire.collectives.hivemind.HivemindCommunicator` on real DHT peers.
 
-Spec: ``specs/collectives_wan_bench.md`` §4 and §7 item 7. Every peer is a real communicator (its
-own DHT process, p2p daemon and averager processes) on 127.0.0.1; later peers join through the
-first one's visible multiaddrs. Peers live in this process and issue ops from threads, as
-hivemind's own averaging tests do. Oracles: float64 means of the same seeded inputs, hivemind's
-own partitioner (``TensorPartContainer``) and hand-derived shares for the ledger, the §2.4 byte
-formulas, and the payloads themselves.
+Every peer is a real communicator (its own DHT process, p2p daemon and averager processes) on
+127.0.0.1; later peers join through the first one's visible multiaddrs. Peers live in this process
+and issue ops from threads, as hivemind's own averaging tests do. Oracles: float64 means of the same
+seeded inputs, hivemind's own partitioner (``TensorPartContainer``) and hand-derived shares for the
+ledger, the byte formulas of :mod:`thinwire.collectives.accounting`, and the payloads themselves.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 from thinwire.collectives.base import CommError, GroupTooSmall, RoundMismatch
 from thinwire.collectives.hivemind import HivemindCommunicator
 
-# matchmaking 1 s (spec §7: 1-2 s) with request_timeout below it, as hivemind requires
+# matchmaking 1 s (enough on loopback) with request_timeout below it, as hivemind requires
 KW = dict(
     host_maddrs=("/ip4/127.0.0.1/tcp/0",),
     matchmaking_time=1.0,
@@ -141,7 +140,7 @@ def _mean64(xs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _check_direct_ledger(handles, by_rank: list[bytes]) -> None:
-    """§2.4 ``direct``: sent (P-1)(8+m_r), recv sum_{j!=r}(8+m_j); sum sent == sum recv.
+    """``direct`` all-gather: sent (P-1)(8+m_r), recv sum_{j!=r}(8+m_j); sum sent == sum recv.
 
     ``by_rank``: the payloads in rank (sorted peer id) order.
     """
@@ -181,7 +180,7 @@ def test_two_peers_mean_and_all_gather(duo):
             t.double(), ref, rtol=0, atol=1e-6
         )  # fp32 rounding of a 2-term mean
     # 1000 fp32 elements < one part (2^17): one peer reduces everything, w = 4000 bytes;
-    # it sends/receives (P-1)w, the other w (spec §7.7); for P = 2 both are 4000
+    # it sends/receives (P-1)w, the other w; for P = 2 both are 4000
     for rec in hs:
         assert rec.algorithm == "butterfly" and rec.P == 2
         assert sorted(rec.sizes) == [0, 4000] and rec.sent == rec.recv == 4000
@@ -326,7 +325,7 @@ def test_three_peer_butterfly_values_and_ledger(trio, codec, op, wire):
             bound = 4 * 2.0**-11 * torch.stack(xs).abs().amax(0).double() + 1e-7
             assert bool(((t.double() - ref).abs() <= bound).all())
         else:
-            # spec §7.7: error within 2 % of the std (RMS). Worst case per element: half a bin
+            # uint8: error within 2 % of the std (RMS). Worst case per element: half a bin
             # for the averaged codes, for the own-part requantization and for the delta, each
             # bin 6 sigma / 256 wide (Uniform8BitQuantization's +-3 sigma in 256 bins)
             err, sigma = t.double() - ref, torch.stack(xs).double().std().item()

@@ -1,4 +1,4 @@
-"""InprocCommunicator: results against float64 oracles, ledger against spec §2.4, failures."""
+"""InprocCommunicator: results against float64 oracles, ledger against its formulas, failures."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from thinwire.collectives.inproc import InprocCommunicator
 
 NUMELS = (1, 7, 1000, 100003)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-# Spec §7 item 1: rtol 1e-5 and atol 1e-6*P for fp32/fp64; bf16 keeps 8 mantissa bits -> 2e-2.
+# rtol 1e-5 and atol 1e-6*P for fp32/fp64; bf16 keeps 8 mantissa bits -> 2e-2.
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2}
 
 

@@ -1,4 +1,4 @@
-"""Kernel-shaping check of the WAN model's bandwidth term (spec §3.5, §7 item 9); opt-in, root only."""
+"""Kernel-shaping check of the WAN model's bandwidth term (thinwire netcheck); opt-in, root only."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from thinwire.collectives.netcheck import (
 
 
 def test_goodput_and_burst_formulas():
-    # spec §3.5: goodput R * mss / (mss + 66); burst max(R / 250 Hz, 16 KiB), hand-computed
+    # goodput R * mss / (mss + 66) (tbf meters whole frames); burst max(R / 250 Hz, 16 KiB);
+    # both hand-computed
     assert goodput_bytes_per_s(50) == pytest.approx(6.25e6 * 1448 / 1514, rel=1e-12)
     assert tbf_burst_bytes(10) == 16384  # 1.25e6 / 250 = 5000 B < 16 KiB
     assert tbf_burst_bytes(50) == 25000  # 6.25e6 / 250
@@ -31,7 +32,7 @@ def test_netcheck_rejects_bad_sizes():
 
 
 def test_netcheck_skips_cleanly_without_root(monkeypatch):
-    # spec §7 item 9: not root -> a skip message, nothing built
+    # not root -> a skip message, nothing built
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     res = run_netcheck()
     assert set(res) == {"skipped"} and "root" in res["skipped"]
@@ -52,7 +53,7 @@ def test_quick_netcheck_matches_model_slope(tmp_path):
     assert "skipped" not in res
     assert [r["op"] for r in res["results"]] == ["all_reduce"]
     for r in res["results"]:
-        # spec §3.5 pass criterion: fitted s/byte within 10 % of the model at tbf goodput
+        # netcheck's TOLERANCE: fitted s/byte within 10 % of the model at tbf goodput
         assert abs(r["fit_b_s_per_byte"] / r["model_b_s_per_byte"] - 1) <= 0.10, r
     assert res["pass"]
     assert (tmp_path / "netcheck.json").exists()

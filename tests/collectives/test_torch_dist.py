@@ -1,10 +1,11 @@
-"""TorchDistCommunicator on real gloo processes (spec §7 items 1-4 and 6).
+"""TorchDistCommunicator on real gloo processes: results, ordering, bytes, async ops, peer exit.
 
 Ranks are real processes (``torch.multiprocessing.spawn``) that rendezvous through a file in a
-pytest temp dir, gloo pinned to loopback. Spawning costs seconds per process on two cores, so
-one spawn of 4 processes serves every world size through sub-groups (P = 1, 2, 3, 4; the P = 3
-group sits on global ranks 1..3), saves results to ``rank{r}.pt``, and the parent compares them
-with float64 oracles and the spec §2.4 formulas. The peer-exit test needs its own spawn.
+pytest temp dir, gloo pinned to loopback. Spawning costs seconds per process on two cores, so one
+spawn of 4 processes serves every world size through sub-groups (P = 1, 2, 3, 4; the P = 3 group
+sits on global ranks 1..3), saves results to ``rank{r}.pt``, and the parent compares them with
+float64 oracles and the formulas of :mod:`thinwire.collectives.accounting`. The peer-exit test needs
+its own spawn.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from thinwire.collectives import accounting as acct
 NUMELS = (1, 7, 1000, 100003)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CASES = [(n, d, op) for n in NUMELS for d in DTYPES for op in ("sum", "mean")]
-# Spec §7 item 1: rtol 1e-5 and atol 1e-6*P for fp32/fp64; bf16 keeps 8 mantissa bits -> 2e-2.
+# rtol 1e-5 and atol 1e-6*P for fp32/fp64; bf16 keeps 8 mantissa bits -> 2e-2.
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2}
 LENS = (0, 3, 17, 0)  # payload length of rank r for the variable-size gathers
 PAYLOAD_BYTES = 1001  # uint8 payload of the equal-size tensor gathers
@@ -106,7 +107,8 @@ def _main_worker(rank: int, nprocs: int, tmp: str) -> None:
     from thinwire.collectives.base import OrderMismatch
     from thinwire.collectives.torch_dist import TorchDistCommunicator
 
-    # Spy: every reduce op handed to gloo is recorded; AVG must never appear (spec §7 item 1).
+    # Spy: every reduce op handed to gloo is recorded; AVG must never appear (older gloo
+    # builds reject it; thinwire issues SUM and divides).
     real_all_reduce = dist.all_reduce
     seen_ops: list[str] = []
 
@@ -128,7 +130,8 @@ def _main_worker(rank: int, nprocs: int, tmp: str) -> None:
             if rank in ranks:
                 comm = world if P == nprocs else TorchDistCommunicator(groups[P], timeout_s=60)
                 out[P] = _exercise(comm, P, seen_ops)
-        # Order check (spec §2.1 rule 1): rank 0 all-reduces while the others broadcast.
+        # Order check (every rank must issue collectives in one order): rank 0 all-reduces while
+        # the others broadcast.
         checked = TorchDistCommunicator(debug_group, timeout_s=30, debug_checks=True)
         checked.all_reduce(torch.ones(3), tag="warm")
         out["debug_ctl"] = dataclasses.asdict(checked.ledger.records[-1])
@@ -167,7 +170,7 @@ def test_gloo_ops_against_oracles(P, gloo_results):
     assert [o["rank"] for o in res] == list(range(P))
     assert all(o["engine"] == "gloo" and o["P"] == P for o in res)
 
-    # all_reduce vs float64 oracle; bitwise identical on every rank (spec §7 item 1).
+    # all_reduce vs float64 oracle; bitwise identical on every rank.
     for i, (n, d, op) in enumerate(CASES):
         oracle = torch.zeros(n, dtype=torch.float64)
         for x in _inputs(P, n, d, seed=i):
@@ -191,7 +194,7 @@ def test_gloo_ops_against_oracles(P, gloo_results):
             assert torch.equal(o["rows_u8"][j], xs[j][0]) and torch.equal(rows_f32[j], xs[j][1])
         assert done and same and o["inputs_kept"]
 
-    # Gathers and broadcasts: exact bytes in rank order (spec §7 item 2).
+    # Gathers and broadcasts: exact bytes in rank order.
     expected = [_payload(j) for j in range(P)]
     for o in res:
         assert o["gather"] == {"ring": expected, "direct": expected, "auto": expected}
@@ -212,7 +215,7 @@ def test_gloo_ops_against_oracles(P, gloo_results):
         # Exactly the dense reduces, control_max and the three async ones; none at P == 1.
         assert len(o["seen_ops"]) == (len(CASES) + 4 if P > 1 else 0)
 
-    # Ledger: per op and rank, exactly spec §2.4 (spec §7 item 3).
+    # Ledger: per op and rank, exactly the accounting formulas.
     sizes = [LENS[j] for j in range(P)]
     for r, o in enumerate(res):
         rows = [(x["op"], x["algorithm"], x["sent"], x["recv"]) for x in o["records"]]
@@ -265,8 +268,9 @@ def test_gloo_ops_against_oracles(P, gloo_results):
 
 @pytest.mark.timeout(240)
 def test_debug_checks_detect_order_mismatch(gloo_results):
-    # Spec §2.1 rule 1: the divergence is named on every rank, and the failed communicator
-    # re-raises the same error; signatures are (P-1)*16 control bytes, never payload.
+    # Collectives issued in different orders: the divergence is named on every rank, and the
+    # failed communicator re-raises the same error; signatures are (P-1)*16 control bytes, never
+    # payload.
     for o in gloo_results:
         assert o["owns"] is True
         assert o["debug_ctl"]["control_sent"] == (NPROCS - 1) * 16

@@ -1,4 +1,5 @@
-"""Tests of the WAN model (spec §3, §7 item 5): closed forms, jitter streams, config, wrapper."""
+"""Tests of the WAN model (docs/design.md, "The WAN model"): closed forms, jitter streams, config,
+wrapper."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from thinwire.collectives.wan import (
     suggest_timeout,
 )
 
-REL = 1e-9  # spec §7.5: closed forms to 1e-9 relative (only float64 summation order differs)
+REL = 1e-9  # closed forms to 1e-9 relative (only float64 summation order differs)
 
-# spec §3.4 table, typed in again here as the oracle: up, down (Mbit/s), RTT, jitter (ms)
+# the preset table, typed in again here as the oracle: up, down (Mbit/s), RTT, jitter (ms)
 TABLE = {
     "datacenter": (100e3, 100e3, 1.0, 0.0),
     "cross_region": (10e3, 10e3, 80.0, 1.0),
@@ -55,7 +56,7 @@ def test_presets_match_spec_table():
     for name, (up, down, rtt, jit) in TABLE.items():
         p = PRESETS[name]
         assert (p.up_mbps, p.down_mbps, p.rtt_ms, p.jitter_ms, p.loss) == (up, down, rtt, jit, 0.0)
-        assert "[" in p.basis and "]" in p.basis  # every basis cites a §9 source key
+        assert "[" in p.basis and "]" in p.basis  # every basis cites a source key in brackets
         cfg = WanConfig.from_preset(name, 3)
         assert cfg.base_rtt_ms == rtt and cfg.jitter_ms == jit and cfg.basis == p.basis
         assert cfg.links(3) == [NodeLink(up, down, 0.0)] * 3
@@ -72,7 +73,7 @@ def test_edge_parameters_and_caps():
     # window cap: 64 KiB over RTT 2*alpha
     w = WanModel(WanConfig(nodes=nodes, base_rtt_ms=20.0, tcp_window_bytes=65536), 3)
     assert w.bw[1, 2] == pytest.approx(65536 / (2 * 0.020), rel=REL)
-    # Mathis bound, spec §3.4: RTT 150 ms and 1e-4 loss cap one flow near 9.5 Mbit/s
+    # Mathis bound (Mathis et al. 1997): RTT 150 ms and 1e-4 loss cap one flow near 9.5 Mbit/s
     lossy = _model("transpacific", 2, loss=1e-4)
     mathis = 1448 * math.sqrt(1.5) / (0.150 * math.sqrt(1e-4))
     assert lossy.bw[0, 1] == pytest.approx(mathis, rel=REL)
@@ -129,7 +130,7 @@ def test_json_roundtrip(tmp_path):
         WanConfig.from_json(path)
 
 
-# ---- closed forms (§3.2), jitter off ---------------------------------------------------------
+# ---- closed forms, jitter off ---------------------------------------------------------
 @pytest.mark.parametrize("preset", sorted(TABLE))
 @pytest.mark.parametrize("P", [2, 3, 4, 5])
 @pytest.mark.parametrize("numel", [1, 7, 1000, 100003])
@@ -142,10 +143,10 @@ def test_ring_all_reduce_closed_form(preset, P, numel):
 
 
 def test_spec_examples():
-    # §7.5 example: home_broadband, P=4, 1e6 fp32: 2*3*(0.020 + 1e6*4/4/(10e6/8)) = 4.92 s
+    # home_broadband, P=4, 1e6 fp32: 2*3*(0.020 + 1e6*4/4/(10e6/8)) = 4.92 s
     got = _model("home_broadband", 4).estimate("all_reduce", "ring", numel=10**6, itemsize=4)
     assert got == pytest.approx(4.92, rel=REL)
-    # §2.5: DDP of 100M fp32 params at 10 Mbit/s upload is ~480 s per all-reduce (P=4)
+    # DDP of 100M fp32 params at 10 Mbit/s upload is ~480 s per all-reduce (P=4)
     big = _model("home_broadband", 4).estimate("all_reduce", "ring", numel=10**8, itemsize=4)
     assert big == pytest.approx(480.12, rel=REL)
     assert suggest_timeout(big) == pytest.approx(3 * 480.12 + 30, rel=REL)
@@ -255,7 +256,7 @@ def test_heterogeneous_direct_loops():
     assert got == pytest.approx(worst + lat, rel=REL)
 
 
-# ---- random streams (§3.3) -------------------------------------------------------------------
+# ---- random streams -------------------------------------------------------------------
 def test_jitter_follows_seed_sequence_rule():
     P, seed, op_seq, numel = 3, 11, 4, 3000
     m = WanModel(WanConfig(nodes=NODES, base_rtt_ms=20.0, jitter_ms=5.0, seed=seed), P)
@@ -294,7 +295,7 @@ def test_straggler_follows_seed_sequence_rule():
     assert 0 < hits < 80  # prob 0.5 over 80 draws: both outcomes occur for this seed
 
 
-# ---- the clock wrapper over real in-process ranks (§3.3) -------------------------------------
+# ---- the clock wrapper over real in-process ranks -------------------------------------
 def _ranks(P: int, cfg: WanConfig, fn, **kw) -> list:
     """Run ``fn(wan_comm)`` on P thread ranks of an InprocCommunicator group; return results."""
     from thinwire.collectives import InprocCommunicator
@@ -367,7 +368,7 @@ def test_wrapper_slowdown_and_straggler_clocks_meet():
     cfg = _five_second_link(
         P, compute_slowdown={1: 4.0}, straggler_prob=1.0, straggler_delay_ms=50.0, seed=seed
     )
-    # straggler delays from the spec's stream (domain 2, step 0), drawn here independently
+    # straggler delays from the model's straggler stream (domain 2, step 0), drawn here independently
     delay = []
     for r in range(P):
         g = _draw(seed, 2, 0, r, 0)
@@ -451,7 +452,7 @@ def test_wrapper_sleep_mode_wall_time():
         return time.perf_counter() - t0
 
     for wall in _ranks(2, cfg, fn):
-        assert T * scale <= wall <= T * scale * 1.1 + 0.05  # spec §7.5 bound
+        assert T * scale <= wall <= T * scale * 1.1 + 0.05  # sleep mode: T to T + 10 % + 50 ms
 
 
 def test_wrapper_single_rank_and_measured_compute():

@@ -1,6 +1,6 @@
 """Tests for thinwire.compression.aggregate: SparseMessage, densify, aggregate_sparse.
 
-Oracles: spec ``demo_sparseloco.md`` §7 item 10 (indices [0,1,1,2], values [1,2,4,-3] into 4
+Oracles: a hand-worked index-mean example (indices [0,1,1,2], values [1,2,4,-3] into 4
 slots -> [1, 3, -3, 0]) and its global-mean counterpart by hand; a float64 plain-loop reference
 (per-slot sums and counts, then untile and ``scipy.fft.idctn(norm="ortho")`` per tile); and
 permutation / arrival-order invariance checked bit for bit (``torch.equal``).
@@ -31,7 +31,7 @@ def msg(shape, s, idx, val, transform="none") -> SparseMessage:
     )
 
 
-# The spec §7 item 10 example: one 4-slot chunk, peers A and B.
+# The hand-worked example: one 4-slot chunk, peers A and B.
 A = msg((4,), 4, [[0, 1]], [[1.0, 2.0]])
 B = msg((4,), 4, [[1, 2]], [[4.0, -3.0]])
 
@@ -59,7 +59,7 @@ def test_densify_single_message():
 
 
 def ref_untile(coeffs: np.ndarray, g: ChunkGeometry, transform: str) -> np.ndarray:
-    """(N, C) chunk coefficients -> dense tensor of g.shape, spec §1.1 tile order, plain loops."""
+    """(N, C) chunk coefficients -> dense tensor of g.shape, canonical tile order, plain loops."""
     out = np.zeros((g.batch, g.rows, g.cols))
     gy, gx = g.rows // g.n1, g.cols // g.n2
     i = 0
@@ -148,7 +148,7 @@ def test_mapping_form_is_bit_identical_whatever_the_arrival_order(mode, transfor
 
 def test_every_rank_decodes_the_same_bits_from_payloads():
     # Five peers encode; each "rank" receives the payloads in its own order, decodes them and
-    # aggregates by rank. All ranks must agree bit for bit (spec §1.4, §7 item 10).
+    # aggregates by rank. All ranks must agree bit for bit.
     codec = SparseCodec(chunk=8, topk=40, topk_rule="density")  # fp32 values: sums round
     gen = torch.Generator().manual_seed(12)
     payloads = {r: codec.encode(torch.randn(24, 16, generator=gen)) for r in range(5)}

@@ -1,4 +1,4 @@
-"""Tests for thinwire.compression.bitpack against golden bytes (spec §7 item 9) and a pure-Python
+"""Tests for thinwire.compression.bitpack against golden bytes (worked by hand) and a pure-Python
 bit-by-bit writer written from the layout rule in the module docstring."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def as_bytes(buf: torch.Tensor) -> list[int]:
 
 
 def test_golden_signs():
-    # Spec §7 item 9: LSB-first, 0b01110110.
+    # LSB-first, 0b01110110.
     assert as_bytes(pack_bits(torch.tensor([0, 1, 1, 0, 1, 1, 1, 0]), 1)) == [0x76]
     assert as_bytes(pack_bits(torch.tensor([0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool), 1)) == [
         0x76
@@ -64,7 +64,7 @@ def test_golden_signs():
 
 
 def test_golden_two_bit_codes():
-    # Spec §7 item 9: 1 | 3<<2 | 0<<4 | 2<<6 = 0x8d.
+    # 1 | 3<<2 | 0<<4 | 2<<6 = 0x8d.
     assert as_bytes(pack_bits(torch.tensor([1, 3, 0, 2], dtype=torch.uint8), 2)) == [0x8D]
 
 
@@ -76,14 +76,14 @@ def test_thirteen_signs_take_two_bytes_with_zero_padding():
 
 
 def test_golden_pack12():
-    # Spec §4.1 / §7 item 9: (0xABC, 0x123) -> bc 3a 12.
+    # templar's pair layout: (0xABC, 0x123) -> bc 3a 12.
     buf = pack12_pairs(torch.tensor([0xABC, 0x123]))
     assert as_bytes(buf) == [0xBC, 0x3A, 0x12]
     assert unpack12_pairs(buf, 2).tolist() == [0xABC, 0x123]
 
 
 def test_pack12_all_4096_indices():
-    # Spec §7 item 9: round trip on every 12-bit index, bytes checked against the A6 formula.
+    # Round trip on every 12-bit index, bytes checked against templar's formula.
     idx = torch.arange(4096)
     buf = pack12_pairs(idx)
     expected = []

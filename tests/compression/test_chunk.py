@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from thinwire.compression import chunk
 from thinwire.compression.chunk import ChunkGeometry, split
 
-# Spec §1.1 reference table (first four from Psyche A3 tests, the rest follow from the rule).
+# Values of split (first four from Psyche's distro.rs tests, the rest follow from the rule).
 SPEC_SPLIT_TABLE = [
     (12, 5, 4),
     (100, 7, 5),
@@ -121,7 +121,7 @@ def test_geometry_validation(shape, target, exc, pattern) -> None:
 def test_layout_4x4_target_2_by_hand() -> None:
     g = ChunkGeometry.of((4, 4), 2)
     x = torch.arange(16).reshape(4, 4)
-    # Tiles in row-major tile order, each tile row-major (spec §1.1 canonical layout).
+    # Tiles in row-major tile order, each tile row-major (the canonical layout).
     expected_tiles = torch.tensor(
         [
             [[0, 1], [4, 5]],
@@ -164,7 +164,7 @@ def test_layout_batched_3d_by_hand() -> None:
 
 
 def _layout_oracle(x: torch.Tensor, g: ChunkGeometry) -> torch.Tensor:
-    """Chunks built element by element from spec §1.1's index formulas."""
+    """Chunks built element by element from the layout's index formulas (chunk.py docstring)."""
     m = x.reshape(g.batch, g.rows, g.cols)
     gy, gx = g.rows // g.n1, g.cols // g.n2
     out = torch.empty(g.num_chunks, g.chunk_len, dtype=x.dtype)

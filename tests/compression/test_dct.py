@@ -1,4 +1,4 @@
-"""Tests for thinwire.compression.dct against the closed form, scipy and spec §7 golden vectors."""
+"""Tests for thinwire.compression.dct against the closed form, scipy and Psyche's golden vectors."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ SIDES = [1, 2, 3, 4, 7, 8, 29, 64, 100]
 
 
 def _basis_loops(n: int) -> list[list[float]]:
-    """Spec §1.2 closed form, element by element with math.cos."""
+    """The DCT-II closed form of dct.py's docstring, element by element with math.cos."""
     out = []
     for j in range(n):
         row = []
@@ -32,7 +32,7 @@ def _basis_loops(n: int) -> list[list[float]]:
 @pytest.mark.parametrize("n", SIDES)
 def test_basis_matches_closed_form_fp64(n: int) -> None:
     f = dct_basis(n, torch.float64)
-    # 1e-12: both sides are fp64 evaluations of the same formula (spec §7 item 1).
+    # 1e-12: both sides are fp64 evaluations of the same formula.
     torch.testing.assert_close(
         f, torch.tensor(_basis_loops(n), dtype=torch.float64), rtol=0, atol=1e-12
     )
@@ -78,7 +78,7 @@ def test_basis_4x4_reference_values() -> None:
         ],
         dtype=torch.float64,
     )
-    # Spec §1.2 quotes 4 decimals.
+    # The expected values are given to 4 decimals.
     torch.testing.assert_close(f, expected, rtol=0, atol=1e-4)
 
 
@@ -108,12 +108,12 @@ def test_basis_validation(n, dtype, exc, pattern) -> None:
 
 
 def test_spec_arange8_golden_vector() -> None:
-    # Spec §7 item 2 (A3 test): 1-D arange(8) with s = 64 is one chunk of 8.
+    # Psyche's DCT test (distro.rs): 1-D arange(8) with s = 64 is one chunk of 8.
     g = ChunkGeometry.of((8,), 64)
     x = torch.arange(8, dtype=torch.float32)
     coeffs = dct_chunks(x, g)
     expected = torch.tensor([[9.8995, -6.4423, 0, -0.67345, 0, -0.2009, 0, -0.0507]])
-    # The spec quotes 4-5 significant digits.
+    # The expected values carry 4-5 significant digits.
     torch.testing.assert_close(coeffs, expected, rtol=0, atol=1e-4)
     # Inverse: fp32 matmuls over 8 terms, error ~ 8 * eps32 * |x|max ~ 1e-5.
     torch.testing.assert_close(idct_chunks(coeffs, g), x, rtol=0, atol=1e-5)

@@ -1,8 +1,8 @@
 """The backend rule and the (reference, kernel) registry of thinwire.compression._dispatch.
 
-Oracles: the rule as STYLE.md §4 writes it (auto / torch / triton, CPU only under
-``TRITON_INTERPRET=1``), ``inspect.signature`` equality for every registered pair, and fresh
-subprocesses for the import-time behaviour (triton blocked; kernels decorated without the
+Oracles: the rule as the module docstring of ``_dispatch`` writes it (auto / torch / triton, CPU
+only under ``TRITON_INTERPRET=1``), ``inspect.signature`` equality for every registered pair, and
+fresh subprocesses for the import-time behaviour (triton blocked; kernels decorated without the
 interpreter).
 """
 

@@ -18,7 +18,7 @@ from thinwire.compression.quant import dequantize_int8, quantize_int8
 
 
 def _loop_update(e: list[float], x: list[float], decay: float, scale: float) -> list[float]:
-    """Float64 oracle of one accumulate step, written as a plain loop (A8 / spec §3.2 step 2)."""
+    """Float64 oracle of one accumulate step, written as a plain loop (EF-SGD's update)."""
     return [decay * ei + scale * xi for ei, xi in zip(e, x, strict=True)]
 
 
@@ -68,7 +68,7 @@ def test_conservation_exact_float64(compressor: str) -> None:
 
 
 def test_decay_one_telescopes() -> None:
-    """With decay = 1: e_T + sum_t sent_t == sum_t input_t (spec §7 item 7)."""
+    """With decay = 1: e_T + sum_t sent_t == sum_t input_t (nothing is lost, only delayed)."""
     g = torch.Generator().manual_seed(3)
     e = torch.zeros(128, dtype=torch.float64)
     sent_sum = torch.zeros(128, dtype=torch.float64)
@@ -85,7 +85,7 @@ def test_decay_one_telescopes() -> None:
 
 
 def test_int8_quantization_error_stays_in_buffer() -> None:
-    """Spec §3.2 step 7: subtracting the dequantized values keeps exactly p - deq in the buffer."""
+    """As SparseLoCo: subtracting the dequantized values keeps exactly p - deq in the buffer."""
     g = torch.Generator().manual_seed(4)
     e = torch.zeros(1000)
     x = torch.randn(1000, generator=g)

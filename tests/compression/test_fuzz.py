@@ -1,4 +1,4 @@
-"""Fuzz test of payload decoding (issue 2 acceptance: >= 10,000 random, truncated and bit-flipped
+"""Fuzz test of payload decoding (>= 10,000 random, truncated and bit-flipped
 payloads; only ``PayloadError``, never another exception, a hang or a silent result).
 
 Every codec configuration (each dense value format, sparse DCT / no transform, both top-k rules,

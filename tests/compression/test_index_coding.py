@@ -3,7 +3,7 @@
 Oracles: a pure-Python Elias–Fano writer built from the textbook gap-unary definition (Vigna,
 WSDM 2013, §3: low halves in L bits, then for each value ``h_i - h_{i-1}`` zeros and a one), a
 pure-Python fixed-width writer, a hand-encoded golden chunk, ``math.comb`` for the subset bound,
-and the entropy floors of spec §4.1.
+and the entropy floors ``log2 C(4096, k) / k`` worked out by hand.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_elias_fano_golden_chunk():
 
 
 def test_fixed_golden_matches_pack12_at_4096():
-    # At C=4096 the 12-bit LSB-first stream is templar's pack12 layout (spec §4.1).
+    # At C=4096 the 12-bit LSB-first stream is templar's pack12 layout.
     idx = torch.tensor([[0x123, 0xABC], [0, 4095]])
     assert FIXED.encode(idx, 4096).tolist() == pack12_pairs(idx).tolist()
     assert FIXED.encode(torch.tensor([[0x123, 0xABC]]), 4096).tolist() == [0x23, 0xC1, 0xAB]
@@ -194,7 +194,7 @@ def test_log2_binom_against_math_comb():
 
 @pytest.mark.parametrize(
     "k,floor_spec,ef_bits",
-    # Entropy floors rounded as printed in spec §4.1; EF bits by hand from k*L + k + (4095>>L) + 1:
+    # Entropy floors rounded to 2 decimals; EF bits by hand from k*L + k + (4095>>L) + 1:
     # k=32: L=7, 224+32+32 = 288; k=64: L=6, 384+64+64 = 512; k=128: L=5, 640+128+128 = 896.
     [(32, 8.32, 288 / 32), (64, 7.36, 512 / 64), (128, 6.38, 896 / 128)],
 )

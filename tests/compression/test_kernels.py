@@ -5,7 +5,7 @@ before anything imports thinwire); on a CUDA machine the same tests run the comp
 Integer outputs (packed codes, indices) must match exactly; float outputs exactly where both paths
 do the same float32 operations in the same order, else within a bound derived from float32
 rounding. The references themselves are checked against independent float64 / numpy oracles.
-Sizes follow STYLE.md §4: 0, 1, block - 1, block, block + 1, a prime, a few thousand, a strided
+Sizes: 0, 1, block - 1, block, block + 1, a prime, a few thousand, a strided
 view; they stay small because the interpreter runs programs one at a time.
 """
 

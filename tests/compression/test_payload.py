@@ -1,7 +1,7 @@
 """Tests for thinwire.compression.payload: the versioned envelope and ``PayloadError``.
 
 Oracles: a header assembled by hand with ``struct`` and ``zlib.crc32`` from the layout in the
-module docstring (spec ``demo_sparseloco.md`` §4.1, issue 2 item 10), hand-written settings
+module docstring, hand-written settings
 strings, and single-field corruptions whose expected error names the field.
 """
 

@@ -1,10 +1,11 @@
 """Tests for thinwire.compression.pipeline: ValueFormat, DenseCodec, SparseCodec, build_codec.
 
-Oracles: a byte-count formula written from spec ``demo_sparseloco.md`` §1.1 (chunk geometry),
-§3.2 (density rule), §4.1-4.2 (index and value stream sizes) and the envelope layout; torch casts
-for fp16/bf16; absmax scales recomputed in float64; the spec §7 item 8 golden vector for 2-bit; a
-float64 plain-loop sparse reference (tile, ``scipy.fft.dctn(norm="ortho")``, keep the k largest
-``|coef|`` with lowest-index tie-break, inverse).
+Oracles: a byte-count formula written from the chunk geometry rule (as bloc97/DeMo and Psyche
+chunk), SparseLoCo's density rule, the index and value stream sizes and the envelope layout; torch
+casts for fp16/bf16; absmax scales recomputed in float64; a hand-computed golden vector of
+SparseLoCo's 2-bit quantizer; a float64 plain-loop sparse reference (tile,
+``scipy.fft.dctn(norm="ortho")``, keep the k largest ``|coef|`` with lowest-index tie-break,
+inverse).
 """
 
 from __future__ import annotations
@@ -63,14 +64,14 @@ def cfg_id(kc) -> str:
 
 
 def ref_split(n: int, s: int) -> int:
-    """Spec §1.1: largest divisor of n that is <= s (n itself when n <= s); zero dims -> 1."""
+    """Chunk side: largest divisor of n that is <= s (n itself when n <= s); zero dims -> 1."""
     if n == 0:
         return 1
     return n if n <= s else max(d for d in range(1, s + 1) if n % d == 0)
 
 
 def ref_geometry(shape: tuple[int, ...], s: int) -> tuple[int, int, int, int, int]:
-    """(batch, rows, cols, n1, n2) for spec §1.1 (0-d as (1,), N-D folds leading dims)."""
+    """(batch, rows, cols, n1, n2) of the chunk geometry (0-d as (1,), N-D folds leading dims)."""
     if len(shape) == 0:
         b, r, c = 1, 1, 1
     elif len(shape) == 1:
@@ -83,13 +84,13 @@ def ref_geometry(shape: tuple[int, ...], s: int) -> tuple[int, int, int, int, in
 
 def ref_k(C: int, cfg: dict) -> int:
     s, topk = cfg.get("chunk", 64), cfg.get("topk", 32)
-    if cfg.get("topk_rule", "per_chunk") == "density":  # spec §3.2 step 4, round half to even
+    if cfg.get("topk_rule", "per_chunk") == "density":  # SparseLoCo density rule, half to even
         return min(C, max(1, round(Fraction(C * topk, s * s))))
     return min(topk, C)
 
 
 def ref_value_bytes(n: int, cfg: dict) -> int:
-    """Spec §4.1 value streams: packed codes then float32 side data."""
+    """Value streams: packed codes then float32 side data."""
     v = cfg.get("values", "fp32")
     blk = cfg.get("block")
     if v == "fp32":
@@ -115,7 +116,7 @@ def ref_value_bytes(n: int, cfg: dict) -> int:
 
 def ref_index_bits(k: int, C: int, coding: str) -> int:
     if coding == "fixed":
-        return k * math.ceil(math.log2(C))  # spec §4.1 fixed: ceil(log2 C) bits
+        return k * math.ceil(math.log2(C))  # fixed-width indices: ceil(log2 C) bits
     low = 0  # Elias-Fano: L = floor(log2(C / k)), high part k + (C-1 >> L) + 1 bits
     while k * 2 ** (low + 1) <= C:
         low += 1
@@ -251,7 +252,7 @@ def test_dense_sign_and_2bit_closed_forms():
     torch.testing.assert_close(out, want, rtol=1e-6, atol=0)  # fp32 mean vs float64 mean
     unscaled = DenseCodec("sign", scale=False)
     assert torch.equal(unscaled.decode(unscaled.encode(x)), torch.where(x < 0, -1.0, 1.0))
-    # Spec §7 item 8 golden vector through the dense 2-bit codec.
+    # The 2-bit quantizer's golden vector (see test_quant.py) through the dense 2-bit codec.
     v = torch.tensor([-3, -2, -1, -0.2, 0.1, 0.9, 1.5, 2.5, 3, 4])
     got = DenseCodec("2bit").decode(DenseCodec("2bit").encode(v))
     golden = torch.tensor([-2.5, -2.5] + [0.26] * 5 + [19 / 6] * 3)
@@ -285,7 +286,7 @@ def test_dense_minifloat_error_bounds(fmt, rel, sub):
 
 
 def ref_tiles(x: np.ndarray, s: int):
-    """Yield (slices into the (B, R, C) view, tile) in spec §1.1 order, as plain loops."""
+    """Yield (slices into the (B, R, C) view, tile) in canonical tile order, as plain loops."""
     b, r, c, n1, n2 = ref_geometry(tuple(x.shape), s)
     v = x.reshape(b, r, c)
     for bi in range(b):

@@ -1,6 +1,6 @@
 """Tests for thinwire.compression.quant against float64 loop references, brute-force
-nearest-value oracles over each format's full table, closed-form error bounds and the spec §7
-item 8 golden vector.
+nearest-value oracles over each format's full table, closed-form error bounds and a golden
+vector of the 2-bit centroid quantizer computed by hand from its rules (tplr-ai/SparseLoCo).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def _topk_oracle(row: list[float], k: int) -> list[int]:
 
 
 def test_spec_a3_example() -> None:
-    # Spec §7 item 4 (A3 test).
+    # The example of Psyche's top-k test (distro.rs).
     x = torch.tensor([[0.5223, 0.9625, 0.5487, 0.2152, 0.2161, 0.0363, 0.4944, 0.0974]])
     idx, val = topk_chunks(x, 2)
     assert idx.tolist() == [[1, 2]]
@@ -189,7 +189,7 @@ def test_scatter_validation() -> None:
 @pytest.mark.parametrize(
     ("chunk_len", "topk", "target", "expected"),
     [
-        (4096, 64, 64, 64),  # full 64x64 tile, A6 default 64/4096
+        (4096, 64, 64, 64),  # full 64x64 tile, templar's default 64/4096
         (4096, 32, 64, 32),
         (64, 64, 64, 1),  # 1-D chunk of 64: 64*64/4096 = 1
         (64, 32, 64, 1),  # 0.5 rounds half-even to 0, then max(1, .)

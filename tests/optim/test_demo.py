@@ -1,14 +1,15 @@
-"""DeMo and its Psyche 1-bit variant against a float64 reference written from the spec.
+"""DeMo and its Psyche 1-bit variant against a float64 reference written from the algorithm.
 
-``specs/demo_sparseloco.md`` §1-2, §4 and §7. The first half of this file is the reference
-(also imported by ``test_sparseloco.py`` and ``test_sparse_gloo.py``): chunk geometry, the DCT
-basis from its closed form, top-k by sorting with the lowest-index tie-break, the 2-bit centroid
-quantizer, index-mean aggregation and the DeMo step, all as plain loops in float64, plus the
-byte formulas of §4. The optimizer runs in float32, so each comparison is *teacher-forced*: the
-reference starts every step from the optimizer's own state (cast to float64) and the results are
-compared with tolerances derived from float32 rounding. Discrete decisions (which coefficients
-are kept, ``sign(U)``) are only compared where the float64 margin exceeds that tolerance; the
-test asserts the margins hold so that a comparison is never silently skipped.
+DeMo is Peng et al., arXiv:2411.19870v1, Alg. 1, as the bloc97/DeMo code runs it; the byte formulas
+are those of ``docs/design.md``, "Byte formulas". The first half of this file is the reference (also
+imported by ``test_sparseloco.py`` and ``test_sparse_gloo.py``): chunk geometry, the DCT basis from
+its closed form, top-k by sorting with the lowest-index tie-break, the 2-bit centroid quantizer,
+index-mean aggregation and the DeMo step, all as plain loops in float64, plus the byte formulas. The
+optimizer runs in float32, so each comparison is *teacher-forced*: the reference starts every step
+from the optimizer's own state (cast to float64) and the results are compared with tolerances
+derived from float32 rounding. Discrete decisions (which coefficients are kept, ``sign(U)``) are
+only compared where the float64 margin exceeds that tolerance; the test asserts the margins hold so
+that a comparison is never silently skipped.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from thinwire.optim import DeMo, demo_compressor
 EPS32 = torch.finfo(torch.float32).eps
 F64 = torch.float64
 
-# ------------------------------------------------------------------ float64 reference (spec §1)
+# ------------------------------------------------------------------ float64 reference
 
 
 def ref_split(n: int, s: int) -> int:
-    """Spec §1.1: largest divisor of n that is <= s, or n itself when n <= s."""
+    """Chunk side: largest divisor of n that is <= s, or n itself when n <= s."""
     if n <= s:
         return n
     d = s
@@ -49,7 +50,7 @@ def ref_split(n: int, s: int) -> int:
 
 
 def ref_layout(shape: tuple[int, ...], s: int) -> tuple[int, int, int, int]:
-    """(rows, cols, n1, n2): 0-d is (1,), 1-D (n,) is one row, 2-D tiles both dims (§1.1)."""
+    """(rows, cols, n1, n2): 0-d is (1,), 1-D (n,) is one row, 2-D tiles both dims."""
     if len(shape) == 0:
         return 1, 1, 1, 1
     if len(shape) == 1:
@@ -58,7 +59,7 @@ def ref_layout(shape: tuple[int, ...], s: int) -> tuple[int, int, int, int]:
 
 
 def ref_tiles(x: torch.Tensor, s: int) -> list[torch.Tensor]:
-    """Tiles (n1, n2) in canonical order: tile-row major, then tile-column (§1.1)."""
+    """Tiles (n1, n2) in canonical order: tile-row major, then tile-column."""
     rows, cols, n1, n2 = ref_layout(tuple(x.shape), s)
     m = x.reshape(rows, cols)
     out = []
@@ -81,7 +82,7 @@ def ref_untile(tiles: list[torch.Tensor], shape: tuple[int, ...], s: int) -> tor
 
 @functools.cache
 def ref_basis(n: int) -> torch.Tensor:
-    """Spec §1.2 closed form: F[j, b] = c_b cos(pi (2j+1) b / (2n)), c_0 = sqrt(1/n), else sqrt(2/n)."""
+    """DCT-II closed form: F[j, b] = c_b cos(pi (2j+1) b / (2n)), c_0 = sqrt(1/n), else sqrt(2/n)."""
     rows = []
     for j in range(n):
         rows.append(
@@ -111,19 +112,19 @@ def tr_tol(shape: tuple[int, ...], s: int, norm: float) -> float:
 
 
 def ref_topk(v: list[float], k: int) -> tuple[list[int], float]:
-    """Spec §1.3: k largest |v|, ties to the lower index, indices ascending; and the gap |v_(k)|-|v_(k+1)|."""
+    """Top-k: k largest |v|, ties to the lower index, indices ascending; and the gap |v_(k)|-|v_(k+1)|."""
     order = sorted(range(len(v)), key=lambda i: (-abs(v[i]), i))
     gap = abs(v[order[k - 1]]) - abs(v[order[k]]) if k < len(v) else math.inf
     return sorted(order[:k]), gap
 
 
 def ref_k_density(C: int, topk: int, s: int) -> int:
-    """SparseLoCo §3.2 step 4: max(1, round(C * topk / s^2)), Python round (half to even)."""
+    """SparseLoCo's density rule: max(1, round(C * topk / s^2)), Python round (half to even)."""
     return min(C, max(1, round(C * topk / (s * s))))
 
 
 def ref_quant2(vals: list[float], n_bins: int = 4, range_sigmas: float = 6.0):
-    """Spec §3.3 centroid quantizer; returns (dequantized, codes, distance of c/scale to a rounding edge, scale)."""
+    """2-bit centroid quantizer; returns (dequantized, codes, distance of c/scale to a rounding edge, scale)."""
     n = len(vals)
     mu = sum(vals) / n
     c = [v - mu for v in vals]
@@ -144,7 +145,7 @@ def ref_quant2(vals: list[float], n_bins: int = 4, range_sigmas: float = 6.0):
 
 
 def ref_aggregate(msgs: list[tuple[list[int], list[float]]], C: int, mode: str) -> list[float]:
-    """Spec §1.4: index_mean = mean over the peers that selected a slot; global_mean = sum / peers."""
+    """index_mean = mean over the peers that selected a slot; global_mean = sum / peers."""
     acc, cnt = [0.0] * C, [0] * C
     for idx, val in msgs:
         for i, v in zip(idx, val, strict=True):
@@ -162,7 +163,7 @@ def wire_value(v: float, values: str) -> float:
     return v
 
 
-# ------------------------------------------------------------------ byte formulas (spec §4)
+# ------------------------------------------------------------------ byte formulas
 
 
 def index_bits(k: int, C: int, coding: str) -> int:
@@ -292,7 +293,7 @@ def demo_rank(r, comm, model, steps, *, kw, grads="model", seed=100, groups=None
     return hist, opt
 
 
-# ------------------------------------------------------------------ DeMo reference step (spec §2.2)
+# ------------------------------------------------------------------ DeMo reference step
 
 
 def ref_demo_tensor(pre: list[dict], cfg: dict, contrib: list[bool]) -> dict[str, Any]:
@@ -339,7 +340,7 @@ def ref_demo_tensor(pre: list[dict], cfg: dict, contrib: list[bool]) -> dict[str
     for r in range(len(pre)):
         nt, tt, sr, mr, tc = [], [], [], [], []
         for tile, rt in zip(tiles[r], rtiles[r], strict=True):
-            if not contrib[r]:  # skipped worker: sends nothing, momentum reset (spec §2 / STYLE §3)
+            if not contrib[r]:  # skipped worker: sends nothing, momentum reset
                 nt.append(torch.zeros_like(tile))
                 tt.append(torch.zeros_like(tile))
                 tc.append(0.0)
@@ -478,7 +479,7 @@ def test_demo_matches_float64_reference(P, extra):
     # The band |U| <= tol_u is a worst-case (gamma_n) bound, ~100x the observed float32 error,
     # yet the sign of U is still checked exactly on at least 95% of the coordinates.
     assert amb <= 0.05 * tot
-    if P >= 2:  # every rank holds the same bits (spec §1.4 determinism)
+    if P >= 2:  # every rank holds the same bits (deterministic aggregation)
         for o in out[1:]:
             for p, q in zip(
                 out[0][1].param_groups[0]["params"], o[1].param_groups[0]["params"], strict=True
@@ -506,7 +507,7 @@ def test_demo_index_mean_sees_collisions():
 
 
 def test_demo_keep_all_is_sign_of_mean_gradient():
-    # Spec §7 item 5: k = chunk_len, float values: delta ~ 0 after each step and the update
+    # k = chunk_len, float values: delta ~ 0 after each step and the update
     # is -lr*sign(mean_r(beta*delta_r + lr*g_r)) (DCT orthonormal, everything sent).
     kw = dict(lr=1e-2, momentum_decay=0.9, topk=64 * 64, chunk=64)
     base = tiny_model()
@@ -581,7 +582,7 @@ def test_demo_error_feedback_conservation(values, subtract):
 
 
 def test_psyche_unquantized_subtraction_zeroes_kept_coefficients():
-    # Psyche (spec §2.4): signs are sent but the *unquantized* coefficients leave the momentum,
+    # Psyche: signs are sent but the *unquantized* coefficients leave the momentum,
     # so after the step the kept DCT coefficients of delta are 0 and the others are untouched.
     kw = {**BASE, "values": "sign", "subtract": "unquantized", "weight_decay": 0.0}
     base = tiny_model()
@@ -839,7 +840,7 @@ def test_state_dict_round_trip_overlap_bf16(P):
 
 
 def test_entropy_index_bits_near_bound():
-    # Spec §4.1 / issue acceptance: Elias-Fano <= 1.10 x log2 C(n, k) / k at DeMo's k=32 of 4096,
+    # Elias-Fano <= 1.10 x log2 C(n, k) / k at DeMo's k=32 of 4096,
     # measured from the ledger of a real step.
     model = nn.Linear(256, 128, bias=False)  # 8 tiles of 64 x 64
     models = [copy.deepcopy(model) for _ in range(2)]

@@ -1,4 +1,4 @@
-"""The DiLoCo family on real gloo processes (``specs/diloco.md`` §6 items 2, 3, 8, 10).
+"""The DiLoCo family on real gloo processes: averaging, outer step, consistency and bytes.
 
 One spawned group per world size (2 and 3; 3 gives uneven ring chunks) runs every check, because
 spawning costs seconds: rendezvous through a file in ``tmp_path``, gloo on loopback, one
@@ -11,8 +11,9 @@ spawning costs seconds: rendezvous through a file in ``tmp_path``, gloo on loopb
     simulation that averages the M pseudo-gradients by hand and steps ``torch.optim.SGD``;
 (c) the consistency digest (θ_g and outer state) is equal on every rank after every sync, for
     every compressor, with and without error feedback;
-(d) bytes per sync from the ledger equal spec §3 (ring fp32; all-gather of int8/int4 payloads
-    with a wire size computed here from the envelope layout), framing < 1 % at 100k params;
+(d) bytes per sync from the ledger equal the formulas of ``docs/design.md``, "Byte formulas" (ring
+    fp32; all-gather of int8/int4 payloads with a wire size computed here from the envelope layout),
+    framing < 1 % at 100k params;
 (e) StreamingDiLoCo with overlap (async reductions) keeps digests equal, syncs the fragments in
     turn and moves only the served fragment's θ_g.
 """
@@ -35,7 +36,7 @@ U = 2.0**-24  # float32 unit roundoff
 H_AVG, ROUNDS = 3, 3  # inner steps per round and rounds for (a) and (b)
 SGD_INNER = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 ADAMW_INNER = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
-OUTER_LR, OUTER_MU = 0.7, 0.9  # spec §1.2 defaults
+OUTER_LR, OUTER_MU = 0.7, 0.9  # DiLoCo's outer defaults (arXiv:2311.08105v3)
 COMPRESSORS = [
     (None, False),
     ("fp16", False),
@@ -324,8 +325,8 @@ def _check_diloco(res: list[dict[str, Any]], P: int) -> None:
             assert bool(((rep0["buf"][i].double() - b_new).abs() <= tol_b).all()), (t, i)
             assert bool(((rep0["anchor"][i].double() - g_new).abs() <= tol_g).all()), (t, i)
         theta_g, bufs = rep0["anchor"], rep0["buf"]
-    # The outer step really is Nesterov with the spec defaults: on round 1 θ_g moved by
-    # −lr(1+μ)Δ̄ = −1.33·Δ̄ (spec §1.3), not by the plain average −Δ̄.
+    # The outer step really is Nesterov with DiLoCo's defaults: on round 1 θ_g moved by
+    # −lr(1+μ)Δ̄ = −1.33·Δ̄ (Nesterov as torch.optim.SGD), not by the plain average −Δ̄.
     assert not torch.equal(res[0]["diloco"]["syncs"][0]["anchor"][0], _params(_model())[0])
 
 
@@ -348,7 +349,7 @@ def _check_codecs(res: list[dict[str, Any]], P: int) -> None:
     init = _params(_model())
     for k, (spec, ef) in enumerate(COMPRESSORS):
         runs = [res[r]["codecs"][k] for r in range(P)]
-        for r in range(1, P):  # spec §6 item 8: identical θ_g and outer state everywhere
+        for r in range(1, P):  # identical θ_g and outer state everywhere
             assert runs[r]["digests"] == runs[0]["digests"], (spec, ef, r)
             for a_sync, b_sync in zip(runs[r]["anchors"], runs[0]["anchors"], strict=True):
                 assert all(torch.equal(a, b) for a, b in zip(a_sync, b_sync, strict=True))
@@ -374,7 +375,7 @@ def _check_bytes(res: list[dict[str, Any]], P: int) -> None:
             for row in rows:
                 assert row["tag"] == "diloco/sync/f0/g0" and row["control"] == 0
                 if spec is None:
-                    want = 2 * (P - 1) * math.ceil(N_BYTES / P) * 4  # ring, spec §3 row 1
+                    want = 2 * (P - 1) * math.ceil(N_BYTES / P) * 4  # ring all-reduce of float32
                     assert (row["op"], row["algorithm"]) == ("all_reduce", "ring")
                     assert row["sent"] == row["recv"] == want
                     spec3 = 2 * (P - 1) / P * N_BYTES * 4
@@ -386,7 +387,7 @@ def _check_bytes(res: list[dict[str, Any]], P: int) -> None:
                     body = math.ceil(N_BYTES * bits / 8) + 4 * math.ceil(N_BYTES / block)
                     framing = wire - body  # the envelope; equal frames need no length exchange
                     assert framing / body < 0.01
-                    spec3 = (P - 1) * N_BYTES * (bits + 32 / block) / 8  # spec §3 all-gather row
+                    spec3 = (P - 1) * N_BYTES * (bits + 32 / block) / 8  # all-gather, blocked codec
                 assert abs(row["sent"] - spec3) / spec3 < 0.01
 
 
@@ -411,7 +412,7 @@ def _check_streaming(res: list[dict[str, Any]], P: int) -> None:
             for i in range(len(params)):
                 moved = not torch.equal(before[i], after[i])
                 assert moved == (i in frags[f]), (spec, j, i)
-        # One reduction per event; bytes for that fragment's size (spec §3 with N = fragment).
+        # One reduction per event; bytes for that fragment's size (N = the fragment's elements).
         rows = runs[0]["ledger"]
         assert len(rows) == len(events) - 1
         for j, row in enumerate(rows):

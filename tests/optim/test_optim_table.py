@@ -1,4 +1,4 @@
-"""Generic tests over the optimizer table (``_optim_db.OPTIM_DB``; STYLE.md §5).
+"""Generic tests over the optimizer table (``_optim_db.OPTIM_DB``, shaped like torch's ``optim_db``).
 
 For every optimizer of the table: validation messages (constructor, param-group dicts and
 ``add_param_group``), a bit-exact ``state_dict`` round trip through ``io.BytesIO`` at every step of

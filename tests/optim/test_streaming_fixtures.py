@@ -1,4 +1,4 @@
-"""Streaming DiLoCo schedule against torchft's regression fixtures (``specs/diloco.md`` §6 item 6).
+"""Streaming DiLoCo schedule against torchft's regression fixtures.
 
 The model is torchft's mock (``torchft/diloco_regression_test.py``): two fragments of one 1x1
 weight each, initialised to 1.0; every inner step sets ``grad = 2`` and the inner optimizer does
@@ -9,8 +9,10 @@ number, exact in float32.
 
 Oracles: the expected trajectories in ``fixtures/torchft_diloco_regression.json`` (numbers copied
 from torchft's fixture files; source and commits named there) and, for the case missing from the
-stored fixtures (τ = 1, α = 0), a plain-float recursion of spec §1.6 written below, which is first
-checked to reproduce all five stored fixtures, plus the same trajectory worked out by hand.
+stored fixtures (τ = 1, α = 0), a plain-float recursion of the schedule in ``StreamingDiLoCo``'s
+docstring (Streaming DiLoCo, arXiv:2501.18512v1 §2, as torchft's ``_StreamingDiLoCoFragment`` runs
+it) written below, which is first checked to reproduce all five stored fixtures, plus the same
+trajectory worked out by hand.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ INNER_LR = FIXTURE["inner_lr"]
 OUTER_LR = FIXTURE["outer_lr"]
 STEPS = 15  # torchft's loop records 16 states (steps 0..15): 5 events at steps 3, 6, 9, 12, 15
 
-# τ = 1, α = 0 worked out by hand from spec §1.6 (K = 3; Δ taken after step 3j + 2, applied after
+# τ = 1, α = 0 by hand from the schedule (K = 3; Δ taken after step 3j + 2, applied after
 # 3j + 3; the local fragment adopts θ_g):
 #   event 0, fragment 0: Δ = 1 - (-3) = 4,   θ_g0 = 1 - 2*4 = -7    -> w0(3) = -7
 #   event 1, fragment 1: Δ = 1 - (-9) = 10,  θ_g1 = 1 - 20 = -19    -> w1(6) = -19
@@ -48,7 +50,7 @@ HAND_TAU1_ALPHA0 = FIXTURE["derived_by_hand"][0]  # the trajectory worked out ab
 
 
 def _recursion(tau: int, alpha: float, steps: int = STEPS) -> dict[str, Any]:
-    """Spec §1.6 as plain Python floats: the oracle for the schedule (one worker)."""
+    """The schedule as plain Python floats: the oracle for it (one worker)."""
     K = H // P
     local = [1.0] * P
     glob = [1.0] * P

@@ -1,4 +1,4 @@
-"""Cross-check against torchft's own DiLoCo, Streaming DiLoCo and LocalSGD (spec §6 item 7).
+"""Cross-check against torchft's own DiLoCo, Streaming DiLoCo and LocalSGD.
 
 torchft (``torchft/local_sgd.py``, installed from the registry through the ``dev`` extra) wraps
 an inner optimizer with step hooks and talks to a ``Manager``. What its DiLoCo calls on the
@@ -10,7 +10,7 @@ replica returns its tensor unchanged; several replicas (threads of this process)
 barrier, sum in rank order and divide, as ``Manager.allreduce`` does. thinwire's side runs with
 ``comm=None`` (one worker) or an :class:`~thinwire.collectives.InprocCommunicator` group.
 
-Acceptance (issue 4): with identical model, data and hyper-parameters, parameters equal at every
+What is checked: with identical model, data and hyper-parameters, parameters equal at every
 step within 1e-6. The harness is validated first: driven by this manager, torchft reproduces its
 own regression fixtures (``fixtures/torchft_diloco_regression.json``).
 """
@@ -35,7 +35,7 @@ from torchft.work import _DummyWork
 from thinwire.collectives import InprocCommunicator
 from thinwire.optim import DiLoCo, LocalSGD, StreamingDiLoCo
 
-ATOL = 1e-6  # issue 4 acceptance: "parameters equal at every step within 1e-6"
+ATOL = 1e-6  # the parity asked of thinwire: parameters equal at every step within 1e-6
 FIXTURE = json.loads(
     (Path(__file__).parent / "fixtures" / "torchft_diloco_regression.json").read_text()
 )
@@ -377,7 +377,7 @@ def test_reference_harness_reproduces_torchft_fixtures(case):
 # inner torch.optim.SGD read DiLoCo's outer setting as its own; it is now "outer_nesterov".
 @pytest.mark.parametrize("cls, inner_nesterov", [(DiLoCo, False), (LocalSGD, True)])
 def test_inner_sgd_keeps_its_own_nesterov(cls, inner_nesterov):
-    """Before the first sync a DiLoCo-family optimizer is exactly its inner optimizer (spec §2)."""
+    """Before the first sync a DiLoCo-family optimizer is exactly its inner optimizer."""
     base = _mlp(3)
     m_bare, m_us = copy.deepcopy(base), copy.deepcopy(base)
     inner = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=inner_nesterov)

@@ -1,4 +1,4 @@
-"""Fault-injection harness for the reliability tests (issue 9) and ``benchmarks/faults.py``.
+"""Fault-injection harness for the reliability tests and ``benchmarks/faults.py``.
 
 :class:`FaultyComm` wraps a REAL communicator (in-process, gloo or hivemind) and changes only what
 *this* rank does or sends: it dies (``os._exit`` right after issuing its part of a collective),
@@ -85,7 +85,7 @@ __all__ = [
     "finite_payload",
 ]
 
-# What one rank can do wrong (issue 9, "What to build" item 4).
+# What one rank can do wrong.
 KINDS = ("kill", "stall", "corrupt", "truncate", "nan", "scale", "sign_flip", "drop")
 # 0xFF bytes are NaN as float32, as each fp16/bf16 half and as fp8 e4m3 (all exponent bits set,
 # mantissa non-zero), so they poison any value format's codes or float32 side data.

@@ -1,9 +1,9 @@
-"""A gloo rank dies mid-sync: the survivors fail fast and a restart resumes bit-exactly (issue 9).
+"""A gloo rank dies mid-sync: the survivors fail fast and a restart resumes bit-exactly.
 
-Spec: ``specs/collectives_wan_bench.md`` §2.5 and §7 item 6 (survivors raise ``CommError``
-within ``timeout_s + 10 s``, never hang; later calls raise at once), ``specs/diloco.md`` §5
-("Bit-exact resume"). Ranks are real processes (spawn) that rendezvous through a file and talk
-gloo over loopback, each with a :class:`~thinwire.collectives.TorchDistCommunicator`.
+Checked: survivors raise ``CommError`` within ``timeout_s + 10 s``, never hang, and later calls
+raise at once (``docs/design.md``, "Failures and timeouts"); a restart from the saved
+``state_dict``s resumes bit-exactly. Ranks are real processes (spawn) that rendezvous through a file
+and talk gloo over loopback, each with a :class:`~thinwire.collectives.TorchDistCommunicator`.
 
 1. Killed run: 4 ranks train DiLoCo (AdamW inner, int8 payloads with error feedback, so the
    checkpoint must carry inner moments, θ_g, outer momentum and residuals) and save model +

@@ -1,7 +1,7 @@
-"""DiLoCo over a real hivemind swarm while a peer keeps leaving and rejoining (issue 9).
+"""DiLoCo over a real hivemind swarm while a peer keeps leaving and rejoining.
 
-Spec: ``specs/collectives_wan_bench.md`` §4 (membership, rounds, failure semantics) and
-``specs/diloco.md`` §5 ("Late joiner", "Dropout mid-round"). Four workers, each a real
+Failure semantics as ``docs/design.md``, "Failures and timeouts", describes them for hivemind
+(elastic membership, round ids, partial groups). Four workers, each a real
 :class:`~thinwire.collectives.HivemindCommunicator` (its own DHT process, p2p daemon and averager
 processes) on 127.0.0.1, train the seeded regression with :class:`~thinwire.optim.DiLoCo` (dense
 butterfly all-reduce), one thread per worker per round. The fault harness wraps each peer's
@@ -41,7 +41,7 @@ from thinwire.optim import DiLoCo
 P, H, LR = 4, 10, 0.1
 TASK = Regression(batch=64)
 SYNC_TAG = "diloco/sync/f0/g0"  # the tag DiLoCo gives its one bucket (fragment 0, group 0)
-# Spec §7 item 7: matchmaking 1-2 s (1 s here, request_timeout below it). A full group forms as
+# Matchmaking 1 s (enough on loopback; request_timeout below it). A full group forms as
 # soon as 4 peers are found (expected_world_size is hivemind's target group size); with a peer
 # away, a round waits round_wait_timeout for it and then matches the three that are there.
 KW = dict(
@@ -259,6 +259,6 @@ def test_churn_short_every_round_is_the_mean_of_its_group():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_churn_200_rounds_leave_and_rejoin_every_20():
-    """Issue 9 acceptance: 200 rounds, a peer leaves for 5 rounds and rejoins every 20."""
+    """200 rounds; a peer leaves for 5 rounds and rejoins, every 20 rounds."""
     rounds, period, away = 200, 20, 5
     _check(churn_run(rounds, period, away, "tw-churn-200"), rounds, period, away)

@@ -1,4 +1,4 @@
-"""Fuzzed, truncated and bit-flipped payloads and frames through every receive path (issue 9).
+"""Fuzzed, truncated and bit-flipped payloads and frames through every receive path.
 
 Two receive paths, each fed damaged messages:
 

@@ -1,4 +1,4 @@
-"""A hostile, broken or careless peer among four (issue 9 acceptance, in-process engine).
+"""A hostile, broken or careless peer among four (in-process engine).
 
 Ranks are threads of a real :class:`~thinwire.collectives.InprocCommunicator` group; one rank's
 communicator is wrapped by the fault harness (``_faults.FaultyComm``), which alters only what that
@@ -68,7 +68,7 @@ ATTACKS = {
     "flip": (Fault("sign_flip"),),
     "flip_x100": (Fault("sign_flip"), Fault("scale", arg=100.0)),
 }
-TOLERANCE = 1.05  # issue 9: robust within 5 % of the clean run
+TOLERANCE = 1.05  # a robust rule must end within 5 % of the clean run's loss
 DAMAGE = {"diloco": 1.5, "sparseloco": 1.5, "demo": 1.2}  # unprotected run at least this much worse
 
 
@@ -327,7 +327,7 @@ def _is_empty(rec: Any) -> bool:
     ],
 )
 def test_skipping_worker_contributes_again_from_the_next_round(kind):
-    """After a skipped round the worker restarts from θ_g and counts again (spec §5, Dropout)."""
+    """After a skipped round the worker restarts from θ_g and counts again."""
     run = nonfinite_run(kind, "skip")
     status, (weights, finite) = run["outcomes"][BAD]
     assert status == "ok" and finite, run["outcomes"][BAD]
@@ -491,7 +491,7 @@ def test_straggler_within_the_timeout_changes_nothing_beyond_it_fails_fast():
     timeout_s = 1.0
     late = straggler_run(3.0, timeout_s)
     for r, (status, info) in enumerate(late):
-        if r != BAD:  # its peers give up within the timeout (+10 s, spec §7 item 6): no hang
+        if r != BAD:  # its peers give up within the timeout (+10 s): no hang
             assert status == "error" and info[0] == "CommTimeout", late
             assert info[1] < timeout_s + 10.0
 

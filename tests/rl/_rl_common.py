@@ -7,7 +7,7 @@ import torch
 
 from thinwire.rl.config import GRPOConfig
 
-P = 69_390  # TinyCausalLM parameters (spec §3.2)
+P = 69_390  # TinyCausalLM parameters at its defaults
 
 
 @pytest.fixture(autouse=True)

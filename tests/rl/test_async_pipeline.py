@@ -1,5 +1,6 @@
-"""Versioned pipeline (spec grpo.md §2): store and versions, remote weight deltas, workers,
-sync equivalence (oracle §6.8), push-pull threads, lagged staleness, remote workers."""
+"""Versioned pipeline: store and versions, remote weight deltas, workers, sync equivalence
+(max_staleness 0 equals plain synchronous GRPO), push-pull threads, lagged staleness, remote
+workers."""
 
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def test_learner_versions_count_inner_steps_and_merges():
     for _ in range(6):
         worker.refresh()
         versions.append(int(learner.step(worker.generate(4))["version"]))
-    # +1 per inner step, +1 more at each merge (steps 3 and 6), spec §2.2
+    # +1 per inner step, +1 more at each merge (steps 3 and 6), as thinwire.rl.store defines versions
     assert versions == [1, 2, 4, 5, 6, 8] and store.version == 8
 
 
@@ -157,7 +158,7 @@ def test_oracle_6_8_sync_pipeline_equals_plain_grpo_loop():
     steps, n_prompts, G, seed = 20, 4, 8, 3
     cfg = _cfg(group_size=G, prompts_per_step=n_prompts, seed=seed)
     res = run_local(cfg, 1, "none", steps=steps, pipeline="sequential")
-    # plain synchronous GRPO, written from spec §1 and §2.5 with the worker's seeding rule (§0)
+    # plain synchronous GRPO (DeepSeekMath §4.1), written with the worker's seeding rule
     env = DigitSumEnv()
     pol = TinyCausalLM(seed=seed)
     opt = torch.optim.Adam(pol.parameters(), lr=cfg.lr)
@@ -232,7 +233,7 @@ def test_group_bytes_formula():
     store = PolicyStore()
     store.publish(TinyCausalLM().state_dict(), 0)
     (g,) = RolloutWorker(env, TinyCausalLM(), store, group_size=5).generate(1)
-    # spec §3.2 rollout row: 4(Lp + Lc) + 4 Lc + metadata; here 159 B per DigitSum member
+    # a rollout's wire size: 4(Lp + Lc) + 4 Lc + metadata; here 159 B per DigitSum member
     # (12 header + 61 fixed + 16 fingerprint + 8 lengths + 28 ids + 1 mask + 12 logp + 4 CRC
     # + 2 component count + 15 for the "digit_sum" component: 2 + 9 name bytes + 4 value)
     assert group_nbytes(g) == 10 + 5 * 159 + 4

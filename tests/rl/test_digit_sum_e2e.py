@@ -1,9 +1,10 @@
-"""DigitSum end to end (spec grpo.md §4.4-4.6, oracle §6.12; issue 8 acceptance).
+"""DigitSum end to end: one learner, async, two learners (DiLoCo, DeMo), bytes against DDP-GRPO.
 
-The 400-step acceptance runs are marked ``slow`` (each well under 3 min on 2 cores); a reduced
+The 400-step runs are marked ``slow`` (each well under 3 min on 2 cores); a reduced
 two-learner DiLoCo run and the learner-to-learner byte ratios against DDP-GRPO stay in the
-default suite. Thresholds are the spec's; the DeMo one is tightened to what the tuned run
-reaches (see ``benchmarks/grpo.py`` for the sweep).
+default suite. Thresholds sit below what the runs of ``benchmarks/RESULTS.md`` ("GRPO across
+WAN links") reached; the DeMo one is tightened to what the tuned run reaches (see
+``benchmarks/grpo.py`` for the sweep).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from thinwire.rl.config import GRPOConfig
 from thinwire.rl.runtime import SyncOptions, run_local
 
-# spec §4.3 reference configuration (per learner: 32 prompts x G = 32; 16 x 32 for 2 learners)
+# reference configuration (per learner: 32 prompts x G = 32; 16 x 32 for 2 learners)
 REF = dict(group_size=32, prompts_per_step=32, max_completion_length=3, epsilon_low=0.2, epsilon_high=0.28,
            beta=0.0, scale_rewards="group", loss_aggregation="token_mean", lr=1e-3, temperature=1.0)  # fmt: skip
 # DeMo on DigitSum: Psyche's sign values over two flat buckets (two payloads per step instead of
@@ -32,14 +33,14 @@ def _cfg(**kw):
 @pytest.mark.slow
 def test_single_learner_reaches_085():
     res = run_local(_cfg(), 1, "none", steps=400, num_threads=1)
-    assert res.rewards[0] <= 0.06  # uniform policy: 0.0175 (spec §4.1)
+    assert res.rewards[0] <= 0.06  # uniform policy: 0.0175 (DigitSumEnv.uniform_baseline)
     assert res.window(351, 400) >= 0.85
     assert res.learners[0].greedy >= 17
 
 
 @pytest.mark.slow
 def test_async_max_staleness_2_reaches_080():
-    # every step trains on groups sampled by the version 2 steps back (spec §4.5), ratio
+    # every step trains on groups sampled by the version 2 steps back, ratio
     # against the recorded behaviour log-probs
     res = run_local(
         _cfg(max_staleness=2, sync="push_pull"),
@@ -65,7 +66,7 @@ def test_two_learners_diloco_rl_default_reaches_080():
 
 @pytest.mark.slow
 def test_two_learners_demo_reaches_080():
-    # spec §4.5 asks >= 0.70 provisionally, to be tightened once tuned: the tuned run (lr 3e-3,
+    # >= 0.70 was the provisional bar before tuning: the tuned run (lr 3e-3,
     # benchmarks/grpo.py sweep) reaches 0.85 over steps 301-400, greedy 17/20
     res = run_local(_cfg(prompts_per_step=16), 2, "demo", steps=400, num_threads=1, options=DEMO)
     assert res.window(301, 400) >= 0.80
@@ -75,7 +76,7 @@ def test_two_learners_demo_reaches_080():
 
 def test_reduced_two_learner_diloco_over_wan_learns():
     # 2 learners x (8 prompts x 16), DiLoCo at the RL default (outer lr 1, momentum 0, H = 10),
-    # 80 steps: the uniform policy scores 0.0175 (spec §4.1); learning must be visible.
+    # 80 steps: the uniform policy scores 0.0175 (uniform_baseline); learning must be visible.
     res = run_local(_cfg(group_size=16, prompts_per_step=8), 2, "diloco", steps=80, num_threads=1)
     assert res.window(1, 10) < 0.06
     assert res.window(61, 80) > 2 * res.window(1, 20)

@@ -1,5 +1,5 @@
-"""Learners over simulated WAN links (spec grpo.md §3): oracles §6.9 (DiLoCo reduction), §6.10
-(DeMo global normaliser), §6.11 (bytes per channel) and SAPO sharing (§2.6)."""
+"""Learners over simulated WAN links: DiLoCo reduction (one learner, H = 1, outer lr 1, momentum 0
+equals the inner optimizer), DeMo's global loss normaliser, bytes per channel and SAPO sharing."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_oracle_6_9_two_learners_on_identical_data_equal_one():
     comms = _wan_group(2)
     two = _threads(2, lambda r: train(comms[r], r))
     one = train(None, 0)
-    assert one[1] == two[0][1] == two[1][1] == 4 + 2  # 4 inner steps and 2 merges (§2.2)
+    assert one[1] == two[0][1] == two[1][1] == 4 + 2  # 4 inner steps and 2 merges
     for k in one[0]:
         assert torch.allclose(two[0][0][k], one[0][k], atol=1e-6, rtol=0), k
         assert torch.equal(two[0][0][k], two[1][0][k])  # replicas agree bit for bit
@@ -135,7 +135,7 @@ def test_oracle_6_10_global_normaliser_equals_union_batch_gradient(aggregation):
 
 def test_oracle_6_11_bytes_per_channel_match_formulas():
     cfg = _cfg()
-    ring = 2 * (2 - 1) * -(-P // 2) * 4  # ring all-reduce of P fp32 values, R = 2 (spec §2.4)
+    ring = 2 * (2 - 1) * -(-P // 2) * 4  # ring all-reduce of P fp32 values, R = 2 (ring formula)
     ddp = run_local(cfg, 2, "ddp", steps=3)
     dil = run_local(cfg, 2, "diloco", steps=4, options=SyncOptions(sync_every=2))
     q4 = run_local(

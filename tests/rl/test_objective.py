@@ -1,7 +1,8 @@
-"""Oracles of spec grpo.md §6.1–6.6 for the GRPO objective and GRPOConfig validation.
+"""Oracles for the GRPO objective and GRPOConfig validation.
 
-The reference implementations here are plain-Python float64 loops written from spec §1.2–1.4
-(``statistics`` and ``math`` only); the library's vectorised code is compared against them.
+The reference implementations here are plain-Python float64 loops (``statistics`` and ``math``
+only) written from the papers ``thinwire.rl.objective`` cites (DeepSeekMath, arXiv:2402.03300v3
+§4.1; DAPO; Dr. GRPO; INTELLECT-2); the library's vectorised code is compared against them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _one_intra_op_thread():
 
 
 def ref_advantages(groups: list[list[float]], mode: str, eps: float = 1e-4) -> list[list[float]]:
-    """Spec §1.2 by hand: nan-aware mean, Bessel std, unscorable and constant groups -> 0."""
+    """Advantages by hand: nan-aware mean, Bessel std, unscorable and constant groups -> 0."""
     scorable_all = [r for g in groups for r in g if not math.isnan(r)]
     std_batch = statistics.stdev(scorable_all) if len(scorable_all) >= 2 else 0.0
     out = []
@@ -85,7 +86,7 @@ def ref_loss_and_grad(
     aggregation: str,
     l_max: int,
 ) -> tuple[float, list[list[list[float]]]]:
-    """Loss of spec §1.3–1.4 and dL/dlogits, token by token (analytic gradient of §6.3)."""
+    """Per-token loss, its aggregation and dL/dlogits, token by token (analytic gradient)."""
     n_seq = len(lengths)
     n_tok = sum(lengths)
     loss = 0.0
@@ -132,7 +133,7 @@ def _logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def test_advantages_worked_example() -> None:
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
-    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # σ = 0.577350 (Bessel), spec §1.2
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # σ = 0.577350 (Bessel)
     assert a == pytest.approx(0.8658754, abs=5e-8)
     torch.testing.assert_close(
         compute_advantages(r, "group"), torch.tensor([[a, -a, -a, a]], dtype=torch.float64)
@@ -229,7 +230,7 @@ def _oracle_batch(seed: int = 7) -> dict[str, torch.Tensor]:
     logits = features @ w
     tokens = torch.randint(0, v, (b, t), generator=gen)
     cur = _logp(logits, tokens)
-    # Behaviour log-probs within ±0.6 of the current ones (spec: ±0.4; wider so δ = 1.5 caps some).
+    # Behaviour log-probs within ±0.6 of the current ones (wide enough that δ = 1.5 caps some).
     behavior = cur + (torch.rand(b, t, generator=gen, dtype=torch.float64) - 0.5) * 1.2
     ref = cur + torch.randn(b, t, generator=gen, dtype=torch.float64) * 0.3
     mask = torch.arange(t)[None, :] < torch.tensor(LENGTHS)[:, None]
@@ -289,7 +290,7 @@ def test_aggregation_normalisers() -> None:
     assert torch.equal(seq[1], torch.full((4,), 1 / 12, dtype=torch.float64))
     assert torch.equal(seq[2], torch.zeros(4, dtype=torch.float64))
     assert torch.equal(const, mask.double() / 15)
-    # Step-global counts override the local ones (gradient accumulation, §1.4).
+    # Step-global counts override the local ones (gradient accumulation).
     g = aggregation_weights(mask, "token_mean", num_tokens=60, dtype=torch.float64)
     assert torch.equal(g, mask.double() / 60)
     assert step_counts([mask, mask[:1]]) == (4, 8)
@@ -333,7 +334,7 @@ def _one_token(r: float, a: float, **cfg_kw: float | None) -> tuple[float, float
 
 
 def test_delta_and_clip_worked_examples() -> None:
-    # Spec §1.3: δ = 4, A = −1, r = 10 -> ℓ = 4, zero gradient; without δ: ℓ = 10, grad −A·r.
+    # δ = 4, A = −1, r = 10 -> ℓ = 4, zero gradient; without δ: ℓ = 10, grad −A·r.
     assert _one_token(10.0, -1.0, delta=4.0) == (pytest.approx(4.0, abs=1e-12), 0.0)
     loss, grad = _one_token(10.0, -1.0)
     assert loss == pytest.approx(10.0, abs=1e-12) and grad == pytest.approx(10.0, abs=1e-12)
@@ -410,7 +411,7 @@ def test_micro_batches_reproduce_full_batch_exactly(aggregation: str) -> None:
     )
 
 
-# ---------------------------------------------------------------- options of §1.3 and §1.5
+# ---------------------------------------------------------------- ratio and sampling options
 
 
 def test_sequence_level_ratio_gspo() -> None:

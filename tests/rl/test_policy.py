@@ -1,4 +1,4 @@
-"""TinyCausalLM, the sampling / log-prob helpers and the Hugging Face adapter (spec §4.2, §5.3).
+"""TinyCausalLM, the sampling / log-prob helpers and the Hugging Face adapter.
 
 Oracles: the closed-form parameter count, manual softmax gathers in plain Python, an arg-max loop,
 a frequency bound on sampled tokens, and a tiny GPT-2 built locally from a config (no download).
@@ -38,7 +38,7 @@ def _one_intra_op_thread():
 
 
 def _count(v: int, d: int, layers: int, f: int, ctx: int) -> int:
-    """Parameters of spec §4.2 by hand: embeddings, per block (2 LayerNorms, qkv, proj, FFN),
+    """Parameters of TinyCausalLM by hand: embeddings, per block (2 LayerNorms, qkv, proj, FFN),
     final LayerNorm, untied head with bias."""
     block = 2 * (2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
     return v * d + ctx * d + layers * block + 2 * d + d * v + v
@@ -47,7 +47,7 @@ def _count(v: int, d: int, layers: int, f: int, ctx: int) -> int:
 def test_parameter_count_matches_spec() -> None:
     model = TinyCausalLM()
     n = sum(p.numel() for p in model.parameters())
-    assert n == _count(14, 64, 2, 128, 8) == 69_390  # P of spec §3.2
+    assert n == _count(14, 64, 2, 128, 8) == 69_390  # the P of the RL byte formulas
     assert sum(p.numel() for p in TinyCausalLM(20, 32, 3, 2, 48, 10).parameters()) == _count(
         20, 32, 3, 48, 10
     )

@@ -1,4 +1,4 @@
-"""Rollout wire record (spec grpo.md §2.3): round trip, documented layout, rejection of bad input,
+"""Rollout wire record: round trip, documented layout, rejection of bad input,
 and the byte-counted channel."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _same(a: Rollout, b: Rollout) -> None:
     for name in ("group_id", "prompt_id", "sample_idx", "policy_version", "origin", "worker_id",
                  "truncated", "created_at", "fingerprint"):  # fmt: skip
         assert getattr(a, name) == getattr(b, name), name
-    # temperature and reward travel as float32 (spec §2.3)
+    # temperature and reward travel as float32 (the layout in encode's docstring)
     assert b.temperature == float(np.float32(a.temperature))
     assert (math.isnan(a.reward) and math.isnan(b.reward)) or b.reward == float(
         np.float32(a.reward)

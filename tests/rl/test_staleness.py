@@ -1,4 +1,4 @@
-"""Staleness filter and admission rule (spec grpo.md §2.4; oracle §6.7)."""
+"""Staleness filter and admission rule (thinwire.rl.staleness)."""
 
 from __future__ import annotations
 

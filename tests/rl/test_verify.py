@@ -1,4 +1,4 @@
-"""Verifiable rollouts: fingerprint + PRF-position log-prob checks (issue 8 acceptance).
+"""Verifiable rollouts: fingerprint + PRF-position log-prob checks.
 
 1,000 honest DigitSum rollouts must pass; rollouts made by other weights, a stale version claimed
 as fresh, edited tokens and edited log-probs must each be caught in >= 99% of 1,000 trials.
