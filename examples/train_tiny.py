@@ -38,7 +38,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from thinwire.bench import METHODS, MarkovLanguage, TinyGPT, build_optimizer
+from thinwire.bench import MarkovLanguage, TinyGPT
 from thinwire.collectives import (
     PRESETS,
     Communicator,
@@ -47,6 +47,7 @@ from thinwire.collectives import (
     WanCommunicator,
     WanConfig,
 )
+from thinwire.optim import METHODS, build_optimizer
 
 
 def _positive(text: str) -> int:
@@ -103,11 +104,10 @@ def train(comm: Communicator, args: argparse.Namespace, engine: str) -> None:
         )
     method = METHODS[args.method]
     model = TinyGPT(seed=args.seed)
-    opt = build_optimizer(method, model, wan or comm, inner_steps=args.inner_steps)
+    opt = build_optimizer(method, model, wan or comm, sync_every=args.inner_steps)
     lang = MarkovLanguage(seed=args.seed)
     stream = lang.shard(rank, args.seed)
     eval_set = lang.eval_set(64, model.cfg.context + 1, args.seed)
-    params = list(model.parameters())
     t_start = time.perf_counter()
     if rank == 0:
         print(
@@ -123,11 +123,7 @@ def train(comm: Communicator, args: argparse.Namespace, engine: str) -> None:
         loss.backward()
         if wan is not None:
             wan.advance(time.perf_counter() - t0)  # modelled time = measured compute
-        if method.kind == "ddp":  # plain data parallel: average gradients every step
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            (wan or comm).all_reduce(flat, "mean", tag="ddp/grads")
-            torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
-        opt.step()
+        opt.step()  # ddp (DataParallel) averages the gradients first
         if step % args.inner_steps == 0 and rank == 0:
             with torch.no_grad():
                 if method.kind == "outer":

@@ -1,4 +1,4 @@
-"""The optimizer table behind the generic optimizer tests (STYLE.md §5, "one optimizer table").
+"""The optimizer table behind the generic optimizer tests (one table, generic tests over it).
 
 Shaped like ``optim_db`` in ``torch/testing/_internal/common_optimizers.py``: every entry is data —
 a constructor ``make(params, **kw)``, a factory of valid keyword configurations, invalid keyword
@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from thinwire.collectives import InprocCommunicator
 from thinwire.compression import DenseBucket, DenseCodec
-from thinwire.optim import DeMo, DiLoCo, LocalSGD, SparseLoCo, StreamingDiLoCo
+from thinwire.optim import DataParallel, DeMo, DiLoCo, LocalSGD, SparseLoCo, StreamingDiLoCo
 
 __all__ = [
     "ErrorCase",
@@ -54,7 +54,7 @@ __all__ = [
     "flat",
 ]
 
-# The spec's inner optimizer is AdamW (specs/diloco.md §1.2); a larger lr than 4e-4 so that a few
+# DiLoCo's inner optimizer is AdamW (arXiv:2311.08105v3); a larger lr than 4e-4 so that a few
 # steps move the tiny model visibly. AdamW's group keys do not overlap the outer keys.
 DEFAULT_INNER = partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)
 
@@ -762,3 +762,42 @@ OPTIM_DB += [
         overlaps=lambda kw: kw.get("overlap", False),
     ),
 ]
+
+
+# ------------------------------------------------------------------------------ DataParallel
+_DP_INVALID = (
+    ErrorCase(
+        {"bucket_cap_mb": 0.0}, ValueError, r"bucket_cap_mb must be in \(0\.0, inf\), got 0\.0"
+    ),
+    ErrorCase(
+        {"init_sync": "check"},
+        ValueError,
+        r"init_sync must be in \{'broadcast', 'off'\}, got 'check'",
+    ),
+    ErrorCase({"tag": 5}, TypeError, r"tag must be str, got int"),
+    ErrorCase({"inner": 3}, TypeError, r"inner must be a callable param_groups -> Optimizer"),
+    ErrorCase(
+        {"inner": lambda groups: object()},
+        TypeError,
+        r"inner must return a torch\.optim\.Optimizer, got object",
+    ),
+)
+
+OPTIM_DB.append(
+    OptimInfo(
+        name="DataParallel",
+        make=_make(DataParallel),
+        valid_kwargs=lambda: [
+            {},
+            {"bucket_cap_mb": 1e-4},  # 26 float32 values: several buckets per step
+            {"init_sync": "off", "inner": _SGD_MOMENTUM},
+        ],
+        invalid_kwargs=_DP_INVALID,
+        invalid_group=(),  # no group settings of its own: the inner optimizer's keys only
+        group_kwargs={},
+        group_overrides=({"lr": 1e-2}, {"lr": 3e-2, "weight_decay": 0.0}),
+        period=lambda kw: 1,  # every step averages the gradients
+        no_sync_kwargs={},  # one worker: exactly the inner optimizer
+        bare_inner=DEFAULT_INNER,
+    )
+)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from _optim_db import OPTIM_DB, OptimInfo, batches, run_ranks, tiny_model, train
 
-from thinwire.optim import DeMo, SyncInfo
+from thinwire.optim import DataParallel, DeMo, SyncInfo
 
 BY_NAME = [pytest.param(info, id=info.name) for info in OPTIM_DB]
 STEPS = 9
@@ -25,6 +25,8 @@ def _syncs_after(opt: Any, steps: int) -> int:
     """Syncs the schedule completes in ``steps`` inner steps (the oracle)."""
     if isinstance(opt, DeMo):
         return max(steps - 1, 0) if opt.overlap else steps
+    if isinstance(opt, DataParallel):
+        return steps
     k = opt.sync_every // len(opt._fragments)
     return steps // k
 
@@ -36,7 +38,7 @@ def _run(info: OptimInfo, comm: Any, rank: int) -> dict[str, Any]:
 
     def hook(o: Any, sync: SyncInfo) -> None:
         at_anchor = True
-        if not isinstance(o, DeMo) and getattr(o, "mix_alpha", 0.0) == 0.0:
+        if not isinstance(o, DeMo | DataParallel) and getattr(o, "mix_alpha", 0.0) == 0.0:
             at_anchor = all(
                 torch.equal(p.detach().float(), o.state[p]["anchor"]) for p in model.parameters()
             )

@@ -5,7 +5,12 @@
 * :class:`StreamingDiLoCo` (arXiv:2501.18512) — fragments synced in turn, overlapped with training;
 * :class:`SparseLoCo` (arXiv:2508.15706) — top-k of an error-feedback buffer, 2-bit values;
 * :class:`DeMo` (arXiv:2411.19870) — only the fast DCT components of momentum cross the wire
-  (``values="sign"`` is Psyche's 1-bit DisTrO).
+  (``values="sign"`` is Psyche's 1-bit DisTrO);
+* :class:`DataParallel` — the baseline: fp32 gradients averaged every step, then the inner step.
+
+:data:`METHODS` is the one table of methods (each a :class:`Method`: optimizer class and tuned
+settings) and :func:`build_optimizer` the one factory that the benchmark, the RL learners and
+the examples build their optimizers with.
 
 Every one takes a ``comm`` (:mod:`thinwire.collectives`) and an optional ``compressor`` setting
 (:func:`thinwire.compression.build_codec`). Their update rules are free functions in
@@ -18,21 +23,37 @@ receives a :class:`SyncInfo`), as ``torch.optim`` exposes ``register_step_post_h
 from __future__ import annotations
 
 from thinwire.optim._hooks import SyncInfo
+from thinwire.optim.data_parallel import DataParallel
 from thinwire.optim.demo import DeMo, demo_compressor
 from thinwire.optim.diloco import DiLoCo, LocalSGD
 from thinwire.optim.functional import demo_update, diloco_outer_step
+from thinwire.optim.methods import (
+    DEFAULT_METHODS,
+    INNER_LR,
+    METHODS,
+    Method,
+    build_optimizer,
+    inner_adamw,
+)
 from thinwire.optim.sparseloco import SparseLoCo, sparseloco_compressor
 from thinwire.optim.streaming import StreamingDiLoCo
 
 __all__ = [
+    "DEFAULT_METHODS",
+    "DataParallel",
     "DeMo",
     "DiLoCo",
+    "INNER_LR",
     "LocalSGD",
+    "METHODS",
+    "Method",
     "SparseLoCo",
     "StreamingDiLoCo",
     "SyncInfo",
+    "build_optimizer",
     "demo_compressor",
     "demo_update",
     "diloco_outer_step",
+    "inner_adamw",
     "sparseloco_compressor",
 ]
