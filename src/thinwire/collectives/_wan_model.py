@@ -1,9 +1,9 @@
 """WAN model: link configuration, presets and closed-form op times (private; public via ``wan``).
 
-Spec: ``specs/collectives_wan_bench.md`` §3.1-§3.4. :class:`WanConfig` describes per-rank links
-(:class:`NodeLink`) plus latency, jitter, loss and straggler knobs; :data:`PRESETS` holds the five
-§3.4 presets with their sources. :class:`WanModel` is a pure, deterministic function from an
-:class:`~thinwire.collectives.base.OpRecord` to the op's modelled duration (§3.2), identical on
+The model is described in ``docs/design.md``, "The WAN model". :class:`WanConfig` describes
+per-rank links (:class:`NodeLink`) plus latency, jitter, loss and straggler knobs; :data:`PRESETS`
+holds the five presets with their sources. :class:`WanModel` is a pure, deterministic function
+from an :class:`~thinwire.collectives.base.OpRecord` to the op's modelled duration, identical on
 every rank. The clock wrapper lives in :mod:`thinwire.collectives.wan`, which re-exports all of this.
 """
 
@@ -32,13 +32,13 @@ __all__ = [
     "parameter_server_time",
 ]
 
-_MBIT = 1e6 / 8.0  # bytes/s per Mbit/s (§0: configs in 10^6 bit/s)
-_JITTER, _STRAGGLER = 1, 2  # random-stream domains, spec §3.3
+_MBIT = 1e6 / 8.0  # bytes/s per Mbit/s (configs are in 10^6 bit/s)
+_JITTER, _STRAGGLER = 1, 2  # random-stream domains (the seed tuple's second entry)
 
 
 @dataclass(frozen=True)
 class NodeLink:
-    """Access link of one rank (spec §3.1).
+    """Access link of one rank.
 
     Args:
         up_mbps: upload bandwidth in Mbit/s (10^6 bit/s), > 0.
@@ -59,7 +59,7 @@ class NodeLink:
 
 @dataclass(frozen=True)
 class Preset:
-    """One row of the spec §3.4 preset table; ``basis`` says where the numbers come from."""
+    """One WAN preset; ``basis`` says where the numbers come from (keys in brackets, below)."""
 
     name: str
     up_mbps: float
@@ -67,9 +67,13 @@ class Preset:
     rtt_ms: float
     jitter_ms: float
     basis: str
-    loss: float = 0.0  # §3.4: presets carry loss=0, loss is opt-in
+    loss: float = 0.0  # presets carry loss=0: the Mathis cap is harsh, so loss is opt-in
 
 
+# Source keys of the ``basis`` strings: [AWS-LAT] the published "Latency Between AWS Global
+# Regions" measurements; [PCCL] the Prime Collective Communications Library report,
+# arXiv:2505.14065; [OOKLA] Ookla Speedtest market reports on US fixed broadband; [I1] the
+# INTELLECT-1 technical report, arXiv:2412.01152.
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -104,7 +108,7 @@ PRESETS: dict[str, Preset] = {
 
 @dataclass
 class WanConfig:
-    """Links and impairments of a simulated WAN (spec §3.1, §3.3).
+    """Links and impairments of a simulated WAN.
 
     Either ``nodes`` (one :class:`NodeLink` per rank) or ``preset`` (all ranks alike) is needed;
     with both, ``nodes`` gives the links and the preset the latency and jitter. ``base_rtt_ms``
@@ -116,15 +120,16 @@ class WanConfig:
         world_size: number of ranks; must equal ``len(nodes)`` when both are given.
         base_rtt_ms: round-trip time shared by every edge in ms, >= 0.
         jitter_ms: mean of the exponential per-edge additive delay in ms, >= 0.
-        loss: packet loss rate in [0, 1); > 0 applies the Mathis TCP Reno bound [MATHIS].
+        loss: packet loss rate in [0, 1); > 0 applies the TCP Reno bound of Mathis et al.,
+            "The Macroscopic Behavior of the TCP Congestion Avoidance Algorithm", CCR 1997.
         mss: TCP maximum segment size in bytes (1448 = 1500 MTU - 52 bytes of IPv4+TCP+timestamps).
         tcp_window_bytes: receive window; caps an edge at ``window / RTT``. None = no cap.
         compute_slowdown: rank -> factor (> 0) applied to that rank's compute time.
         straggler_prob: probability in [0, 1] that a rank is delayed in a training step.
         straggler_delay_ms: mean of the exponential straggler delay in ms, >= 0.
         matchmaking_s: seconds added to every op; None = the engine's matchmaking time for
-            hivemind, 0 otherwise (§3.2).
-        seed: seed of every random draw (§3.3), >= 0.
+            hivemind, 0 otherwise.
+        seed: seed of every random draw, >= 0.
         mode: ``"virtual"`` (simulated clock, no sleeping) or ``"sleep"`` (real delays).
         time_scale: factor on modelled time in sleep mode, > 0.
     """
@@ -214,7 +219,8 @@ class WanConfig:
 
     @classmethod
     def from_preset(cls, name: str, world_size: int, **overrides: Any) -> WanConfig:
-        """Config of preset ``name`` (§3.4) for ``world_size`` ranks; ``overrides`` replace fields."""
+        """Config of preset ``name`` (a :data:`PRESETS` key) for ``world_size`` ranks; ``overrides``
+        replace fields."""
         return cls(preset=name, world_size=world_size, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,25 +271,29 @@ class WanConfig:
 
 
 def suggest_timeout(op_time: float) -> float:
-    """Communicator timeout for an op modelled to take ``op_time`` s: ``3*T + 30`` (spec §2.5)."""
+    """Communicator timeout for an op modelled to take ``op_time`` s: ``3*T + 30``.
+
+    ``docs/design.md``, "Failures and timeouts", says where it is used.
+    """
     return 3.0 * check_float("op_time", op_time, 0) + 30.0
 
 
 def ring_rs_or_ag_time(nbytes: float, P: int, alpha: float, bw: float) -> float:
     """Ring reduce-scatter or all-gather of an ``nbytes`` vector: ``(P-1)(alpha + S/(P B))``.
 
-    Reference only (§3.2, [THAKUR]); ``alpha`` in s, ``bw`` in bytes/s.
+    Reference only (Thakur, Rabenseifner, Gropp, "Optimization of Collective Communication
+    Operations in MPICH", IJHPCA 2005); ``alpha`` in s, ``bw`` in bytes/s.
     """
     return (P - 1) * (alpha + nbytes / (P * bw))
 
 
 def halving_doubling_time(nbytes: float, P: int, alpha: float, bw: float) -> float:
-    """Halving-doubling all-reduce, P a power of 2: ``2 log2(P) alpha + 2(P-1)/P S/B`` (§3.2)."""
+    """Halving-doubling all-reduce, P a power of 2: ``2 log2(P) alpha + 2(P-1)/P S/B``."""
     return 2.0 * math.log2(P) * alpha + 2.0 * (P - 1) / P * nbytes / bw
 
 
 def parameter_server_time(nbytes: float, P: int, alpha: float, bw: float) -> float:
-    """One parameter server whose link is the bottleneck: ``2 alpha + 2 P S/B`` (§3.2)."""
+    """One parameter server whose link is the bottleneck: ``2 alpha + 2 P S/B``."""
     return 2.0 * alpha + 2.0 * P * nbytes / bw
 
 
@@ -292,7 +302,7 @@ class _Incomplete(Exception):
 
 
 class WanModel:
-    """Closed-form, deterministic op times over a (possibly heterogeneous) WAN (spec §3.2).
+    """Closed-form, deterministic op times over a (possibly heterogeneous) WAN.
 
     Every quantity depends only on the config, the op's global shape and ``op_seq``, so every
     rank computes the same time without communicating. Ring steps last the slowest ring edge
@@ -300,7 +310,7 @@ class WanModel:
     ``max_r max(sent_r/up_r, recv_r/down_r, max_j bytes_rj/B_rj) + max_e(alpha_e + jitter_e)``
     over the edges that carry bytes. The per-flow term ``bytes_rj/B_rj`` only matters when the
     window or loss caps bind (each TCP flow is capped separately); without caps it never exceeds
-    the spec's access-link terms, so the homogeneous closed forms hold exactly.
+    the access-link terms, so the homogeneous closed forms hold exactly.
 
     Args:
         config: the WAN description.
@@ -327,7 +337,7 @@ class WanModel:
         self.bw = bw
         self._jit_s = config.jitter_ms / 1e3  # type: ignore[operator]
 
-    # ---- random draws (§3.3) -------------------------------------------------------------
+    # ---- random draws ------------------------------------------------------------------
     def _rng(self, domain: int, a: int, b: int, c: int) -> np.random.Generator:
         ss = np.random.SeedSequence([self.config.seed, domain, a, b, c])
         return np.random.Generator(np.random.PCG64(ss))
@@ -385,7 +395,7 @@ class WanModel:
 
     # ---- per op --------------------------------------------------------------------------
     def op_time(self, record: OpRecord, op_seq: int = 0, *, matchmaking_s: float = 0.0) -> float:
-        """Modelled duration in s of the op ``record`` describes (spec §3.2); P = 1 gives 0.
+        """Modelled duration in s of the op ``record`` describes; P = 1 gives 0.
 
         Args:
             record: the op's record (``op``, ``algorithm``, ``P``, ``numel``, ``itemsize``,

@@ -1,8 +1,8 @@
 """Closed-form byte counts for every (op, algorithm) a thinwire communicator runs.
 
-Each function returns ``(sent, recv)`` for one rank, in application payload bytes exactly as the
-normative table of ``specs/collectives_wan_bench.md`` §2.4 defines them: padding, codec headers
-and the 8-byte length headers are counted; TCP/IP framing, rendezvous traffic and debug
+Each function returns ``(sent, recv)`` for one rank, in application payload bytes as the
+algorithm moves them (``docs/design.md``, "Byte formulas", gives the main ones): padding, codec
+headers and the 8-byte length headers are counted; TCP/IP framing, rendezvous traffic and debug
 signatures are not; a rank never counts its own contribution as received. Engines fill their
 ledgers from these functions and tests compare the ledgers with them, so they are pure and take
 only integers (plus, for the butterfly, a per-part ``wire_bytes(numel) -> int`` callable).
@@ -36,9 +36,9 @@ __all__ = [
     "butterfly_bytes",
 ]
 
-# Spec §2.4: every variable-length payload travels with one int64 length header.
+# Every variable-length payload travels with one int64 length header.
 LENGTH_HEADER_BYTES = 8
-# hivemind's DEFAULT_PART_SIZE_BYTES (hivemind/averaging/partition.py), spec §1 and §2.4.
+# hivemind's DEFAULT_PART_SIZE_BYTES (hivemind/averaging/partition.py).
 HIVEMIND_PART_SIZE_BYTES = 2**19
 
 
@@ -62,7 +62,7 @@ def _wire(wire_bytes: Callable[[int], int], numel: int) -> int:
 
 
 def ring_allreduce_bytes(numel: int, itemsize: int, P: int) -> tuple[int, int]:
-    """Dense ring all-reduce (reduce-scatter + all-gather), spec §2.4 row ``ring``.
+    """Dense ring all-reduce (reduce-scatter + all-gather), algorithm ``ring``.
 
     Args:
         numel: elements of the reduced tensor, ``>= 0``.
@@ -133,7 +133,7 @@ def allgather_direct_bytes(sizes: Sequence[int], rank: int) -> tuple[int, int]:
 
 
 def binomial_send_count(rank: int, src: int, P: int) -> int:
-    """How many times ``rank`` sends in a binomial-tree broadcast rooted at ``src`` (spec §2.4).
+    """How many times ``rank`` sends in a binomial-tree broadcast rooted at ``src``.
 
     With virtual rank ``v = (rank - src) mod P`` and ``D = ceil(log2 P)`` rounds, ``v`` receives
     once, in round ``hsb(v)``, and sends in every round ``i`` with ``hsb(v) < i < D`` and
@@ -183,7 +183,7 @@ def pull_broadcast_bytes(nbytes: int, rank: int, src: int, P: int) -> tuple[int,
 
 
 def butterfly_part_elems(itemsize: int, ratio: float = 1.0) -> int:
-    """Elements per hivemind part: ``floor(2**19 / (itemsize * ratio))`` (spec §2.4).
+    """Elements per hivemind part: ``floor(2**19 / (itemsize * ratio))``, as hivemind cuts them.
 
     ``ratio`` is the codec's ``estimate_compression_ratio`` (1.0 none, 0.5 fp16 from fp32, 0.25
     uint8 from fp32), so fp32 gives ``2**17``, fp16 ``2**18`` and uint8 ``2**19``; the division is
@@ -209,7 +209,7 @@ def _hagenbach_bischoff(numel: int, scores: Sequence[float]) -> list[int]:
 def butterfly_partition(
     numel: int, P: int, part_elems: int, *, client: Sequence[bool] | None = None
 ) -> list[list[int]]:
-    """Part lengths each peer reduces in hivemind's butterfly all-reduce (spec §2.4).
+    """Part lengths each peer reduces in hivemind's butterfly all-reduce.
 
     Reproduces hivemind 1.1.x: peers capable of averaging get equal integer targets (client-mode
     peers 0), pivots are ``int64(cumsum(targets) / sum(targets) * numel)`` computed in float64
@@ -277,7 +277,7 @@ def butterfly_bytes(
     rank: int,
     part_wire_bytes: Callable[[int], int],
 ) -> tuple[int, int]:
-    """hivemind butterfly all-reduce bytes for peer ``rank`` (spec §2.4 row ``butterfly``).
+    """hivemind butterfly all-reduce bytes for peer ``rank`` (algorithm ``butterfly``).
 
     Phase 1 sends each peer ``j`` this rank's copy of ``j``'s parts and receives ``P - 1`` copies
     of its own parts; phase 2 returns the reduced parts. With ``w(e_j)`` = sum of

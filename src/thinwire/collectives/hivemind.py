@@ -1,19 +1,19 @@
 """The hivemind engine: :class:`HivemindCommunicator`, collectives over a hivemind DHT swarm.
 
-Spec: ``specs/collectives_wan_bench.md`` §4 (engine), §2.3 (``butterfly``, ``direct``, ``pull``)
-and §2.4 (byte ledger). Peers find each other through a ``hivemind.DHT``
+Algorithms ``butterfly`` (all-reduce), ``direct`` (all-gather) and ``pull`` (broadcast); bytes as
+:mod:`thinwire.collectives.accounting` counts them. Peers find each other through a ``hivemind.DHT``
 (NAT traversal and relays come with libp2p); dense all-reduces run hivemind's butterfly
 (``DecentralizedAverager``), byte payloads travel as P2P pulls after a group has formed on a
-one-element averager whose ``gather`` metadata carries ``{round, tag, len, sha256}``.
-hivemind is imported lazily, inside :meth:`HivemindCommunicator.create` and the methods it
-starts, so ``import thinwire.collectives`` never needs it.
+one-element averager whose ``gather`` metadata carries ``{round, tag, len, sha256}``. hivemind is
+imported lazily, inside :meth:`HivemindCommunicator.create` and the methods it starts, so ``import
+thinwire.collectives`` never needs it.
 
 Every op runs on a per-tag worker thread (ops with one tag run in issue order, different tags
 overlap), carries a round id, waits until the round's peers have registered in the DHT, then
 matchmakes. Every wait has a timeout; every failure is a :class:`CommError` subclass.
 
 Wire details: a fetch is ``ExpertRequest(uid=<token>)`` answered by one ``ExpertResponse``
-holding the 8-byte little-endian length (the §2.4 length header), then chunks of <= 2^19 bytes;
+holding the 8-byte little-endian length (the ledger's length header), then chunks of <= 2^19 bytes;
 the token is a fresh 128-bit random id that only the op's gather metadata carries, and the puller
 checks length and SHA-256 against that metadata (:mod:`._hivemind_fetch`). Without an explicit
 ``round`` an op uses the tag's own counter, so peers must issue ops from the same start; elastic
@@ -48,23 +48,23 @@ Deviations (hivemind 1.1.12 forces them):
       last heartbeat (hivemind's own ``declare_averager(looking_for_group=False)`` trick).
     * Integer tensors are rejected for ``sum`` too (hivemind averages in floating point);
       ``bfloat16`` is averaged in a float32 slot (hivemind's default bf16 wire format is fp32).
-    * ``P == 1`` (spec §2.1 rule 4) means ``expected_world_size=1``; otherwise hivemind needs a
+    * ``P == 1`` (ops are local copies) means ``expected_world_size=1``; otherwise hivemind needs a
       group of two, and a lone peer gets :class:`GroupTooSmall`.
     * With ``expected_world_size=None`` the round waits for the peers the membership table lists
       as alive; when set, it is also hivemind's ``target_group_size`` so a full group forms without
       waiting out the matchmaking window.
     * Client-mode peers cannot serve fetches, so ``all_gather_bytes``/``all_gather_into_tensor``/
-      ``broadcast*`` raise :class:`CommError` there (spec §4 "excluded from gather groups").
+      ``broadcast*`` raise :class:`CommError` there (they are left out of gather groups).
     * A butterfly whose reducer failed returns a partial average (hivemind keeps local values
       for those parts), so those parts are not bit-identical across members; the ledger still
-      follows the §2.4 formula.
+      follows the butterfly formula.
     * With a codec the result is the owner's average encoded once (``fp16``: rounded to fp16,
       ``int8``: hivemind's uniform 8-bit code of the average), not hivemind's
       ``x_own + codec(avg - x_own)``; that is what makes it identical on every member.
     * Every peer's libp2p identity is a fresh RSA key (hivemind's ``identity_path``); peers
       running hivemind's plain ``DecentralizedAverager`` or unsigned membership cannot join.
     * hivemind's uint8 codec ships ``8 + 1024 + n`` bytes per part (an int64 codebook length
-      precedes the codebook); the ledger counts ``n + 1024`` as §2.4 specifies.
+      precedes the codebook); the ledger counts ``n + 1024``, the part size of its byte formula.
     * Under NumPy >= 2.4 hivemind's uint8 deserializer raises; see
       :func:`._hivemind_exact.native_codec`.
 """
@@ -115,7 +115,7 @@ logger = logging.getLogger(__name__)
 _RATIO_BITS = {None: None, "fp16": 16, "int8": 8}  # hivemind estimate_compression_ratio numerators
 _MAX_BYTES = 2**30  # default cap on one gathered payload (1 GiB); ops take max_bytes= for more
 _LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)  # listen on loopback unless told otherwise
-_CODEBOOK_BYTES = 256 * 4  # spec §2.4: uint8 parts carry a 256-entry float32 codebook
+_CODEBOOK_BYTES = 256 * 4  # uint8 parts carry a 256-entry float32 codebook
 _POLL_S = 0.2  # round-registration poll; well inside any matchmaking window (>= 1 s in tests)
 _DHT_TIMEOUT_S = 10.0  # a few rounds of hivemind's 3 s DHT RPC wait_timeout (dht/node.py)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -123,7 +123,7 @@ _CREATE_LOCK = threading.Lock()  # averagers fork; one fork at a time keeps the 
 
 
 def _part_wire(n: int, codec: str | None, itemsize: int) -> int:
-    """Wire bytes of one butterfly part of ``n`` elements (spec §2.4: fp32/fp64 ``itemsize*n``,
+    """Wire bytes of one butterfly part of ``n`` elements (fp32/fp64 ``itemsize*n``,
     fp16 ``2n``, uint8 ``n + 1024`` for the per-part codebook)."""
     return {None: n * itemsize, "fp16": 2 * n, "int8": n + _CODEBOOK_BYTES}[codec]
 
@@ -184,15 +184,16 @@ class _Group:
 
 
 class HivemindCommunicator:
-    """Communicator over a hivemind swarm (spec §4). Build it with :meth:`create`.
+    """Communicator over a hivemind swarm. Build it with :meth:`create`.
 
     ``rank``/``world_size`` describe the sorted group of the last completed op (before any op:
     the live membership); ``epoch`` bumps whenever the live member set changes. Collective:
     every peer must call each op with the same ``tag`` and ``round``.
 
-    Tuning: if ops end in :class:`GroupTooSmall` while peers are alive, raise
-    ``matchmaking_time`` (10-15 s over the internet, spec §1); if healthy peers are dropped from
-    butterflies, raise ``next_chunk_timeout``; if peers join late, raise ``round_wait_timeout``.
+    Tuning: if ops end in :class:`GroupTooSmall` while peers are alive, raise ``matchmaking_time``
+    (10-15 s over the internet, as hivemind's Optimizer docs advise); if healthy peers are dropped
+    from butterflies, raise ``next_chunk_timeout``; if peers join late, raise
+    ``round_wait_timeout``.
     """
 
     engine = "hivemind"
@@ -247,7 +248,7 @@ class HivemindCommunicator:
         heartbeat_s: float = 5.0,
         start: bool = True,
     ) -> HivemindCommunicator:
-        """Validate the settings, then (``start=True``) join the swarm (spec §4 "Join").
+        """Validate the settings, then (``start=True``) join the swarm.
 
         Args:
             run_id: swarm-wide name of the run; prefixes every DHT key and handler.
@@ -261,7 +262,7 @@ class HivemindCommunicator:
                 nothing (default False).
             use_auto_relay: look for libp2p relays (default: ``client_mode``).
             expected_world_size: peers a round waits for (default: those alive in the table);
-                1 makes every op a local copy (spec §2.1 rule 4).
+                1 makes every op a local copy.
             matchmaking_time: hivemind ``min_matchmaking_time`` in s (default 5.0; 3-5 s on a
                 LAN, 10-15 s over the internet).
             request_timeout: leader response timeout in s, in ``(0, matchmaking_time)``
@@ -564,7 +565,7 @@ class HivemindCommunicator:
             return self._seq[tag]
 
     def _await_round(self, rid: int, tag: str) -> None:
-        """Register for round ``rid`` and wait (<= round_wait_timeout) until its peers did (§4)."""
+        """Register for round ``rid`` and wait (<= round_wait_timeout) until its peers did."""
         from hivemind.utils.timed_storage import get_dht_time
 
         key, wait_s = f"{self.run_id}.round.{rid}", self._o["round_wait_timeout"]
@@ -732,7 +733,7 @@ class HivemindCommunicator:
         """
         if self._o["client_mode"]:
             raise CommError("client-mode peers cannot serve fetches: gather-path ops are "
-                            "unavailable (spec §4); use all_reduce with a native codec")  # fmt: skip
+                            "unavailable; use all_reduce with a native codec")  # fmt: skip
         offer_s = self._o["round_wait_timeout"] + self._op_cap_s + self._fetch_s  # group + fetch
         uid = self._table.offer(data, time.monotonic() + offer_s)
         meta = {"len": len(data), "sha256": hashlib.sha256(data).hexdigest(), "uid": uid,
@@ -768,7 +769,7 @@ class HivemindCommunicator:
     def all_reduce(self, t: torch.Tensor, op: str = "mean", *, codec: str | None = None,
                    async_op: bool = False, tag: str = "", round: int | None = None
                    ) -> Handle[torch.Tensor] | torch.Tensor:  # fmt: skip
-        """In-place mean/sum of ``t`` over the group (spec §2.3 ``butterfly``).
+        """In-place mean/sum of ``t`` over the group (hivemind's ``butterfly``).
 
         Args:
             t: floating tensor (fp16/bf16/fp32/fp64); untouched on any error.
@@ -830,7 +831,7 @@ class HivemindCommunicator:
                          async_op: bool = False, tag: str = "", round: int | None = None,
                          max_bytes: int = _MAX_BYTES,
                          ) -> Handle[list[bytes | None]] | list[bytes | None]:  # fmt: skip
-        """Every member's payload, index = position in the sorted group (spec §2.1 rule 3, §4).
+        """Every member's payload, index = position in the sorted group.
 
         ``handle.group`` gives the ids; unreachable members are ``None`` and listed in
         ``handle.missing`` (with live members that were not matched), and so are members that
@@ -904,7 +905,7 @@ class HivemindCommunicator:
     def broadcast_bytes(self, payload: bytes | None, src: int = 0, *, async_op: bool = False,
                         tag: str = "", round: int | None = None, max_bytes: int = _MAX_BYTES,
                         ) -> Handle[bytes] | bytes:  # fmt: skip
-        """``src``'s payload on every member (``pull``, spec §2.3); src = rank in the sorted group.
+        """``src``'s payload on every member (``pull``); src = rank in the sorted group.
 
         Args:
             max_bytes: largest payload accepted from ``src``, bytes (default 2^30 = 1 GiB);
@@ -944,7 +945,7 @@ class HivemindCommunicator:
 
     def broadcast(self, t: torch.Tensor, src: int = 0, *, async_op: bool = False, tag: str = "",
                   round: int | None = None) -> Handle[torch.Tensor] | torch.Tensor:  # fmt: skip
-        """In-place copy of ``src``'s tensor into ``t`` on every member (``pull``, spec §2.3)."""
+        """In-place copy of ``src``'s tensor into ``t`` on every member (``pull``)."""
         check_type("t", t, torch.Tensor)
         nbytes = t.numel() * t.element_size()
         inner = self.broadcast_bytes(_as_bytes(t), src, async_op=True, tag=tag, round=round,
@@ -965,7 +966,7 @@ class HivemindCommunicator:
 
     def control_max(self, values: list[float], *, tag: str = "", round: int | None = None,
                     timeout: float | None = None) -> list[float]:  # fmt: skip
-        """Element-wise MAX of a few floats over the group; rides the gather metadata (§3.3).
+        """Element-wise MAX of a few floats over the group; rides the gather metadata (for the WAN clock).
 
         Counted as control bytes, 8 per value to and from each other member.
         """

@@ -2,9 +2,10 @@
 
 This is **not a network engine**: no byte leaves the process. It runs the same algorithms as the
 ``torch.distributed`` engine (``ring`` dense all-reduce, ``ring``/``direct``/``auto`` byte
-all-gather, ``ring`` equal-size tensor all-gather, ``binomial`` broadcast) and fills the ledger
-with the same spec §2.4 formulas, so unit tests and ``thinwire bench --engine inproc`` see the
-bytes a real run would count. Each rank's ops must be called from its own thread.
+all-gather, ``ring`` equal-size tensor all-gather, ``binomial`` broadcast) and fills the ledger with
+the same formulas (:mod:`thinwire.collectives.accounting`), so unit tests and
+``thinwire bench --engine inproc`` see the bytes a real run would count. Each rank's ops must be
+called from its own thread.
 
 Every primitive an op issues gets a slot keyed by a per-rank sequence number. Ranks deposit
 their contribution; the last one to arrive combines all contributions in rank order (float32

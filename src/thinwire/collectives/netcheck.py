@@ -1,4 +1,4 @@
-"""Validate the WAN model's bandwidth term against Linux kernel traffic shaping (spec §3.5).
+"""Validate the WAN model's bandwidth term against Linux kernel traffic shaping.
 
 ``run_netcheck`` builds a private star network from network namespaces — ``twbr`` holding a
 bridge, ``tw0..tw{P-1}`` each joined to it by a veth pair, addresses ``10.77.0.{1..P}/24`` that
@@ -12,7 +12,7 @@ Namespaces are deleted in ``finally``. Nothing outside the namespaces it creates
 
 Measured on this box (kernel 6.18, torch 2.13 gloo, P=2, 1-16 MiB, min of 3 reps): the fitted
 slope exceeded the model by +8 % (all_reduce) and +13 % (all_gather) at 50 Mbit/s and by +18 % and
-+55 % at 10 Mbit/s with the spec's 1 s queue; a 20 ms queue gave +2 to +10 %. Plain two-way TCP
++55 % at 10 Mbit/s with the default 1 s queue; a 20 ms queue gave +2 to +10 %. Plain two-way TCP
 through the same shapers ran 3-11 % over the goodput, so a few percent is ACK and TCP dynamics
 the model leaves out; gloo's larger and bimodal excess grows with the queue (bufferbloat).
 
@@ -53,14 +53,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
-FULL_SIZES = (256 * 1024, MIB, 4 * MIB, 16 * MIB)  # spec §3.5: 256 KiB - 16 MiB
+FULL_SIZES = (256 * 1024, MIB, 4 * MIB, 16 * MIB)  # 256 KiB - 16 MiB
 QUICK_SIZES = (MIB, 2 * MIB, 4 * MIB)
 FRAME_OVERHEAD = (
     66  # bytes per full-MSS frame beyond payload: 14 Ethernet + 20 IPv4 + 32 TCP w/ timestamps
 )
 HZ = 250  # tc-tbf(8): burst must be at least rate / HZ; 250 is the common kernel CONFIG_HZ
-MIN_BURST = 16 * 1024  # spec §3.5 floor so a TSO/GSO super-packet fits the bucket
-TOLERANCE = 0.10  # spec §3.5 pass criterion on the fitted slope
+MIN_BURST = 16 * 1024  # floor so a TSO/GSO super-packet fits the bucket
+TOLERANCE = 0.10  # pass criterion on the fitted slope: within 10 % of the model
 _NS_BRIDGE, _NS_NODE = "twbr", "tw"
 # Timed ops. "all_gather" is gloo's ring all-gather into one tensor (all_gather_single); the
 # list form dist.all_gather ran ~40 % slower than the ring through tbf here (8 MiB at 50 Mbit/s:
@@ -71,7 +71,7 @@ _PORT = 29500  # torchrun's default master port; free inside a fresh namespace
 
 
 def goodput_bytes_per_s(rate_mbps: float, mss: int = 1448) -> float:
-    """Payload bytes/s through a ``tbf`` of ``rate_mbps`` that meters whole frames (spec §3.5)."""
+    """Payload bytes/s through a ``tbf`` of ``rate_mbps`` that meters whole frames."""
     return rate_mbps * 1e6 / 8.0 * mss / (mss + FRAME_OVERHEAD)
 
 
@@ -220,7 +220,7 @@ def run_netcheck(
         ops: subset of :data:`OPS` to time; only those in :data:`GATED` decide ``pass``.
         reps: timed repetitions per size; the minimum is kept (two-way TCP through the shaper
             is bimodal for one-shot all-gathers, so a single sample is not the link's rate).
-        queue_ms: tbf ``latency`` (longest queueing delay before drops) in ms; the spec's 1 s
+        queue_ms: tbf ``latency`` (longest queueing delay before drops) in ms; the default 1 s
             lets bulk data bloat the queue, which slows gloo's ops beyond the bandwidth term.
         mss: TCP MSS used for the goodput (1448 on a 1500-byte MTU with timestamps).
         timeout_s: wall-clock limit per rate for the workers.
@@ -283,7 +283,7 @@ def run_netcheck(
 def quick_netcheck(out: str | Path | None = None) -> dict[str, Any]:
     """The test-sized check: P=2, 50 Mbit/s, 1-4 MiB, ring all-reduce only, 3 reps (~15 s).
 
-    The all-gather is left to the full check: through the spec's 1 s tbf queue gloo's
+    The all-gather is left to the full check: through the default 1 s tbf queue gloo's
     all-gather ran 10-55 % slower than the bandwidth term here (see ``run_netcheck``), while
     the all-reduce stayed within 3-8 % in every run.
     """
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS)
     )
     ap.add_argument("--quick", action="store_true", help="P=2, 50 Mbit/s, 1-4 MiB, all_reduce")
-    ap.add_argument("--queue-ms", type=float, default=1000.0, help="tbf latency (spec: 1 s)")
+    ap.add_argument("--queue-ms", type=float, default=1000.0, help="tbf latency (default: 1 s)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -1,4 +1,4 @@
-"""Communicator over ``torch.distributed`` (gloo on CPU, NCCL on GPU); spec §2.2.
+"""Communicator over ``torch.distributed`` (gloo on CPU, NCCL on GPU).
 
 :class:`TorchDistCommunicator` wraps an initialised process group, or creates one from
 torchrun's environment (``env://``) or any ``init_method`` and then owns it. The algorithms and
@@ -58,10 +58,10 @@ class TorchDistCommunicator(_CollectiveEngine):
     fp16/bf16 tensors are summed in a float32 copy and cast back (they travel, and are counted,
     as 4 bytes per element). ``P == 1`` ops are local and move no bytes.
 
-    Failure semantics (spec §2.5): any transport error or timeout is raised as
-    :class:`CommTimeout`, :class:`PeerLost` or :class:`CommError`; the communicator then stays
-    ``failed`` and every later call raises that error at once; a ``Handle.wait(timeout)`` that
-    expires counts as such an error, because the group's state is then unknown. Recover by
+    Failure semantics (``docs/design.md``, "Failures and timeouts"): any transport error or timeout
+    is raised as :class:`CommTimeout`, :class:`PeerLost` or :class:`CommError`; the communicator
+    then stays ``failed`` and every later call raises that error at once; a ``Handle.wait(timeout)``
+    that expires counts as such an error, because the group's state is then unknown. Recover by
     restarting the job (torchrun ``--max-restarts``) and resuming from a checkpoint.
 
     Ordering: phases before an op's last one (length exchanges) block at issue, and only the
@@ -85,7 +85,7 @@ class TorchDistCommunicator(_CollectiveEngine):
             (default ``"gloo"``). ``engine`` reports the group's actual backend.
         timeout_s: seconds any op may take before :class:`CommTimeout` (default 300; also the
             timeout of a group created here). Over a slow WAN raise it: see
-            ``thinwire.wan.suggest_timeout``.
+            :func:`thinwire.collectives.suggest_timeout`.
         init_method: rendezvous URL for a group created here (default ``"env://"``, which reads
             torchrun's ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``).
         rank: this process's rank for a group created here (default: from the environment).

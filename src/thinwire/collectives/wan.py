@@ -1,10 +1,10 @@
 """WAN simulation: the clock wrapper :class:`WanCommunicator` plus the model it uses.
 
-Spec: ``specs/collectives_wan_bench.md`` §3. This module re-exports the configuration, presets and
-closed-form model from :mod:`thinwire.collectives._wan_model` and adds :class:`WanCommunicator`,
-which wraps any :class:`~thinwire.collectives.base.Communicator` and either advances a per-rank
-simulated clock (``mode="virtual"``, §3.3) or withholds each op's completion by its modelled
-duration (``mode="sleep"``).
+The model is described in ``docs/design.md``, "The WAN model". This module re-exports the
+configuration, presets and closed-form model from :mod:`thinwire.collectives._wan_model` and adds
+:class:`WanCommunicator`, which wraps any :class:`~thinwire.collectives.base.Communicator` and
+either advances a per-rank simulated clock (``mode="virtual"``) or withholds each op's completion by
+its modelled duration (``mode="sleep"``).
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CLOCK_TAG = "wan/clock"  # tag of the issue-time MAX exchange (control bytes, §3.3)
+_CLOCK_TAG = "wan/clock"  # tag of the issue-time MAX exchange (control bytes)
 
 
 @dataclass(eq=False)
 class _Entry:
-    """One op on this rank's modelled network channel (FIFO, §3.3)."""
+    """One op on this rank's modelled network channel (FIFO)."""
 
     inner: Handle[Any]
     op_seq: int
@@ -66,7 +66,7 @@ class _Entry:
 
 
 class WanCommunicator:
-    """Any communicator, seen through a simulated WAN (spec §3.3).
+    """Any communicator, seen through a simulated WAN (``docs/design.md``, "The WAN model").
 
     **virtual** (default): nothing sleeps. The rank keeps ``clock`` (simulated seconds). Between
     calls the wrapper adds measured compute time (``time.perf_counter`` since the previous call
@@ -80,7 +80,7 @@ class WanCommunicator:
 
     **sleep**: the real op runs, then ``wait()`` returns no earlier than
     ``max(t_real_done, previous op's release) + T_model * time_scale`` (the FIFO channel; for
-    non-overlapping ops this is the spec's ``t_real_done + T_model * time_scale``). ``clock`` is
+    non-overlapping ops this is ``t_real_done + T_model * time_scale``). ``clock`` is
     wall seconds since construction.
 
     ``T_model`` is computed as soon as the op's record carries what the model needs (at issue
@@ -90,7 +90,8 @@ class WanCommunicator:
     the first op after :meth:`mark_step`. ``barrier()`` moves every clock to the latest one (its
     own latency is not modelled); ``control_max`` is passed through unmodelled. Other
     attributes (``timeout_s``, ...) are read through from ``inner``. The first op whose
-    ``suggest_timeout(T_model)`` exceeds ``inner.timeout_s`` logs a warning (spec §2.5).
+    ``suggest_timeout(T_model)`` exceeds ``inner.timeout_s`` logs a warning (``docs/design.md``,
+    "Failures and timeouts").
 
     Args:
         inner: the real communicator (gloo, NCCL, hivemind or in-process).
