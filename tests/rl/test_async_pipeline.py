@@ -158,7 +158,7 @@ def test_oracle_6_8_sync_pipeline_equals_plain_grpo_loop():
     steps, n_prompts, G, seed = 20, 4, 8, 3
     cfg = _cfg(group_size=G, prompts_per_step=n_prompts, seed=seed)
     res = run_local(cfg, 1, "none", steps=steps, pipeline="sequential")
-    # plain synchronous GRPO (DeepSeekMath §4.1), written with the worker's seeding rule
+    # plain synchronous GRPO (arXiv:2402.03300v3 §4.1), written with the worker's seeding rule
     env = DigitSumEnv()
     pol = TinyCausalLM(seed=seed)
     opt = torch.optim.Adam(pol.parameters(), lr=cfg.lr)

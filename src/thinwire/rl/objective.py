@@ -86,7 +86,7 @@ def compute_advantages(
     mode: Literal["group", "batch", "none"] = "group",
     eps: float = ADV_EPS,
 ) -> Tensor:
-    """Group-relative advantages, one scalar per completion (DeepSeekMath §4.1.2).
+    """Group-relative advantages, one scalar per completion (arXiv:2402.03300v3 §4.1.2).
 
     ``A_i = (R_i − μ_g) / (σ + eps)`` with σ the Bessel-corrected std of the group (``"group"``,
     DeepSeekMath) or of every scorable reward of the step (``"batch"``, TRL's PPO Lite);
@@ -139,7 +139,7 @@ def group_reward_std(rewards: Tensor) -> Tensor:
 
 
 def informative_groups(rewards: Tensor, min_std: float = ZERO_STD_EPS) -> Tensor:
-    """Keep-mask of DAPO dynamic sampling: groups whose reward σ ≥ ``min_std`` (DAPO §3).
+    """Keep-mask of DAPO dynamic sampling: groups whose reward σ ≥ ``min_std`` (arXiv:2503.14476v1 §3).
 
     Filter on the scalar reward actually used for the advantages (the weighted rubric sum), not
     on a single component (verl-recipe PR #125).
