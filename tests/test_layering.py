@@ -87,6 +87,9 @@ def test_import_without_triton_and_hivemind() -> None:
         "thinwire.optim",
         "thinwire.bench",
         "thinwire.rl",
+        "thinwire.rl.envs",
+        "thinwire.rl.policies",
+        "thinwire.rl.runtime",
     ],
 )
 def test_exported_names_resolve_and_have_docstrings(pkg: str) -> None:
@@ -97,3 +100,44 @@ def test_exported_names_resolve_and_have_docstrings(pkg: str) -> None:
         if name.startswith("__") or isinstance(obj, str | int | float | tuple | dict):
             continue
         assert getattr(obj, "__doc__", None), f"{pkg}.{name} has no docstring"
+
+
+RL = SRC / "rl"
+RL_PERIPHERY = {"policies": set(), "envs": {"policies"}, "runtime": {"envs", "policies"}}
+RL_CORE_MAX_LINES = 2500
+
+
+def _rl_modules() -> list[Path]:
+    return sorted(RL.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _rl_modules(), ids=lambda p: str(p.relative_to(RL)))
+def test_rl_core_never_reaches_the_periphery_and_the_periphery_uses_the_public_core(
+    path: Path,
+) -> None:
+    rel = path.relative_to(RL)
+    part = rel.parts[0] if len(rel.parts) > 1 else None  # None: a core module
+    assert part is None or part in RL_PERIPHERY, f"unknown rl package {part}"
+    for mod in _imports(path):
+        if mod != "thinwire.rl" and not mod.startswith("thinwire.rl."):
+            continue
+        sub = mod.split(".")[2] if mod.count(".") >= 2 else None
+        if part is None:
+            assert sub not in RL_PERIPHERY, f"core module {rel} imports the periphery: {mod}"
+        elif sub == part:
+            continue  # a module of its own package
+        elif sub in RL_PERIPHERY:
+            assert sub in RL_PERIPHERY[part], f"{rel} may not import {mod} (no cycles)"
+            assert mod == f"thinwire.rl.{sub}", (
+                f"{rel} imports private {mod}; use thinwire.rl.{sub}"
+            )
+        else:
+            assert mod == "thinwire.rl", f"{rel} reaches the core through {mod}; use thinwire.rl"
+
+
+def test_rl_core_is_small() -> None:
+    core = [p for p in RL.glob("*.py")]
+    lines = sum(len(p.read_text().splitlines()) for p in core)
+    assert {p.stem for p in core} == {"__init__", "config", "learner", "objective", "policy",
+                                      "rollout", "staleness", "verify", "weights"}  # fmt: skip
+    assert lines <= RL_CORE_MAX_LINES, f"thinwire.rl core has {lines} lines"

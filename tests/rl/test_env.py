@@ -15,12 +15,24 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from thinwire.rl import GRPOLoss, completion_logprobs, compute_advantages, sequence_logprobs
 from thinwire.rl.config import GRPOConfig
-from thinwire.rl.env import GymAdapter, MultiTurnEnv, Rubric, SingleTurnEnv, Task, Trajectory
-from thinwire.rl.objective import GRPOLoss, compute_advantages
-from thinwire.rl.policy import TinyCausalLM, completion_logprobs, sample, sequence_logprobs
-from thinwire.rl.sampling import LocalSampler, SamplingArgs, SamplingClient
-from thinwire.rl.tasks import BOS, EOS, EQ, PAD, DigitSumEnv, Prompt, count_solutions
+from thinwire.rl.envs import (
+    BOS,
+    EOS,
+    EQ,
+    PAD,
+    DigitSumEnv,
+    GymAdapter,
+    MultiTurnEnv,
+    Prompt,
+    Rubric,
+    SingleTurnEnv,
+    Task,
+    Trajectory,
+    count_solutions,
+)
+from thinwire.rl.policies import LocalSampler, SamplingArgs, SamplingClient, TinyCausalLM, sample
 
 
 @pytest.fixture(autouse=True)

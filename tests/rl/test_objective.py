@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from thinwire.rl import completion_logprobs
 from thinwire.rl.config import GRPOConfig
 from thinwire.rl.objective import (
     GRPOLoss,
@@ -29,7 +30,7 @@ from thinwire.rl.objective import (
     merge_metrics,
     step_counts,
 )
-from thinwire.rl.policy import TinyCausalLM, completion_logprobs, completion_mask, sample
+from thinwire.rl.policies import TinyCausalLM, completion_mask, sample
 
 
 @pytest.fixture(autouse=True)
@@ -537,7 +538,23 @@ CONFIG_ERRORS = [
         r"max_staleness must be in \[0, inf\), got -1; .*0 is synchronous",
     ),
     (dict(stale_mode="skip"), ValueError, r"stale_mode must be in .*got 'skip'; use 'drop'"),
-    (dict(sync="async"), ValueError, r"sync must be in .*got 'async'; use 'pull'"),
+    (
+        dict(rollout_lag=3, max_staleness=2),
+        ValueError,
+        r"rollout_lag must be in \[0, 2\], got 3; .*raise max_staleness",
+    ),
+    (
+        dict(method="adam"),
+        ValueError,
+        r"method must be in \{.*'ddp'.*\}, got 'adam'; pick a method",
+    ),
+    (dict(sync_every=0), ValueError, r"sync_every must be in \[1, inf\), got 0; sync_every is H"),
+    (dict(steps=0), ValueError, r"steps must be in \[1, inf\), got 0; steps counts"),
+    (
+        dict(method_settings=[1]),
+        TypeError,
+        r"method_settings must be Mapping, got list .*; pass a dict",
+    ),
     (dict(seed=-1), ValueError, r"seed must be in \[0, inf\), got -1; "),
     (dict(lr=0.0), ValueError, r"lr must be in \(0.0, inf\), got 0.0; "),
     (

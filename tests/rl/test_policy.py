@@ -14,16 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from thinwire.rl.policy import (
+from thinwire.rl import Policy, completion_logprobs, frozen_reference, sequence_logprobs
+from thinwire.rl.policies import (
     HFCausalLMPolicy,
-    Policy,
     TinyCausalLM,
-    completion_logprobs,
     completion_mask,
-    frozen_reference,
     greedy_decode,
     sample,
-    sequence_logprobs,
 )
 
 
@@ -260,7 +257,7 @@ def test_policy_module_does_not_import_transformers() -> None:
     code = (
         "import sys\n"
         "sys.modules['transformers'] = None\n"
-        "import thinwire.rl.policy as p\n"
+        "import thinwire.rl.policies as p\n"
         "try:\n"
         "    p.HFCausalLMPolicy('/nonexistent')\n"
         "except ImportError as e:\n"

@@ -4,9 +4,7 @@ and the byte-counted channel."""
 from __future__ import annotations
 
 import math
-import queue
 import struct
-import threading
 import uuid
 import zlib
 
@@ -16,18 +14,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thinwire.collectives import ByteLedger
-from thinwire.rl.rollout import (
-    Channel,
-    ChannelClosed,
+from thinwire.compression import pack_bundle
+from thinwire.rl import (
     Rollout,
     RolloutDecodeError,
     RolloutGroup,
     decode,
-    decode_group,
+    decode_groups,
     encode,
-    encode_group,
-    group_nbytes,
+    encode_groups,
+    groups_nbytes,
     wire_nbytes,
 )
 
@@ -170,25 +166,35 @@ def test_encode_validates_fields():
                 torch.ones(2, dtype=torch.bool), torch.zeros(3), 0)  # fmt: skip
 
 
-def test_group_round_trip_size_and_rejection():
-    gid = uuid.UUID(int=99).bytes
-    members = [_rollout(10 + i, idx=i, gid=gid) for i in range(4)]
-    for m in members:
-        m.prompt_id, m.policy_version = 7, 12
-    group = RolloutGroup(tuple(members))
-    blob = encode_group(group)
-    assert len(blob) == group_nbytes(group) == 10 + 4 * 144 + 4
-    back = decode_group(blob)
-    assert back.size == 4 and back.policy_version == 12
-    for a, b in zip(members, back.rollouts, strict=True):
-        _same(a, b)
+def test_groups_round_trip_size_and_rejection():
+    groups = []
+    for k, (n, version) in enumerate([(4, 12), (2, 13)]):
+        gid = uuid.UUID(int=99 + k).bytes
+        members = [_rollout(10 * k + i, idx=i, gid=gid) for i in range(n)]
+        for m in members:
+            m.prompt_id, m.policy_version = 7 + k, version
+        groups.append(RolloutGroup(tuple(members)))
+    blob = encode_groups(groups)
+    # a bundle: 8-byte header, a 4-byte length per record, the records (144 bytes each)
+    assert len(blob) == groups_nbytes(groups) == 8 + 6 * (4 + 144)
+    back = decode_groups(blob)
+    assert [g.size for g in back] == [4, 2] and [g.policy_version for g in back] == [12, 13]
+    for a, b in zip(groups, back, strict=True):
+        for x, y in zip(a.rollouts, b.rollouts, strict=True):
+            _same(x, y)
+    assert decode_groups(encode_groups([])) == []
     for n in range(0, len(blob), 7):
         with pytest.raises(RolloutDecodeError):
-            decode_group(blob[:n])
+            decode_groups(blob[:n])
     bad = bytearray(blob)
-    bad[200] ^= 4
+    bad[200] ^= 4  # inside the second record
     with pytest.raises(RolloutDecodeError, match="CRC"):
-        decode_group(bytes(bad))
+        decode_groups(bytes(bad))
+    # consecutive records of one group must agree on the prompt
+    a, b = groups[0].rollouts[:2]
+    b = Rollout(**{**b.__dict__, "prompt_id": 99})
+    with pytest.raises(RolloutDecodeError, match="inconsistent"):
+        decode_groups(pack_bundle([encode(a), encode(b)]))
 
 
 def test_group_invariants():
@@ -201,28 +207,3 @@ def test_group_invariants():
         _ = RolloutGroup((a, b)).policy_version
     with pytest.raises(ValueError, match="at least one rollout"):
         RolloutGroup(())
-
-
-def test_channel_counts_bytes_in_both_ledgers_and_blocks_when_full():
-    tx, rx = ByteLedger(), ByteLedger()
-    ch = Channel("rollouts/remote", capacity=2, sender_ledger=tx, receiver_ledger=rx)
-    ch.send(b"x" * 100)
-    ch.send_object({"a": 1}, 37)
-    with pytest.raises(queue.Full):
-        ch.send(b"y", timeout=0.1)  # back-pressure: capacity 2
-    assert ch.recv() == b"x" * 100 and ch.recv(timeout=1) == {"a": 1}
-    assert tx.totals("rollouts/remote")["sent"] == 137 and tx.totals()["recv"] == 0
-    assert rx.totals("rollouts/remote")["recv"] == 137 and rx.totals()["sent"] == 0
-    with pytest.raises(queue.Empty):
-        ch.recv(timeout=0.05)
-    got = []
-    t = threading.Thread(target=lambda: got.append(ch.recv(timeout=5)))
-    t.start()
-    ch.send(b"late")
-    t.join()
-    assert got == [b"late"]
-    ch.close()
-    with pytest.raises(ChannelClosed):
-        ch.send(b"z")
-    with pytest.raises(ChannelClosed):
-        ch.recv(timeout=1)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from thinwire.rl.objective import compute_advantages
 from thinwire.rl.rollout import Rollout, RolloutGroup
-from thinwire.rl.staleness import StalenessFilter, needs_refresh, staleness
+from thinwire.rl.staleness import StalenessFilter, staleness
 
 
 def _group(versions, rewards=None, *, origin=0, key=0) -> RolloutGroup:
@@ -69,11 +69,8 @@ def test_external_and_future_groups():
     assert f.external_groups == 1 and f.dropped_future == 1 and f.dropped_groups == 0
 
 
-def test_needs_refresh_rule():
-    # pull before starting a group whose weights are older than v_learner - max_staleness
-    assert staleness(10, 7) == 3
-    assert needs_refresh(7, 10, 2) and not needs_refresh(8, 10, 2) and not needs_refresh(10, 10, 0)
-    assert needs_refresh(9, 10, 0)
+def test_staleness_is_version_difference():
+    assert staleness(10, 7) == 3 and staleness(10, 10) == 0 and staleness(9, 10) == -1
 
 
 def test_validation_messages():

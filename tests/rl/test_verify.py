@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
 
-from thinwire.rl.config import GRPOConfig
-from thinwire.rl.learner import Learner
-from thinwire.rl.policy import TinyCausalLM, completion_logprobs, sample
-from thinwire.rl.rollout import Rollout
-from thinwire.rl.store import PolicyStore
-from thinwire.rl.tasks.digit_sum import DigitSumEnv
-from thinwire.rl.verify import RolloutVerifier, prf_positions
-from thinwire.rl.worker import RolloutWorker
+from thinwire.optim import DataParallel
+from thinwire.rl import (
+    GRPOConfig,
+    Learner,
+    PolicyStore,
+    Rollout,
+    RolloutVerifier,
+    completion_logprobs,
+)
+from thinwire.rl.envs import DigitSumEnv
+from thinwire.rl.policies import TinyCausalLM, sample
+from thinwire.rl.runtime import RolloutWorker
+from thinwire.rl.verify import prf_positions
 
 KEY = b"verifier-secret-key-0123"
 N = 1000
@@ -33,22 +39,20 @@ def trained():
     env = DigitSumEnv()
     pol = TinyCausalLM(seed=3)
     store = PolicyStore(keep=16)
-    learner = Learner(pol, torch.optim.Adam(pol.parameters(), lr=1e-3), cfg, None, store)
-    worker = RolloutWorker(env, copy.deepcopy(pol), store, group_size=8, seed=1)
-    for _ in range(4):
-        worker.refresh()
+    store.publish(pol, 0)
+    learner = Learner(pol, DataParallel(pol.parameters(), partial(torch.optim.Adam, lr=1e-3)), cfg)
+    worker = RolloutWorker(env, copy.deepcopy(pol), env.sampling_args, group_size=8, seed=1)
+    for v in range(4):
+        worker.load(store.get(v).state, v)
         learner.step(worker.generate(8))
+        store.publish(pol, learner.version)
     return env, store
 
 
 def _rollouts(env, store, version, *, seed, weights=None, n=N):
     """``n`` rollouts sampled with ``weights`` (default: the store's ``version``)."""
-    src = store
-    if weights is not None:
-        src = PolicyStore()
-        src.publish(weights, version)
-    w = RolloutWorker(env, TinyCausalLM(), src, group_size=32, seed=seed)
-    w.refresh(version)
+    w = RolloutWorker(env, TinyCausalLM(), env.sampling_args, group_size=32, seed=seed)
+    w.load(store.get(version).state if weights is None else weights, version)
     return [r for g in w.generate(-(-n // 32)) for r in g.rollouts][:n]
 
 

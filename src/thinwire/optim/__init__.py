@@ -17,12 +17,13 @@ Every one takes a ``comm`` (:mod:`thinwire.collectives`) and an optional ``compr
 :mod:`thinwire.optim.functional` (:func:`diloco_outer_step`, :func:`demo_update`), as
 ``torch.optim`` splits each optimizer into a class and a functional form. Code around an
 optimizer observes its syncs through ``register_sync_post_hook`` and ``sync_step`` (each hook
-receives a :class:`SyncInfo`), as ``torch.optim`` exposes ``register_step_post_hook``.
+receives a :class:`SyncInfo`), as ``torch.optim`` exposes ``register_step_post_hook``; every one
+is a :class:`SyncHooks`.
 """
 
 from __future__ import annotations
 
-from thinwire.optim._hooks import SyncInfo
+from thinwire.optim._hooks import SyncHooks, SyncInfo
 from thinwire.optim.data_parallel import DataParallel
 from thinwire.optim.demo import DeMo, demo_compressor
 from thinwire.optim.diloco import DiLoCo, LocalSGD
@@ -49,6 +50,7 @@ __all__ = [
     "Method",
     "SparseLoCo",
     "StreamingDiLoCo",
+    "SyncHooks",
     "SyncInfo",
     "build_optimizer",
     "demo_compressor",

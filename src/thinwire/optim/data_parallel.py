@@ -25,7 +25,7 @@ from thinwire._validate import (
     check_param_tensors,
     check_type,
 )
-from thinwire.collectives import Communicator
+from thinwire.collectives import Communicator, Handle
 from thinwire.optim._finite import first_nonfinite
 from thinwire.optim._hooks import SyncHooks, SyncInfo
 from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, split_buckets
@@ -211,6 +211,7 @@ class DataParallel(SyncHooks, Optimizer):
             for sl in split_buckets(grads, self.bucket_cap_mb):
                 flat = torch.cat([gr.reshape(-1).to(wide) for gr in grads[sl]])
                 handle = self.comm.all_reduce(flat, "mean", async_op=True, tag=self.tag)
+                assert isinstance(handle, Handle)  # internal invariant: async_op=True
                 pending.append((grads[sl], handle))
         for bucket, handle in pending:
             mean = handle.wait()

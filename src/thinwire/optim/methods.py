@@ -194,7 +194,7 @@ def build_optimizer(
         raise ValueError(
             "overrides['inner_lr'] applies to the default inner AdamW: pass inner=None"
         )
-    ps = list(params.parameters()) if isinstance(params, torch.nn.Module) else list(params)
+    ps: list[Any] = list(params.parameters() if isinstance(params, torch.nn.Module) else params)
     cls: Any = method.optimizer
     if cls is DataParallel:
         return DataParallel(ps, inner, comm=comm, **settings)

@@ -1,63 +1,83 @@
-"""GRPO whose learners sit on different machines over WAN links.
+"""GRPO whose learners sit on different machines over WAN links: the core.
 
-* objective (DeepSeekMath arXiv:2402.03300v3 §4.1, DAPO arXiv:2503.14476): :class:`GRPOConfig`,
-  :func:`compute_advantages`, :class:`GRPOLoss`;
-* policies and sampling: :class:`Policy`, :class:`TinyCausalLM`, :class:`HFCausalLMPolicy`,
-  :func:`sample`, :func:`sequence_logprobs`;
-* environments: :class:`Environment`, :class:`SingleTurnEnv`, :class:`MultiTurnEnv`,
-  :class:`Rubric`, :class:`GymAdapter`, the built-in :class:`DigitSumEnv`;
-* the versioned pipeline: :class:`Rollout` / :class:`RolloutGroup` (each carries the policy
-  version and weight fingerprint that made it), :class:`StalenessFilter`, :class:`PolicyStore`,
-  :class:`RolloutWorker`, :class:`Learner`, :class:`RolloutVerifier`, :class:`RolloutSharing`;
-* :func:`run_local`: learners and workers in one process over the simulated WAN, syncing
-  through the thinwire optimizers (DiLoCo, Streaming DiLoCo, DeMo, SparseLoCo).
+* the objective (DeepSeekMath arXiv:2402.03300v3 §4.1, DAPO arXiv:2503.14476v1 §3):
+  :class:`GRPOConfig`, :func:`compute_advantages`, :func:`k3`, :class:`GRPOLoss`, and the
+  temperature-scaled log-probs of any :class:`Policy` (:func:`completion_logprobs`);
+* the record: :class:`Rollout` / :class:`RolloutGroup` carry the policy version and the
+  fingerprint of the weights that made them (:func:`encode` / :func:`decode`, the one byte
+  format of this package);
+* :class:`StalenessFilter`, :class:`Learner` (one step of GRPO on a thinwire optimizer built
+  from the method table, :func:`build_learner_optimizer`), :class:`RolloutVerifier`;
+* weights for rollout workers: :class:`PolicyStore`, :func:`param_fingerprint`,
+  :class:`WeightPublisher` / :class:`WeightReceiver` (library codec frames with error feedback).
+
+Around the core, reaching it only through these names: :mod:`thinwire.rl.envs` (environments,
+rubrics, the DigitSum task), :mod:`thinwire.rl.policies` (``TinyCausalLM``, the Hugging Face
+adapter, sampling) and :mod:`thinwire.rl.runtime` (rollout workers, SAPO sharing and
+:func:`thinwire.rl.runtime.train`, the TRL-like entry point).
 """
 
 from __future__ import annotations
 
 from thinwire.rl.config import GRPOConfig
-from thinwire.rl.env import Environment, GymAdapter, MultiTurnEnv, Rubric, SingleTurnEnv
-from thinwire.rl.learner import Learner
-from thinwire.rl.objective import GRPOLoss, compute_advantages, k3
-from thinwire.rl.policy import HFCausalLMPolicy, Policy, TinyCausalLM, sample, sequence_logprobs
-from thinwire.rl.rollout import Rollout, RolloutGroup, decode, encode
-from thinwire.rl.runtime import SyncOptions, run_local
-from thinwire.rl.sampling import LocalSampler, SamplingClient
-from thinwire.rl.sharing import RolloutSharing
+from thinwire.rl.learner import RL_METHOD_SETTINGS, Learner, build_learner_optimizer
+from thinwire.rl.objective import GRPOLoss, compute_advantages, informative_groups, k3
+from thinwire.rl.policy import (
+    Policy,
+    completion_logprobs,
+    frozen_reference,
+    sequence_logprobs,
+    token_logprobs,
+)
+from thinwire.rl.rollout import (
+    Rollout,
+    RolloutDecodeError,
+    RolloutGroup,
+    decode,
+    decode_groups,
+    encode,
+    encode_groups,
+    groups_nbytes,
+    wire_nbytes,
+)
 from thinwire.rl.staleness import StalenessFilter
-from thinwire.rl.store import PolicyStore
-from thinwire.rl.tasks import DigitSumEnv
 from thinwire.rl.verify import RolloutVerifier
-from thinwire.rl.worker import RolloutWorker
+from thinwire.rl.weights import (
+    PolicySnapshot,
+    PolicyStore,
+    WeightPublisher,
+    WeightReceiver,
+    param_fingerprint,
+)
 
 __all__ = [
-    "DigitSumEnv",
-    "Environment",
     "GRPOConfig",
     "GRPOLoss",
-    "GymAdapter",
-    "HFCausalLMPolicy",
     "Learner",
-    "LocalSampler",
-    "MultiTurnEnv",
     "Policy",
+    "PolicySnapshot",
     "PolicyStore",
+    "RL_METHOD_SETTINGS",
     "Rollout",
+    "RolloutDecodeError",
     "RolloutGroup",
-    "RolloutSharing",
     "RolloutVerifier",
-    "RolloutWorker",
-    "Rubric",
-    "SamplingClient",
-    "SingleTurnEnv",
     "StalenessFilter",
-    "SyncOptions",
-    "TinyCausalLM",
+    "WeightPublisher",
+    "WeightReceiver",
+    "build_learner_optimizer",
+    "completion_logprobs",
     "compute_advantages",
     "decode",
+    "decode_groups",
     "encode",
+    "encode_groups",
+    "frozen_reference",
+    "groups_nbytes",
+    "informative_groups",
     "k3",
-    "run_local",
-    "sample",
+    "param_fingerprint",
     "sequence_logprobs",
+    "token_logprobs",
+    "wire_nbytes",
 ]

@@ -10,10 +10,11 @@ validates again.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from thinwire._validate import check_choice, check_float, check_int, check_type
+from thinwire.optim import METHODS
 
 __all__ = ["GRPOConfig"]
 
@@ -64,10 +65,10 @@ class GRPOConfig:
             on-policy GRPO. (default: 2, prime-rl ``async_level``)
         stale_mode: ``"drop"`` removes too-stale groups whole; ``"withhold"`` keeps their rewards
             in the group statistics but masks their tokens (prime-rl PR #2960). (default: "drop")
-        sync: how rollout workers refresh weights: ``"pull"`` (sequential — a worker pulls
-            the latest weights before each group) or ``"push_pull"`` (workers keep generating;
-            a refresh is triggered when the version gap passes ``max_staleness``).
-            (default: "pull")
+        rollout_lag: versions the rollout workers trail the learner by: each step's groups are
+            sampled by the weights of ``rollout_lag`` steps earlier (0: synchronous on-policy
+            GRPO; ``max_staleness``: the steady state of an asynchronous pipeline whose
+            workers never wait). Must not exceed ``max_staleness``. (default: 0)
         seed: root of every generator of the run. (default: 0)
         lr: learning rate of the inner optimizer. (default: 1e-3, the DigitSum value;
             TRL and DSM use 1e-6 for LLMs)
@@ -84,6 +85,14 @@ class GRPOConfig:
         max_resample_rounds: resampling rounds of dynamic sampling. (default: 3)
         mask_truncated: DAPO overlong filtering: completions that hit
             ``max_completion_length`` without EOS get mask 0. (default: False)
+        steps: optimizer steps per learner (TRL's ``max_steps``). (default: 400)
+        method: how learners synchronise, a name of :data:`thinwire.optim.METHODS`; ``"ddp"``
+            averages gradients every step (with one learner: the inner optimizer alone).
+            (default: "ddp")
+        sync_every: *H*, inner steps between syncs of the DiLoCo family. (default: 10)
+        method_settings: settings that replace the method's (and the RL defaults: outer
+            learning rate 1 with momentum 0 for DiLoCo and Streaming DiLoCo), e.g.
+            ``{"compressor": "quant(int4, block=128)"}``. (default: {})
 
     Raises:
         ValueError: a field is out of range or two fields contradict; the message says which
@@ -105,7 +114,7 @@ class GRPOConfig:
     max_completion_length: int = 512
     max_staleness: int = 2
     stale_mode: Literal["drop", "withhold"] = "drop"
-    sync: Literal["pull", "push_pull"] = "pull"
+    rollout_lag: int = 0
     seed: int = 0
     lr: float = 1e-3
     max_grad_norm: float | None = 1.0
@@ -115,6 +124,10 @@ class GRPOConfig:
     filter_zero_std_groups: bool = False
     max_resample_rounds: int = 3
     mask_truncated: bool = False
+    steps: int = 400
+    method: str = "ddp"
+    sync_every: int = 10
+    method_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _fix(
@@ -229,11 +242,14 @@ class GRPOConfig:
             ("drop", "withhold"),
         )
         _fix(
-            check_choice,
-            "use 'pull' (workers refresh before each group) or 'push_pull' (asynchronous)",
-            "sync",
-            self.sync,
-            ("pull", "push_pull"),
+            check_int,
+            f"rollout_lag is how many versions the workers trail the learner by; groups older "
+            f"than max_staleness = {self.max_staleness} would all be dropped, so lower "
+            "rollout_lag or raise max_staleness",
+            "rollout_lag",
+            self.rollout_lag,
+            0,
+            self.max_staleness,
         )
         _fix(check_int, "seed must be a non-negative int", "seed", self.seed, 0)
         _fix(
@@ -290,6 +306,29 @@ class GRPOConfig:
             0,
         )
         _fix(check_type, "pass True or False", "mask_truncated", self.mask_truncated, bool)
+        _fix(check_int, "steps counts optimizer steps per learner", "steps", self.steps, 1)
+        _fix(
+            check_choice,
+            "pick a method of thinwire.optim.METHODS ('ddp' averages gradients every step; "
+            "'diloco-2bit' sends 2-bit pseudo-gradients every sync_every steps)",
+            "method",
+            self.method,
+            tuple(METHODS),
+        )
+        _fix(
+            check_int,
+            "sync_every is H, the inner steps between syncs (10 on DigitSum)",
+            "sync_every",
+            self.sync_every,
+            1,
+        )
+        _fix(
+            check_type,
+            "pass a dict of the method's settings, e.g. {'compressor': 'quant(int4, block=128)'}",
+            "method_settings",
+            self.method_settings,
+            Mapping,
+        )
 
     @property
     def num_generations(self) -> int:

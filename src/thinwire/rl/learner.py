@@ -1,43 +1,69 @@
-"""The GRPO learner: admits rollout groups, computes the loss, steps a thinwire optimizer, publishes.
+"""The GRPO learner: admits rollout groups, computes the loss, steps a thinwire optimizer.
 
-One :class:`Learner` holds a trainable replica; it talks to other learners only through its
-optimizer (``DiLoCo``, ``StreamingDiLoCo``, ``DeMo``, ``SparseLoCo``, or a plain ``torch.optim``
-optimizer for one learner) and, in per-step-synced modes, through one 16-byte all-reduce of the loss
-normaliser ``(N_seq, N_tok)`` (``global_normalizer=True``; DeMo). Every step adds ``1 + merges`` to
-the policy version (see :mod:`thinwire.rl.store`) and publishes the new weights to the
-:class:`~thinwire.rl.store.PolicyStore`.
+One :class:`Learner` holds a trainable replica. It talks to other learners only through its
+optimizer — any method of :data:`thinwire.optim.METHODS`, built by :func:`build_learner_optimizer`
+from the one method table — and, for methods that sync every step (``ddp``, DeMo), through one
+16-byte all-reduce of the loss normaliser ``(N_seq, N_tok)`` so the averaged gradient is the
+union batch's. Its policy version is the number of ``step()`` calls: an outer merge of the
+DiLoCo family always completes inside a ``step()``, so nobody samples the weights between the
+inner update and the merge. It observes its optimizer's syncs through the public
+``register_sync_post_hook`` (metrics, and :attr:`Learner.synced`, which a weight publisher reads
+to send only merged weights).
 """
 
 from __future__ import annotations
 
-import logging
-import queue
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
 from thinwire._validate import check_int, check_type
 from thinwire.collectives import Communicator
+from thinwire.optim import (
+    METHODS,
+    DeMo,
+    DiLoCo,
+    StreamingDiLoCo,
+    SyncHooks,
+    SyncInfo,
+    build_optimizer,
+)
 from thinwire.rl.config import GRPOConfig
 from thinwire.rl.objective import GRPOLoss, compute_advantages, informative_groups, merge_metrics
 from thinwire.rl.policy import completion_logprobs, frozen_reference
-from thinwire.rl.rollout import ChannelClosed, Rollout, RolloutGroup
+from thinwire.rl.rollout import Rollout, RolloutGroup
 from thinwire.rl.staleness import StalenessFilter
-from thinwire.rl.store import DeltaPublisher, PolicyStore, merge_count
 
-__all__ = ["Batch", "Inbox", "Learner", "collate"]
+__all__ = ["Batch", "Learner", "RL_METHOD_SETTINGS", "build_learner_optimizer", "collate"]
 
-logger = logging.getLogger(__name__)
+#: Settings the RL layer puts over a method's own, by optimizer class: periodic averaging (outer
+#: lr 1, momentum 0) for the DiLoCo family. With a moving RL objective the pre-training outer
+#: momentum keeps pushing along stale directions; on DigitSum (2 learners, H = 10) outer lr 0.7
+#: with Nesterov 0.9 ended at 0.52-0.66 mean reward over steps 301-400, lr 1 with momentum 0 at
+#: 0.95-1.0 (see docs/choosing.md).
+RL_METHOD_SETTINGS: dict[type, dict[str, object]] = {
+    DiLoCo: {"outer_lr": 1.0, "outer_momentum": 0.0},
+    StreamingDiLoCo: {"outer_lr": 1.0, "outer_momentum": 0.0, "mix_alpha": 0.0},
+}
 
 
-class Inbox(Protocol):
-    """Where a learner takes groups from: a :class:`~thinwire.rl.rollout.Channel` or a queue."""
+def build_learner_optimizer(
+    policy: nn.Module, cfg: GRPOConfig, comm: Communicator | None
+) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.method`` over ``policy``: inner Adam at ``cfg.lr``, RL defaults.
 
-    def recv(self, timeout: float | None = None) -> Any: ...
+    Built by :func:`thinwire.optim.build_optimizer` (the one method table) with
+    :data:`RL_METHOD_SETTINGS` and then ``cfg.method_settings`` over the method's settings.
+    """
+    method = METHODS[cfg.method]
+    settings = {**RL_METHOD_SETTINGS.get(method.optimizer, {}), **cfg.method_settings}
+    inner = None if method.optimizer is DeMo else partial(torch.optim.Adam, lr=cfg.lr)
+    return build_optimizer(method, policy, comm, sync_every=cfg.sync_every, inner=inner,
+                           overrides=settings)  # fmt: skip
 
 
 class Batch:
@@ -48,6 +74,9 @@ class Batch:
     padding), ``adv [B]``, ``external [B]`` (groups shared by peers: no behaviour log-probs of this
     learner), ``temperature``.
     """
+
+    _ROWS = ("prompt_ids", "prompt_mask", "completion_ids", "behavior_logp", "mask", "adv",
+             "external")  # fmt: skip
 
     def __init__(self, rollouts: Sequence[Rollout], adv: torch.Tensor, external: torch.Tensor,
                  *, pad_id: int, mask_truncated: bool) -> None:  # fmt: skip
@@ -77,15 +106,7 @@ class Batch:
     def rows(self, sl: slice) -> Batch:
         """A view of rows ``sl`` (micro-batch)."""
         out = object.__new__(Batch)
-        for name in (
-            "prompt_ids",
-            "prompt_mask",
-            "completion_ids",
-            "behavior_logp",
-            "mask",
-            "adv",
-            "external",
-        ):
+        for name in self._ROWS:
             setattr(out, name, getattr(self, name)[sl])
         out.uniform_prompts, out.temperature = self.uniform_prompts, self.temperature
         return out
@@ -94,10 +115,9 @@ class Batch:
 def collate(
     groups: Sequence[RolloutGroup], cfg: GRPOConfig, *, learner_id: int, pad_id: int
 ) -> Batch:
-    """Advantages per group broadcast to members, then padded tensors."""
+    """Advantages per group broadcast to the members, then padded tensors."""
     rollouts: list[Rollout] = []
-    adv_parts = []
-    external = []
+    adv_parts, external = [], []
     for g in groups:
         adv_parts.append(compute_advantages(g.rewards()[None], cfg.scale_rewards)[0])
         rollouts.extend(g.rollouts)
@@ -105,39 +125,35 @@ def collate(
     adv = torch.cat(adv_parts)
     if cfg.scale_rewards == "batch":  # σ over every scorable reward of the step, not per group
         sizes = {g.size for g in groups}
-        if len(sizes) == 1:
-            adv = compute_advantages(torch.stack([g.rewards() for g in groups]), "batch").reshape(
-                -1
-            )
-        else:
+        if len(sizes) != 1:
             raise ValueError(
                 f"scale_rewards='batch' needs one group size per step, got {sorted(sizes)}"
             )
+        adv = compute_advantages(torch.stack([g.rewards() for g in groups]), "batch").reshape(-1)
     return Batch(rollouts, adv.to(torch.float32), torch.tensor(external, dtype=torch.bool),
                  pad_id=pad_id, mask_truncated=cfg.mask_truncated)  # fmt: skip
 
 
 class Learner:
-    """One GRPO learner.
+    """One GRPO learner: staleness filter, GRPO loss, one optimizer step per :meth:`step`.
 
     Args:
-        policy: the trainable replica (``nn.Module`` following the ``Policy`` protocol).
-        optimizer: a ``torch.optim`` optimizer over ``policy``'s parameters, or a thinwire one
-            (DiLoCo / StreamingDiLoCo / SparseLoCo / DeMo) whose ``comm`` links the learners.
+        policy: the trainable replica (``nn.Module`` following :class:`thinwire.rl.Policy`).
+        optimizer: a thinwire optimizer over ``policy``'s parameters (any method of
+            :data:`thinwire.optim.METHODS`; :func:`build_learner_optimizer` builds the one of
+            ``cfg.method``). A plain ``torch.optim`` optimizer is one learner:
+            ``DataParallel(params, factory)`` with no communicator.
         cfg: the GRPO configuration.
-        inbox: where admitted groups come from (a ``Channel`` of ``RolloutGroup``); None when
-            groups are passed to :meth:`step` directly.
-        store: where new weights are published (every version).
-        learner_id: origin id of this learner's weights.
-        comm: communicator for the global normaliser (per-step-synced modes).
-        global_normalizer: all-reduce ``(N_seq, N_tok)`` across learners each step and scale the
-            local loss by ``R`` so the averaged gradient is the union-batch gradient (DeMo).
-        remote: optional :class:`DeltaPublisher` to remote workers.
-        remote_every: publish to remote workers every this many versions (or at each merge of a
-            DiLoCo-family optimizer when None; every step otherwise).
-        collect_timeout: seconds :meth:`step` waits for groups before raising ``TimeoutError``.
-        grad_hook: called after the backward pass, before clipping (the DDP baseline all-reduces
-            the gradients there). Collective if it communicates.
+        learner_id: origin id of this learner's weights (its rank).
+        comm: the learners' communicator, for the global normaliser.
+        global_normalizer: all-reduce ``(N_seq, N_tok)`` across learners each step and scale
+            the local loss by the world size, so the averaged gradient is the union batch's
+            (methods that sync every step). Collective.
+
+    Attributes:
+        version: weights version (``step()`` calls so far).
+        synced: whether the last ``step()`` completed a sync of the optimizer.
+        last_sync: the :class:`thinwire.optim.SyncInfo` of the last sync (None before one).
     """
 
     def __init__(
@@ -145,96 +161,53 @@ class Learner:
         policy: nn.Module,
         optimizer: torch.optim.Optimizer,
         cfg: GRPOConfig,
-        inbox: Inbox | None,
-        store: PolicyStore,
         *,
         learner_id: int = 0,
         comm: Communicator | None = None,
         global_normalizer: bool = False,
-        remote: DeltaPublisher | None = None,
-        remote_every: int | None = None,
-        collect_timeout: float = 300.0,
-        grad_hook: Callable[[], None] | None = None,
     ) -> None:
         self.policy = check_type("policy", policy, nn.Module)
-        self.optimizer = check_type("optimizer", optimizer, torch.optim.Optimizer)
+        if not isinstance(optimizer, SyncHooks):
+            raise TypeError(
+                f"optimizer must be a thinwire optimizer (thinwire.optim: DataParallel, DiLoCo, "
+                f"DeMo, ...), got {type(optimizer).__name__}; for one learner wrap the torch "
+                "optimizer as thinwire.optim.DataParallel(params, factory)"
+            )
+        self.optimizer = optimizer
         self.cfg = check_type("cfg", cfg, GRPOConfig)
-        self.inbox = inbox
-        self.store = check_type("store", store, PolicyStore)
         self.learner_id = check_int("learner_id", learner_id, 0)
         self.comm = comm
         self.global_normalizer = check_type("global_normalizer", global_normalizer, bool)
         if global_normalizer and comm is None:
             raise ValueError("global_normalizer=True needs comm (the learners' communicator)")
-        self.remote = remote
-        self.remote_every = (
-            None if remote_every is None else check_int("remote_every", remote_every, 1)
-        )
-        self.collect_timeout = collect_timeout
-        self.grad_hook = grad_hook
         self.loss_fn = GRPOLoss(cfg)
         self.filter = StalenessFilter(cfg.max_staleness, cfg.stale_mode, learner_id=learner_id)
         self.ref = frozen_reference(policy) if cfg.beta > 0 else None
-        self.pad_id = int(getattr(policy, "pad_id", 0))
+        self.pad_id = int(getattr(policy, "pad_id", 0))  # the Policy protocol's pad token
         self.version = 0
-        self.steps = 0
         self.zero_std_dropped = 0
-        self._last_remote = -1
-        self.store.publish(policy.state_dict(), self.version)
-        self._publish_remote(force=True)
+        self.synced = False
+        self.syncs = 0
+        self.last_sync: SyncInfo | None = None
+        optimizer.register_sync_post_hook(self._on_sync)
 
-    # ------------------------------------------------------------------ collection
-    def collect(self, n_groups: int | None = None) -> list[RolloutGroup]:
-        """Take admissible groups from the inbox until the step has ``prompts_per_step``.
-
-        Dynamic sampling (``filter_zero_std_groups``): groups with reward σ < 1e-6 are dropped
-        and replaced, for up to ``max_resample_rounds`` extra rounds (DAPO's dynamic sampling).
-
-        Raises:
-            TimeoutError: nothing admissible arrived within ``collect_timeout``.
-        """
-        if self.inbox is None:
-            raise RuntimeError("this learner has no inbox: pass groups to step(groups)")
-        want = self.cfg.prompts_per_step if n_groups is None else n_groups
-        got: list[RolloutGroup] = []
-        rounds, deadline = 0, time.monotonic() + self.collect_timeout
-        while len(got) < want:
-            try:
-                g = self.inbox.recv(timeout=max(0.0, deadline - time.monotonic()))
-            except (queue.Empty, ChannelClosed) as exc:
-                raise TimeoutError(
-                    f"learner {self.learner_id}: {len(got)} of {want} groups admitted within "
-                    f"{self.collect_timeout} s ({type(exc).__name__})"
-                ) from None
-            kept = self.filter.admit(g, self.version)
-            if kept is None:
-                continue
-            if self.cfg.filter_zero_std_groups and not bool(
-                informative_groups(kept.rewards()[None])[0]
-            ):
-                self.zero_std_dropped += 1
-                if rounds < self.cfg.max_resample_rounds * want:
-                    rounds += 1
-                    continue
-            got.append(kept)
-        return got
+    def _on_sync(self, _opt: object, info: SyncInfo) -> None:
+        self.synced = True
+        self.syncs += int(info.committed)
+        self.last_sync = info
 
     # ------------------------------------------------------------------ the step
-    def step(
-        self, groups: Sequence[RolloutGroup] | None = None, *, admitted: bool = False
-    ) -> dict[str, float]:
-        """One learner step: collect (unless given), loss, backward, optimizer step, publish.
+    def step(self, groups: Sequence[RolloutGroup], *, admitted: bool = False) -> dict[str, float]:
+        """One learner step on ``groups``: filter, loss, backward, clip, optimizer step.
 
-        Groups passed in go through the staleness filter too, unless ``admitted`` says they
-        already did (they came from :meth:`collect`). With ``num_iterations`` μ > 1 the batch is
-        used for μ optimizer steps (μ versions).
+        Groups go through the staleness filter (and dynamic sampling's zero-σ filter) unless
+        ``admitted`` says they already did. With ``num_iterations`` μ > 1 the batch is used for
+        μ optimizer steps (μ versions).
 
-        Collective (multi-learner): every learner must call this once per step.
+        Collective (several learners): every learner must call this once per step.
         """
         t0 = time.perf_counter()
-        if groups is None:
-            groups = self.collect()
-        elif not admitted:
+        if not admitted:
             groups = self.filter.filter(groups, self.version)
             if self.cfg.filter_zero_std_groups:
                 keep = [bool(informative_groups(g.rewards()[None])[0]) for g in groups]
@@ -247,26 +220,18 @@ class Learner:
             if self.cfg.ratio_reference == "decoupled" and groups
             else None
         )
+        self.synced = False
         for _ in range(self.cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            loss_metrics = self.backward(groups, old_logps=old)
-            if self.grad_hook is not None:
-                self.grad_hook()
-            grad_norm = self._clip()
-            before = merge_count(self.optimizer)
+            metrics = self.backward(groups, old_logps=old)
+            metrics["grad_norm"] = self._clip()
             self.optimizer.step()
-            merges = merge_count(self.optimizer) - before
-            self.version += 1 + merges
-            metrics = dict(loss_metrics)
-            metrics["grad_norm"] = grad_norm
-            metrics["merges"] = float(merges)
-        self.steps += 1
-        self.store.publish(self.policy.state_dict(), self.version)
-        self._publish_remote(force=False, merged=metrics.get("merges", 0.0) > 0)
+            self.version += 1
         metrics.update(self._reward_metrics(groups))
         metrics.update(self.filter.metrics())
         metrics["rollouts/dropped_zero_std"] = float(self.zero_std_dropped)
         metrics["version"] = float(self.version)
+        metrics["syncs"] = float(self.syncs)
         metrics["step_s"] = time.perf_counter() - t0
         return metrics
 
@@ -277,7 +242,7 @@ class Learner:
 
     def _logp(self, policy: nn.Module, part: Batch) -> torch.Tensor:
         attn = None if part.uniform_prompts else part.prompt_mask
-        return completion_logprobs(policy, part.prompt_ids, part.completion_ids,
+        return completion_logprobs(policy, part.prompt_ids, part.completion_ids,  # type: ignore[arg-type]
                                    temperature=part.temperature, prompt_mask=attn)  # fmt: skip
 
     @torch.no_grad()
@@ -287,14 +252,13 @@ class Learner:
     def backward(
         self, groups: Sequence[RolloutGroup], *, old_logps: list[torch.Tensor] | None = None
     ) -> dict[str, float]:
-        """Accumulate the GRPO gradient of ``groups`` into ``.grad``; no step.
+        """Accumulate the GRPO gradient of ``groups`` into ``.grad``; no optimizer step.
 
-        Micro-batches contribute sums under the step-global normaliser, which spans all
-        learners when ``global_normalizer`` is set (one 16-byte all-reduce, tag
-        ``"learners/normalizer"``). Collective in that case. ``old_logps`` (one tensor per
-        micro-batch) are the decoupled ratio's reference; default: this pass's detached log-probs.
-        A learner of a group with no admitted groups gets zero gradients, so the optimizer's
-        collectives still run on every learner.
+        Micro-batches contribute sums under the step-global normaliser, which spans all learners
+        when ``global_normalizer`` is set (one 16-byte all-reduce, tag ``"learners/normalizer"``;
+        collective then). ``old_logps`` (one tensor per micro-batch) are the decoupled ratio's
+        reference; default: this pass's detached log-probs. A learner with no admitted group
+        gets zero gradients, so its optimizer's collectives still run.
         """
         cfg = self.cfg
         parts = self._micro_batches(groups) if groups else []
@@ -304,13 +268,14 @@ class Learner:
         if self.global_normalizer:
             assert self.comm is not None  # internal invariant: checked in __init__
             counts = torch.tensor([float(n_seq), float(n_tok)], dtype=torch.float64)
-            counts = self.comm.all_reduce(counts, "sum", tag="learners/normalizer")
+            out = self.comm.all_reduce(counts, "sum", tag="learners/normalizer")
+            assert isinstance(out, torch.Tensor)  # internal invariant: a blocking call's result
+            counts = out
             n_seq, n_tok = int(counts[0]), int(counts[1])
             scale = float(self.comm.world_size)
         if not parts:
-            if self.comm is not None and self.comm.world_size > 1:
-                for p in self.policy.parameters():
-                    p.grad = torch.zeros_like(p)
+            for p in self.policy.parameters():
+                p.grad = torch.zeros_like(p)
             return {"loss": 0.0, "num_tokens": 0.0, "num_sequences": 0.0}
         metrics = []
         for i, part in enumerate(parts):
@@ -331,26 +296,12 @@ class Learner:
         return merge_metrics(metrics)
 
     def _clip(self) -> float:
-        # the optimizer's parameters: the policy's, or the flat bucket a grad hook filled
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for p in self.policy.parameters() if p.grad is not None]
         if not params:
             return 0.0
         if self.cfg.max_grad_norm is None:
             return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
         return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-
-    def _publish_remote(self, *, force: bool, merged: bool = False) -> None:
-        if self.remote is None:
-            return
-        if self.remote_every is not None:
-            due = self.version - self._last_remote >= self.remote_every
-        elif hasattr(self.optimizer, "outer_step"):
-            due = merged  # DiLoCo family: remote workers get the merged weights only
-        else:
-            due = True
-        if force or due:
-            self.remote.publish(self.policy.state_dict(), self.version)
-            self._last_remote = self.version
 
     @staticmethod
     def _reward_metrics(groups: Sequence[RolloutGroup]) -> dict[str, float]:

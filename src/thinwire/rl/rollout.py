@@ -1,22 +1,20 @@
-"""Rollout records, their versioned little-endian wire format, and the byte-counted channel.
+"""Rollout records and their versioned little-endian wire format.
 
 A :class:`Rollout` is one sampled completion with everything a learner (or a verifier) needs: the
-policy version and origin of the weights that produced it, the behaviour log-probs the worker
-recorded, the loss mask, the reward and its components (the INTELLECT-2-era prime-rl parquet schema
-is the model). A :class:`RolloutGroup` holds the G completions of one prompt. :func:`encode` /
-:func:`decode` give the wire record; :func:`decode` rejects truncated, corrupted (CRC-32) or
-malformed input with :class:`RolloutDecodeError`, never a half-built record. :class:`Channel` is the
-in-process stand-in for a link between two roles (worker → learner, learner → remote workers): a
-bounded queue whose every payload is counted in the ledgers of the sending and receiving sides under
-the channel's tag.
+policy version and the fingerprint of the weights that produced it, their origin, the behaviour
+log-probs the worker recorded, the loss mask, the reward and its components (the
+INTELLECT-2-era prime-rl parquet schema is the model). A :class:`RolloutGroup` holds the G
+completions of one prompt. :func:`encode` / :func:`decode` give the wire record (the only byte
+format of ``thinwire.rl``); :func:`decode` rejects truncated, corrupted (CRC-32) or malformed
+input with :class:`RolloutDecodeError`, never a half-built record. Several groups travel as one
+:func:`thinwire.compression.pack_bundle` of records (:func:`encode_groups`), through a
+communicator's byte ops.
 """
 
 from __future__ import annotations
 
 import math
-import queue
 import struct
-import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,27 +24,24 @@ import numpy as np
 import torch
 
 from thinwire._validate import check_int, check_type
-from thinwire.collectives import ByteLedger, OpRecord
+from thinwire.compression import PayloadError, bundle_nbytes, pack_bundle, unpack_bundle
 
 __all__ = [
     "SCHEMA_VERSION",
-    "Channel",
-    "ChannelClosed",
     "Rollout",
     "RolloutDecodeError",
     "RolloutGroup",
     "decode",
-    "decode_group",
+    "decode_groups",
     "encode",
-    "encode_group",
-    "group_nbytes",
+    "encode_groups",
+    "groups_nbytes",
     "replace_mask",
     "wire_nbytes",
 ]
 
 SCHEMA_VERSION = 1
 _MAGIC = b"TWRO"
-_GROUP_MAGIC = b"TWRG"
 # magic, schema, flags, body length (bytes between this header and the CRC trailer)
 _HEADER = struct.Struct("<4sHHI")
 # group_id, prompt_id, sample_idx, policy_version, origin, worker_id, temperature, reward,
@@ -56,7 +51,6 @@ _LENGTHS = struct.Struct("<II")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _F32 = struct.Struct("<f")
-_GROUP_HEADER = struct.Struct("<4sHI")
 _FLAG_TRUNCATED = 1
 _KNOWN_FLAGS = _FLAG_TRUNCATED
 _MAX_FINGERPRINT = 64  # a SHA-512 digest at most; thinwire uses 16-byte truncated SHA-256
@@ -81,7 +75,7 @@ class Rollout:
             withheld or overlong completions.
         behavior_logprobs: 1-D float32 tensor of length ``Lc``: log-prob of each sampled token
             under the temperature-scaled sampling distribution.
-        policy_version: version of the weights that sampled it (see :mod:`thinwire.rl.store`).
+        policy_version: version of the weights that sampled it (see :mod:`thinwire.rl.learner`).
         origin: id of the learner whose weights sampled it.
         worker_id: id of the rollout worker.
         temperature: sampling temperature.
@@ -89,7 +83,7 @@ class Rollout:
         reward: scalar reward; NaN for an unscorable completion (no reward function applied).
         reward_components: reward of each reward function by name (None → NaN on the wire).
         created_at: wall-clock time of creation (``time.time()``).
-        fingerprint: digest of the weights that sampled it (``thinwire.rl.store.param_fingerprint``);
+        fingerprint: digest of the weights that sampled it (:func:`thinwire.rl.param_fingerprint`);
             empty when unknown.
     """
 
@@ -145,7 +139,7 @@ class RolloutGroup:
 
     The pipeline guarantees that all members come from one policy version;
     :attr:`policy_version` raises if they do not. ``info`` carries task metadata that travels
-    with shared groups (SAPO, :mod:`thinwire.rl.sharing`); it is not part of the wire record.
+    with shared groups (SAPO, :mod:`thinwire.rl.runtime`); it is not part of the wire record.
     """
 
     rollouts: tuple[Rollout, ...]
@@ -413,180 +407,49 @@ def decode(payload: bytes | bytearray | memoryview) -> Rollout:
     return _decode_at(buf, 0, end)
 
 
-def group_nbytes(group: RolloutGroup) -> int:
-    """Exact length of ``encode_group(group)``: 10-byte header + records + 4-byte CRC."""
-    return _GROUP_HEADER.size + sum(wire_nbytes(r) for r in group.rollouts) + 4
+def encode_groups(groups: Sequence[RolloutGroup]) -> bytes:
+    """Serialize groups as one :func:`thinwire.compression.pack_bundle` of member records.
+
+    Members in group order, groups in order; ``8 + Σ (4 + len(record))`` bytes
+    (:func:`groups_nbytes`). The bundle only delimits: every record has its own CRC-32.
+    """
+    return pack_bundle([encode(r) for g in groups for r in g.rollouts])
 
 
-def encode_group(group: RolloutGroup) -> bytes:
-    """Serialize a group: ``b"TWRG"``, schema, member count, the member records, CRC-32."""
-    head = _GROUP_HEADER.pack(_GROUP_MAGIC, SCHEMA_VERSION, group.size)
-    body = b"".join(encode(r) for r in group.rollouts)
-    return head + body + _U32.pack(zlib.crc32(body, zlib.crc32(head)))
+def groups_nbytes(groups: Sequence[RolloutGroup]) -> int:
+    """Exact length of ``encode_groups(groups)`` without encoding."""
+    return bundle_nbytes([wire_nbytes(r) for g in groups for r in g.rollouts])
 
 
-def decode_group(payload: bytes | bytearray | memoryview) -> RolloutGroup:
-    """Parse a group produced by :func:`encode_group` (members must share group and prompt).
+def decode_groups(payload: bytes | bytearray | memoryview) -> list[RolloutGroup]:
+    """Parse :func:`encode_groups` output; consecutive records of one ``group_id`` form a group.
 
     Raises:
-        RolloutDecodeError: as :func:`decode`, for the frame or any member.
+        RolloutDecodeError: the bundle or any record is truncated, corrupted or malformed, or a
+            group's members disagree (prompt, origin).
     """
-    buf = memoryview(payload).cast("B")
-    if len(buf) < _GROUP_HEADER.size + 4:
-        raise RolloutDecodeError(
-            f"rollout group is truncated: {len(buf)} bytes, header and CRC need {_GROUP_HEADER.size + 4}"
-        )
-    magic, schema, count = _GROUP_HEADER.unpack(buf[: _GROUP_HEADER.size])
-    if magic != _GROUP_MAGIC:
-        raise RolloutDecodeError(
-            f"not a rollout group: magic must be {_GROUP_MAGIC!r}, got {bytes(magic)!r}"
-        )
-    if schema != SCHEMA_VERSION:
-        raise RolloutDecodeError(
-            f"rollout schema must be in [{SCHEMA_VERSION}, {SCHEMA_VERSION}], got {schema}"
-        )
-    (crc,) = _U32.unpack(buf[len(buf) - 4 :])
-    if (
-        zlib.crc32(buf[_GROUP_HEADER.size : len(buf) - 4], zlib.crc32(buf[: _GROUP_HEADER.size]))
-        != crc
-    ):
-        raise RolloutDecodeError("rollout group is truncated or corrupted: CRC-32 mismatch")
-    pos, limit, members = _GROUP_HEADER.size, len(buf) - 4, []
-    for _ in range(count):
-        end = _record_span(buf, pos, limit)
-        members.append(_decode_at(buf, pos, end))
-        pos = end
-    if pos != limit:
-        raise RolloutDecodeError(f"rollout group has {limit - pos} bytes after its {count} records")
+    try:
+        records = unpack_bundle(bytes(payload))
+    except PayloadError as exc:
+        raise RolloutDecodeError(f"rollout bundle: {exc}") from None
+    out: list[RolloutGroup] = []
+    members: list[Rollout] = []
+    for rec in records:
+        r = decode(rec)
+        if members and r.group_id != members[0].group_id:
+            out.append(_group(members))
+            members = []
+        members.append(r)
+    if members:
+        out.append(_group(members))
+    return out
+
+
+def _group(members: list[Rollout]) -> RolloutGroup:
     try:
         return RolloutGroup(tuple(members))
     except ValueError as exc:
         raise RolloutDecodeError(f"rollout group is inconsistent: {exc}") from None
-
-
-# ------------------------------------------------------------------------------- channel
-class ChannelClosed(RuntimeError):
-    """The channel was closed while a caller waited on it."""
-
-
-class Channel:
-    """A bounded, byte-counted queue between two roles of the pipeline.
-
-    Each :meth:`send` adds an :class:`~thinwire.collectives.OpRecord` (op ``"send"``, algorithm
-    ``"p2p"``, engine ``"channel"``) with ``sent = nbytes`` to ``sender_ledger`` and each
-    :meth:`recv` one with ``recv = nbytes`` to ``receiver_ledger``, under ``tag`` — so every
-    channel's bytes sit in the same ledgers as the learners' collectives. ``send`` of a
-    ``bytes`` payload counts its length; ``send_object`` passes an in-memory object between
-    co-located roles and counts the ``nbytes`` its wire form would take.
-
-    Args:
-        tag: ledger tag, e.g. ``"rollouts/local"``, ``"weights/broadcast"``.
-        capacity: most items in flight; 0 is unbounded. A full channel blocks ``send``
-            (back-pressure: the pipeline bounds in-flight groups to
-            ``max_staleness × groups_per_step``).
-        sender_ledger / receiver_ledger: ledgers to count in (None: not counted on that side).
-    """
-
-    def __init__(
-        self,
-        tag: str,
-        *,
-        capacity: int = 0,
-        sender_ledger: ByteLedger | None = None,
-        receiver_ledger: ByteLedger | None = None,
-    ) -> None:
-        self.tag = check_type("tag", tag, str)
-        self.capacity = check_int("capacity", capacity, 0)
-        self.sender_ledger = sender_ledger
-        self.receiver_ledger = receiver_ledger
-        self._q: queue.Queue[tuple[Any, int]] = queue.Queue(maxsize=capacity)
-        self._closed = False
-        self.items_sent = 0
-        self.items_received = 0
-
-    def _count(self, ledger: ByteLedger | None, nbytes: int, *, sent: bool) -> None:
-        if ledger is not None:
-            ledger.add(
-                OpRecord(
-                    op="send" if sent else "recv", algorithm="p2p", engine="channel", tag=self.tag,
-                    P=2, payload_bytes=nbytes, sent=nbytes if sent else 0, recv=0 if sent else nbytes,
-                )
-            )  # fmt: skip
-
-    def send(self, payload: bytes, timeout: float | None = None) -> None:
-        """Queue a wire payload; blocks while the channel is full."""
-        self.send_object(payload, len(payload), timeout=timeout)
-
-    def send_object(self, obj: Any, nbytes: int, timeout: float | None = None) -> None:
-        """Queue an in-memory object, counting ``nbytes`` (its wire size) on the sender side.
-
-        Raises:
-            ChannelClosed: the channel is closed.
-            queue.Full: ``timeout`` passed with the channel still full.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._closed:
-                raise ChannelClosed(f"channel {self.tag!r} is closed")
-            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-            if left <= 0:
-                raise queue.Full(f"channel {self.tag!r} stayed full for {timeout} s")
-            try:
-                self._q.put((obj, nbytes), timeout=left)
-                break
-            except queue.Full:
-                continue
-        self.items_sent += 1
-        self._count(self.sender_ledger, nbytes, sent=True)
-
-    def recv(self, timeout: float | None = None) -> Any:
-        """Take the oldest item; blocks until one arrives.
-
-        Raises:
-            ChannelClosed: the channel is closed and empty.
-            queue.Empty: ``timeout`` passed with nothing to take.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-            try:
-                obj, nbytes = (
-                    self._q.get(timeout=max(wait, 0.0)) if wait > 0 else self._q.get_nowait()
-                )
-                break
-            except queue.Empty:
-                if self._closed and self._q.empty():
-                    raise ChannelClosed(f"channel {self.tag!r} is closed") from None
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise queue.Empty(
-                        f"channel {self.tag!r}: nothing arrived within {timeout} s"
-                    ) from None
-        self.items_received += 1
-        self._count(self.receiver_ledger, nbytes, sent=False)
-        return obj
-
-    def recv_nowait(self) -> Any | None:
-        """The oldest item, or None when the channel is empty."""
-        try:
-            obj, nbytes = self._q.get_nowait()
-        except queue.Empty:
-            return None
-        self.items_received += 1
-        self._count(self.receiver_ledger, nbytes, sent=False)
-        return obj
-
-    def qsize(self) -> int:
-        """Items waiting."""
-        return self._q.qsize()
-
-    def close(self) -> None:
-        """Refuse later sends and wake blocked callers; items already queued stay readable."""
-        self._closed = True
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
 
 
 def replace_mask(rollout: Rollout, mask: torch.Tensor | Sequence[bool]) -> Rollout:

@@ -1,10 +1,8 @@
-"""Staleness bookkeeping of the asynchronous pipeline: admission rule and consumption filter.
+"""Staleness: which groups a learner may still train on.
 
 The staleness of a group consumed by a learner at version ``v_now`` is
 ``s = v_now − v_b`` (prime-rl: the version the batch trains on minus the version that generated
-the rollout, queue time included). Admission control (:func:`needs_refresh`) keeps workers from
-starting groups on weights that are already too old; :class:`StalenessFilter` is the safety net at
-consumption. Groups with ``s > max_staleness`` are dropped whole, because advantages are relative
+the rollout, queue time included). :class:`StalenessFilter` applies it at consumption. Groups with ``s > max_staleness`` are dropped whole, because advantages are relative
 to the group; ``mode="withhold"`` (prime-rl PR #2960) keeps a stale member's reward in the group
 statistics but masks its tokens.
 """
@@ -20,30 +18,21 @@ import torch
 from thinwire._validate import check_choice, check_int
 from thinwire.rl.rollout import RolloutGroup, replace_mask
 
-__all__ = ["StalenessFilter", "needs_refresh", "staleness"]
+__all__ = ["StalenessFilter", "staleness"]
 
 logger = logging.getLogger(__name__)
 
 
 def staleness(version_now: int, version_behavior: int) -> int:
-    """``s = v_now − v_b`` (versions as defined in :mod:`thinwire.rl.store`)."""
+    """``s = v_now − v_b`` (versions as defined in :mod:`thinwire.rl.learner`)."""
     return int(version_now) - int(version_behavior)
-
-
-def needs_refresh(worker_version: int, learner_version: int, max_staleness: int) -> bool:
-    """Admission control: True when the worker must pull before starting a group.
-
-    A worker does not start a group on weights older than ``v_learner − max_staleness``: such a
-    group would already be too stale when it is consumed.
-    """
-    return staleness(learner_version, worker_version) > max_staleness
 
 
 class StalenessFilter:
     """Drop (or withhold) groups whose staleness exceeds ``max_staleness``.
 
     Only groups sampled by this learner's own weights (``origin == learner_id``) have a staleness;
-    groups shared by peers (SAPO, :mod:`thinwire.rl.sharing`) carry another learner's versions and
+    groups shared by peers (SAPO, :mod:`thinwire.rl.runtime`) carry another learner's versions and
     are admitted as ``external``. A group claiming a version newer than ``v_now`` cannot come from
     this learner and is dropped as ``future``.
 

@@ -1,11 +1,11 @@
 """Verifiable rollouts: fingerprint check plus log-prob spot checks at PRF-chosen positions.
 
 A rollout carries the fingerprint of the weights that sampled it (16 bytes of SHA-256 over the
-parameters of its ``policy_version``, :func:`thinwire.rl.store.param_fingerprint`) and the
+parameters of its ``policy_version``, :func:`thinwire.rl.param_fingerprint`) and the
 behaviour log-probs the worker recorded. :class:`RolloutVerifier` checks, for each rollout:
 
-1. the claimed version is still kept by the learner's :class:`~thinwire.rl.store.PolicyStore`
-   (or the remote-view store of a :class:`~thinwire.rl.store.DeltaPublisher`);
+1. the claimed version is still kept by the learner's :class:`~thinwire.rl.PolicyStore`
+   (or the remote-view store of a :class:`~thinwire.rl.WeightPublisher`);
 2. the fingerprint equals the store's fingerprint of that version (catches honest workers on
    other or stale weights, and copy errors);
 3. at ``n_positions`` completion positions chosen by a PRF — HMAC-SHA256 keyed with the
@@ -44,7 +44,7 @@ from torch import nn
 
 from thinwire._validate import check_float, check_int, check_type
 from thinwire.rl.rollout import Rollout
-from thinwire.rl.store import PolicyStore
+from thinwire.rl.weights import PolicyStore
 
 __all__ = ["RolloutVerifier", "Verdict", "VerifierCost", "prf_positions"]
 
@@ -57,7 +57,8 @@ def prf_positions(key: bytes, rollout_id: bytes, candidates: Sequence[int], k: i
     """
     pool = list(candidates)
     k = min(k, len(pool))
-    out, counter, words = [], 0, []
+    out, counter = [], 0
+    words: list[int] = []
     for i in range(k):
         if not words:
             digest = hmac.new(
@@ -114,7 +115,7 @@ class RolloutVerifier:
         policy: a module of the policy's architecture; its weights are overwritten with each
             claimed version's (keep it private to the verifier).
         store: the store (or stores) that published the versions: a learner's, and/or the
-            ``DeltaPublisher.view`` of its remote workers. A rollout is checked against the store
+            ``WeightPublisher.view`` of its remote workers. A rollout is checked against the store
             whose fingerprint of the claimed version matches (the first one otherwise).
         key: the verifier's secret PRF key (bytes, ≥ 16); workers must not know it.
         n_positions: completion positions checked per rollout (default: 3), range [1, inf).

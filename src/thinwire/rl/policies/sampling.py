@@ -1,7 +1,7 @@
 """Sampling clients: how an environment asks a policy for completions.
 
 ``SamplingClient`` is the protocol environments talk to (a remote inference server can implement
-it); ``LocalSampler`` runs a local ``Policy`` with ``thinwire.rl.policy.sample``. No top-k/top-p:
+it); ``LocalSampler`` runs a local ``Policy`` with :func:`sample`. No top-k/top-p:
 the recorded behaviour log-probs are exactly those of the distribution that was sampled.
 """
 
@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from thinwire._validate import check_float, check_int
-from thinwire.rl.policy import Policy, sample
+from thinwire.rl import Policy
+from thinwire.rl.policies.models import sample
 
 __all__ = ["SamplingArgs", "SamplingClient", "LocalSampler"]
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from thinwire._validate import check_int
-from thinwire.rl.sampling import SamplingArgs, SamplingClient
+from thinwire.rl.policies import SamplingArgs, SamplingClient
 
 __all__ = [
     "Task",
@@ -307,6 +307,9 @@ class Environment(abc.ABC):
         decode: token ids → text handed to reward functions as ``completion``.
     """
 
+    #: Tokens that end a completion; None: the policy's end-of-sequence token.
+    stop_ids: tuple[int, ...] | None = None
+
     def __init__(
         self, rubric: Rubric, *, encode: Encode | None = None, decode: Decode | None = None
     ) -> None:
@@ -340,6 +343,28 @@ class Environment(abc.ABC):
         """Synchronous ``rollout_group`` (runs its own event loop; inside a running loop use
         ``await env.rollout_group(...)``)."""
         return asyncio.run(self.rollout_group(client, task, n, sampling))
+
+    def sample_groups(
+        self,
+        client: SamplingClient,
+        n_groups: int,
+        group_size: int,
+        sampling: SamplingArgs,
+        generator: torch.Generator,
+    ) -> list[list[Trajectory]]:
+        """``n_groups`` scored groups of ``group_size`` rollouts, tasks drawn uniformly.
+
+        What a rollout worker calls once per step. The default draws each task from
+        ``dataset("train")`` with ``generator`` and runs :meth:`run_group`; an environment with
+        a cheaper batched path (``DigitSumEnv``: one sampling call for every group) overrides it.
+        """
+        check_int("n_groups", n_groups, 1)
+        tasks = self.dataset("train")
+        out = []
+        for _ in range(n_groups):
+            task = tasks[int(torch.randint(0, len(tasks), (), generator=generator))]
+            out.append(self.run_group(client, task, group_size, sampling))
+        return out
 
     def _completion_view(self, ids: Tensor) -> Any:
         return self.decode(ids.tolist()) if self.decode is not None else ids.tolist()

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from thinwire._validate import check_int
-from thinwire.rl.env import Rubric, SingleTurnEnv, Task
-from thinwire.rl.policy import Policy, greedy_decode
-from thinwire.rl.sampling import SamplingArgs
+from thinwire.rl import Policy
+from thinwire.rl.envs.base import Rubric, SingleTurnEnv, Task, Trajectory
+from thinwire.rl.policies import SamplingArgs, SamplingClient, greedy_decode
 
 __all__ = [
     "PAD",
@@ -64,7 +64,7 @@ class Prompt:
 class DigitSumEnv(SingleTurnEnv):
     """The built-in reference environment (the task in this module's docstring).
 
-    Use it directly (``sample_prompts`` + ``thinwire.rl.policy.sample`` + ``reward``) or as a
+    Use it directly (``sample_prompts`` + ``thinwire.rl.policies.sample`` + ``reward``) or as a
     ``SingleTurnEnv`` (``dataset``, ``rollout_group``, ``rubric``; tasks carry the prompt ids and
     the target as ``answer``).
 
@@ -78,6 +78,8 @@ class DigitSumEnv(SingleTurnEnv):
         ValueError: an empty or unreachable target range (targets must be two-digit sums of k
             digits: 0 ≤ t_min ≤ t_max ≤ min(9k, 99)).
     """
+
+    stop_ids: tuple[int, ...] | None = ()  # exactly K tokens, no stop token
 
     def __init__(self, t_min: int = 4, t_max: int = 23, k: int = 3, seed: int = 0) -> None:
         check_int("k", k, 1)
@@ -155,6 +157,42 @@ class DigitSumEnv(SingleTurnEnv):
         digits = (completion_ids >= 0) & (completion_ids <= 9)
         ok = digits.all(dim=1) & (completion_ids.sum(dim=1) == targets)
         return ok.to(torch.get_default_dtype())
+
+    def sample_groups(
+        self,
+        client: SamplingClient,
+        n_groups: int,
+        group_size: int,
+        sampling: SamplingArgs,
+        generator: torch.Generator,
+    ) -> list[list[Trajectory]]:
+        """Batched :meth:`Environment.sample_groups`: one ``client.sample`` call for all groups.
+
+        Prompts come from :meth:`sample_prompts` with ``generator``; rewards from the
+        vectorised :meth:`rewards` (the rubric's ``digit_sum`` component).
+        """
+        check_int("n_groups", n_groups, 1)
+        prompts = self.sample_prompts(n_groups, generator)
+        ids, logp, truncated = client.sample(
+            torch.stack([p.ids for p in prompts]), group_size, sampling.max_new_tokens,
+            sampling.temperature, sampling.stop_ids,
+        )  # fmt: skip
+        targets = torch.tensor([p.target for p in prompts]).repeat_interleave(group_size)
+        rewards = self.rewards(targets, ids).tolist()
+        tasks = {t.answer: t for t in self.dataset("train")}
+        mask = torch.ones(ids.shape[1], dtype=torch.bool)
+        out: list[list[Trajectory]] = []
+        for gi, p in enumerate(prompts):
+            group = []
+            for row in range(gi * group_size, (gi + 1) * group_size):
+                r = float(rewards[row])
+                group.append(Trajectory(
+                    task=tasks[p.target], prompt_ids=p.ids, completion_ids=ids[row],
+                    behavior_logprobs=logp[row], loss_mask=mask, truncated=bool(truncated[row]),
+                    reward=r, reward_components={"digit_sum": r},
+                ))  # fmt: skip
+            out.append(group)
+        return out
 
     def _rubric_reward(self, completion_ids: list[int], answer: Any) -> float:
         return self.reward(int(answer), completion_ids)

@@ -4,10 +4,10 @@ Gensyn, "Sharing is Caring: Efficient LM Post-Training with Collective RL Experi
 (SAPO, arXiv:2509.08721v1, §3 and Table 1). Each learner publishes some of its scored groups to
 its peers and builds its batch from ``I`` local and ``J`` external groups (SAPO's best setting on
 8 × Qwen2.5-0.5B was 4 local / 4 external; external groups with zero advantage are discarded
-before sampling). Groups travel as :func:`~thinwire.rl.rollout.encode_group` records in one
-``all_gather_bytes`` per step over the learners' communicator (tag ``"rollouts/shared"``), so
-their bytes sit in the ledger next to the optimizer's (G rollout records per shared group, to
-each peer).
+before sampling). Groups travel as :func:`thinwire.rl.encode_groups` (rollout records in one
+bundle) in one ``all_gather_bytes`` per step over the learners' communicator (tag
+``"rollouts/shared"``), so their bytes sit in the ledger next to the optimizer's (G rollout
+records per shared group, to each peer).
 External groups keep the sender's ``origin``: the staleness filter admits them without a
 staleness and the learner uses its own detached log-probs as the ratio reference (r ≡ 1).
 
@@ -17,54 +17,21 @@ ids (all learners here use one tokenizer).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 import torch
 
 from thinwire._validate import check_int, check_type
 from thinwire.collectives import Communicator
-from thinwire.rl.objective import informative_groups
-from thinwire.rl.rollout import RolloutDecodeError, RolloutGroup, decode_group, encode_group
+from thinwire.rl import (
+    RolloutDecodeError,
+    RolloutGroup,
+    decode_groups,
+    encode_groups,
+    informative_groups,
+)
 
-__all__ = ["RolloutSharing", "pack_groups", "unpack_groups"]
-
-_COUNT = struct.Struct("<I")
-
-
-def pack_groups(groups: Sequence[RolloutGroup]) -> bytes:
-    """Length-prefixed concatenation of encoded groups."""
-    out = [_COUNT.pack(len(groups))]
-    for g in groups:
-        blob = encode_group(g)
-        out += [_COUNT.pack(len(blob)), blob]
-    return b"".join(out)
-
-
-def unpack_groups(payload: bytes) -> list[RolloutGroup]:
-    """Inverse of :func:`pack_groups`.
-
-    Raises:
-        RolloutDecodeError: truncated or corrupted payload.
-    """
-    buf = memoryview(payload)
-    if len(buf) < 4:
-        raise RolloutDecodeError(f"shared-groups payload is truncated: {len(buf)} bytes")
-    (n,) = _COUNT.unpack(buf[:4])
-    pos, out = 4, []
-    for _ in range(n):
-        if pos + 4 > len(buf):
-            raise RolloutDecodeError("shared-groups payload is truncated inside a length prefix")
-        (size,) = _COUNT.unpack(buf[pos : pos + 4])
-        if pos + 4 + size > len(buf):
-            raise RolloutDecodeError(
-                f"shared-groups payload is truncated: a group needs {size} bytes"
-            )
-        out.append(decode_group(buf[pos + 4 : pos + 4 + size]))
-        pos += 4 + size
-    if pos != len(buf):
-        raise RolloutDecodeError(f"shared-groups payload has {len(buf) - pos} trailing bytes")
-    return out
+__all__ = ["RolloutSharing"]
 
 
 class RolloutSharing:
@@ -107,13 +74,14 @@ class RolloutSharing:
         mine = [g for g in local if bool(informative_groups(g.rewards()[None])[0])][
             : self.n_publish
         ]
-        payloads = self.comm.all_gather_bytes(pack_groups(mine), tag=self.tag)
+        payloads = self.comm.all_gather_bytes(encode_groups(mine), tag=self.tag)
+        assert isinstance(payloads, list)  # internal invariant: a blocking call's result
         pool: list[RolloutGroup] = []
         for rank, blob in enumerate(payloads):
             if rank == self.comm.rank or blob is None:
                 continue
             try:
-                groups = unpack_groups(bytes(blob))
+                groups = decode_groups(bytes(blob))
             except RolloutDecodeError:
                 self.dropped_payloads += 1
                 continue
