@@ -24,6 +24,7 @@ from thinwire.collectives.base import (
     PeerInfo,
     PeerLost,
     RoundMismatch,
+    RoundStart,
 )
 from thinwire.collectives.inproc import InprocCommunicator
 from thinwire.collectives.netcheck import main as netcheck_main
@@ -56,6 +57,7 @@ __all__ = [
     "PeerLost",
     "Preset",
     "RoundMismatch",
+    "RoundStart",
     "TorchDistCommunicator",
     "WanCommunicator",
     "WanConfig",

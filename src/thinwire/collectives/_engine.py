@@ -32,6 +32,7 @@ import torch
 
 from thinwire._validate import check_choice, check_dtype, check_float, check_int, check_type
 from thinwire.collectives import accounting as acct
+from thinwire.collectives._rounds import StaticRounds
 from thinwire.collectives.base import (
     ByteLedger,
     CommError,
@@ -169,7 +170,7 @@ def wrap_error(exc: BaseException, what: str) -> CommError:
     return err
 
 
-class _CollectiveEngine:
+class _CollectiveEngine(StaticRounds):
     """Public ops over the transport primitives; subclasses set the attributes in ``_setup``."""
 
     # Bytes of the end mark appended to each ring row of ``all_gather_bytes`` (0 or 8): set by a

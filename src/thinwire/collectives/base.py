@@ -31,6 +31,9 @@ __all__ = [
     "Handle",
     "Communicator",
     "ReduceOpName",
+    "RoundStart",
+    "StateGetter",
+    "StateSetter",
 ]
 
 T = TypeVar("T")
@@ -242,6 +245,32 @@ class Handle(Generic[T]):
         fn(self)
 
 
+#: Returns the global training state a worker hands to a peer that joins or heals: named tensors
+#: (θ_g, the outer optimizer's state, step counters), read at the moment of the call.
+StateGetter = Callable[[], dict[str, torch.Tensor]]
+#: Loads such a state received from a live peer; raises ``ValueError`` for one that does not fit
+#: (other names, shapes or dtypes, non-finite values), so the engine can try another peer.
+StateSetter = Callable[[dict[str, torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """What :meth:`Communicator.begin_round` decided for this worker's sync round.
+
+    Attributes:
+        take_part: run this round's collectives. False: this worker's global state was just
+            replaced by a live peer's (it joined late or missed rounds); it skips this round and
+            contributes from the next one, from the state it received.
+        contribute: send this worker's own update. False: take part with weight 0 (a replica
+            that healed at the start of this round holds no update of its own for it).
+        healed: the global state was loaded from a live peer during this call.
+    """
+
+    take_part: bool = True
+    contribute: bool = True
+    healed: bool = False
+
+
 @runtime_checkable
 class Communicator(Protocol):
     """One API over every engine (spec §2.1). Collective: every rank must call each op, in the
@@ -302,3 +331,52 @@ class Communicator(Protocol):
     def barrier(self, timeout: float | None = None) -> None: ...
 
     def close(self) -> None: ...
+
+    # ------------------------------------------------------------- rounds and membership
+    # An optimizer calls these around every sync, so that an engine whose membership changes
+    # (hivemind, torchft) can hand state to joiners and discard a round that failed. On an
+    # engine with static membership they cost nothing: every round is taken part in and kept.
+
+    #: True when peers may join, leave or fail between rounds without failing the run: a round
+    #: that fails raises :class:`CommError` (or :meth:`end_round` returns False) and is
+    #: discarded by the optimizer, which goes on with the next one.
+    elastic: bool
+
+    def attach_state(self, get_state: StateGetter, set_state: StateSetter) -> None:
+        """Register how this worker's global state is read (to serve peers) and replaced.
+
+        Called by the optimizer that uses this communicator when it is built; an elastic engine
+        serves ``get_state()`` to peers that join or heal and calls ``set_state`` with a live
+        peer's state when this worker is behind. A communicator serves one optimizer's state:
+        a later call (an optimizer built again) replaces the earlier functions.
+        """
+        ...
+
+    def agree_initial_state(self, mode: str = "broadcast", *, tag: str = "") -> None:
+        """Make every worker start from the same global state (at the optimizer's construction).
+
+        ``"broadcast"``: every worker takes rank 0's state (as DDP broadcasts rank 0's
+        parameters); ``"check"``: compare a digest per tensor and raise ``ValueError`` naming
+        the first tensor that differs; ``"off"``: nothing. Bytes go to the ledger under
+        ``tag``. Collective: every worker must call this.
+        """
+        ...
+
+    def begin_round(self, round: int) -> RoundStart:
+        """Start sync round ``round`` (the optimizer's count of completed syncs).
+
+        An elastic engine forms the round's group here and, when this worker is behind its
+        peers, replaces its state with a live peer's (through the attached ``set_state``)
+        before it contributes. Collective: every member calls it once per sync.
+        """
+        ...
+
+    def end_round(self, ok: bool) -> bool:
+        """Whether the round may be applied; ``ok`` says whether it completed on this worker.
+
+        Returns ``ok`` on engines whose failures raise; an engine with a commit protocol
+        (torchft's ``should_commit``) returns True only if every member of the round completed
+        it. False: the optimizer discards the round (θ_g stays, local progress of the round is
+        dropped).
+        """
+        ...

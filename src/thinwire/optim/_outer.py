@@ -34,12 +34,13 @@ from thinwire._validate import (
     check_param_tensors,
     check_type,
 )
-from thinwire.collectives import Communicator
+from thinwire.collectives import CommError, Communicator, RoundStart
 from thinwire.compression import ROBUST_RULES, Codec, SparseCodec, build_codec
 from thinwire.optim._finite import amp_step_skipped, first_nonfinite
 from thinwire.optim._hooks import SyncHooks, SyncInfo
 from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer, make_reducer
 from thinwire.optim._state import (
+    INIT_SYNC_MODES,
     InflightWork,
     check_groups,
     check_setting,
@@ -111,6 +112,12 @@ class _Inflight:
     buckets: list[tuple[int, list[torch.Tensor], PendingReduce | None]] = field(
         default_factory=list
     )
+    # False once the round failed on this worker (an elastic engine's CommError): discarded.
+    ok: bool = True
+    # This worker's Δ was non-finite (on_nonfinite="skip"): its inner state is dropped.
+    poisoned: bool = False
+    # Residuals before this round's encode (elastic engines only): restored if it is discarded.
+    residual_backup: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _anchor_of(p: torch.Tensor) -> torch.Tensor:
@@ -238,6 +245,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         trim: int | None = None,
+        init_sync: str = "broadcast",
     ) -> None:
         check_ordered_params("params", params)
         if not callable(inner):
@@ -261,6 +269,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
         self.trim = _check_trim(self.robust, trim, comm)
         self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
         self.bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0.0, lo_open=True)
+        self.init_sync = check_choice("init_sync", init_sync, INIT_SYNC_MODES)
         self._work = InflightWork()
         self._codecs: dict[str, Codec | None] = {}
         self._reducers: dict[str, Reducer] = {}
@@ -309,6 +318,10 @@ class DiLoCoBase(SyncHooks, Optimizer):
         self.outer_step = 0
         self._inflight: _Inflight | None = None
         self.last_sync: dict[str, Any] = {}
+        if comm is not None:
+            # Serve θ_g to peers that join or heal, and start every worker from one θ_g.
+            comm.attach_state(self._global_state, self._load_global_state)
+            comm.agree_initial_state(self.init_sync, tag=f"{tag}/init")
 
     # ---------------------------------------------------------------- construction helpers
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -363,7 +376,10 @@ class DiLoCoBase(SyncHooks, Optimizer):
                 self.comm,
                 self._codec_of(g),
                 robust=self.robust,
-                weighted=self.on_nonfinite == "skip",
+                # Weight-0 contributions need weights: a worker that skips a non-finite Δ, or a
+                # replica of an elastic engine that healed at the start of the round.
+                weighted=self.on_nonfinite == "skip"
+                or (self.comm is not None and self.comm.elastic),
                 aggregate=self.aggregate,
                 bucket_cap_mb=self.bucket_cap_mb,
                 trim=self.trim,
@@ -469,7 +485,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
         if (s + self.overlap_steps) % K == 0:
             event = (s + self.overlap_steps) // K - 1
             self._launch(event % len(self._fragments), apply_at=s + self.overlap_steps)
-            if self.overlap_steps == 0:
+            if self.overlap_steps == 0 and self._inflight is not None:
                 self._apply()
 
     def _buckets(self, fragment: int) -> list[tuple[int, list[torch.Tensor]]]:
@@ -482,6 +498,12 @@ class DiLoCoBase(SyncHooks, Optimizer):
         return out
 
     def _launch(self, fragment: int, apply_at: int) -> None:
+        start = self.comm.begin_round(self.outer_step) if self.comm is not None else RoundStart()
+        if not start.take_part:
+            # This worker's state was just replaced by a live peer's (it joined late or missed
+            # rounds); it restarts from that θ_g and contributes from the next round on.
+            logger.info("skipping round %d: state loaded from a live peer", self.outer_step)
+            return
         buckets = self._buckets(fragment)
         deltas = [
             [self.state[p]["anchor"] - p.detach().to(self.state[p]["anchor"].dtype) for p in ps]
@@ -500,18 +522,23 @@ class DiLoCoBase(SyncHooks, Optimizer):
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(msg)
             logger.warning("%s; this worker contributes weight 0 to the round", msg)
-        inflight = _Inflight(fragment, apply_at, contributed=finite)
+        contribute = finite and start.contribute
+        inflight = _Inflight(fragment, apply_at, contributed=contribute, poisoned=not finite)
+        elastic = self.comm is not None and self.comm.elastic
         for (gi, ps), ds in zip(buckets, deltas, strict=True):
             g = self.param_groups[gi]
-            ef = finite and g["error_feedback"]
-            if not finite:
+            ef = contribute and g["error_feedback"]
+            if not contribute:
                 ds = [torch.zeros_like(d) for d in ds]  # weight 0: nothing non-finite is sent
+            if ef and elastic:
+                for p in ps:
+                    inflight.residual_backup[id(p)] = self._residual(p).clone()
             pend = self._reducer_of(g).start(
                 ds,
                 residuals=[self._residual(p) for p in ps] if ef else None,
                 decay=g["ef_decay"],
                 scale=g["outer_lr"] if self.ef_scale_by_lr else 1.0,
-                contribute=finite,
+                contribute=contribute,
                 async_op=self.overlap_steps > 0,
                 tag=f"{self.tag}/sync/f{fragment}/g{gi}",
             )
@@ -533,7 +560,19 @@ class DiLoCoBase(SyncHooks, Optimizer):
         for i, (gi, ps, pend) in enumerate(inf.buckets):
             if pend is None:
                 continue
-            vecs, weight = pend.result()
+            try:
+                vecs, weight = pend.result()
+            except CommError as exc:
+                if self.comm is None or not self.comm.elastic:
+                    raise
+                # An elastic engine lost a peer or formed no group: the round is discarded on
+                # this worker (it fetches the live peers' state at its next round).
+                logger.warning(
+                    "round %d failed on this worker (%s); discarding it", self.outer_step, exc
+                )
+                inf.ok = False
+                inf.buckets[i] = (gi, ps, None)
+                continue
             for p, v in zip(ps, vecs, strict=True):
                 self.state[p]["inflight"] = v.to(self.state[p]["anchor"].dtype, copy=True)
             for p in ps:
@@ -545,6 +584,10 @@ class DiLoCoBase(SyncHooks, Optimizer):
         inf = self._inflight
         assert inf is not None  # internal invariant: _apply follows _launch
         self._resolve()
+        ok = self.comm.end_round(inf.ok) if self.comm is not None else inf.ok
+        if not ok:
+            self._discard(inf)
+            return
         stepped = False
         total_weight = 0.0
         for gi, ps, _ in inf.buckets:
@@ -571,7 +614,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
                     p.copy_(torch.lerp(anchor, p.detach().to(anchor.dtype), self.mix_alpha))
                 else:
                     p.copy_(anchor)
-        if not inf.contributed:
+        if inf.poisoned:
             # This worker's Δ was non-finite ("skip"): restart every fragment from θ_g and drop
             # the inner optimizer's state, which the same NaN has poisoned.
             for p in self._ordered_params():
@@ -592,6 +635,39 @@ class DiLoCoBase(SyncHooks, Optimizer):
                 fragment=inf.fragment,
                 weight=total_weight,
                 contributed=inf.contributed,
+            )
+        )
+
+    def _discard(self, inf: _Inflight) -> None:
+        """Drop a round that failed or was not committed: θ_g and the outer state stay, the
+        fragment restarts from θ_g (its local progress of the round is lost, as in torchft's
+        DiLoCo), error-feedback residuals return to their value before the round."""
+        for _, ps, _ in inf.buckets:
+            for p in ps:
+                st = self.state[p]
+                st.pop("inflight", None)
+                st.pop("inflight_weight", None)
+                backup = inf.residual_backup.get(id(p))
+                if backup is not None:
+                    st["residual"].copy_(backup)
+                p.copy_(st["anchor"])
+        self._inflight = None
+        logger.warning("round %d discarded: θ_g unchanged", self.outer_step)
+        self.last_sync = {
+            "fragment": inf.fragment,
+            "inner_step": self.inner_step,
+            "weight": 0.0,
+            "contributed": inf.contributed,
+            "committed": False,
+        }
+        self._after_sync(
+            SyncInfo(
+                sync_step=self.outer_step,
+                inner_step=self.inner_step,
+                fragment=inf.fragment,
+                weight=0.0,
+                contributed=inf.contributed,
+                committed=False,
             )
         )
 
@@ -623,7 +699,8 @@ class DiLoCoBase(SyncHooks, Optimizer):
             self._apply()
         for f in range(len(self._fragments)):
             self._launch(f, apply_at=self.inner_step)
-            self._apply()
+            if self._inflight is not None:
+                self._apply()
 
     @contextmanager
     def global_params(self) -> Iterator[None]:
@@ -640,6 +717,94 @@ class DiLoCoBase(SyncHooks, Optimizer):
             with torch.no_grad():
                 for p, v in saved:
                     p.copy_(v)
+
+    # ---------------------------------------------------------------- global state hand-off
+    def _param_names(self) -> list[tuple[str, torch.Tensor]]:
+        return [
+            (f"group {gi} param {j}", p)
+            for gi, g in enumerate(self.param_groups)
+            for j, p in enumerate(g["params"])
+        ]
+
+    def _global_state(self) -> dict[str, torch.Tensor]:
+        """What a peer that joins or heals needs: θ_g, the outer optimizer's tensors and the
+        step counters (``[inner_step, outer_step]``), by name, in parameter order."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self._param_names():
+            out[name] = self.state[p]["anchor"]
+        for name, p in self._param_names():
+            for k, v in sorted(self.outer.state.get(self.state[p]["anchor"], {}).items()):
+                if isinstance(v, torch.Tensor):
+                    out[f"{name} outer {k}"] = v
+        out["step counters"] = torch.tensor([self.inner_step, self.outer_step], dtype=torch.int64)
+        return out
+
+    @torch.no_grad()
+    def _load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Adopt a live peer's (or rank 0's) global state; every parameter restarts from θ_g.
+
+        Everything is checked before anything changes (a peer may be faulty or hostile): the
+        names, shapes and dtypes must be this optimizer's, floating values finite, counters
+        non-negative. The inner optimizer's state and the error-feedback residuals are this
+        worker's own and are kept.
+
+        Raises:
+            ValueError: the state does not fit this optimizer.
+        """
+        names = self._param_names()
+        outer: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        for name, p in names:
+            outer[name] = (self.state[p]["anchor"], {})
+        for key, v in state.items():
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"global state {key!r} must be a tensor, got {type(v).__name__}")
+            if key == "step counters":
+                if v.dtype != torch.int64 or v.shape != (2,) or bool((v < 0).any()):
+                    raise ValueError(f"global state 'step counters' must be 2 int64 >= 0, got {v}")
+                continue
+            owner, _, k = key.partition(" outer ")
+            if owner not in outer:
+                raise ValueError(f"global state holds {key!r}, which this optimizer does not have")
+            anchor = outer[owner][0]
+            if not k:
+                if v.shape != anchor.shape or v.dtype != anchor.dtype:
+                    raise ValueError(
+                        f"global state {key!r} must be {anchor.dtype} of shape "
+                        f"{tuple(anchor.shape)}, got {v.dtype} of shape {tuple(v.shape)}"
+                    )
+            elif v.shape != anchor.shape and v.numel() != 1:
+                raise ValueError(
+                    f"global state {key!r} must have shape {tuple(anchor.shape)} or one element, "
+                    f"got shape {tuple(v.shape)}"
+                )
+            else:
+                outer[owner][1][k] = v
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"global state {key!r} holds non-finite values")
+        missing = [n for n, _ in names if n not in state] + (
+            [] if "step counters" in state else ["step counters"]
+        )
+        if missing:
+            raise ValueError(f"global state is missing {missing[0]!r}")
+        if self._inflight is not None:  # superseded by the state being loaded
+            self._resolve()
+            for _, ps, _ in self._inflight.buckets:
+                for p in ps:
+                    self.state[p].pop("inflight", None)
+                    self.state[p].pop("inflight_weight", None)
+            self._inflight = None
+        for name, p in names:
+            anchor, extra = outer[name]
+            anchor.copy_(state[name])
+            p.copy_(anchor)
+            if extra:
+                self.outer.state[anchor] = {
+                    k: v.detach().to(anchor.device, copy=True) for k, v in extra.items()
+                }
+            else:
+                self.outer.state.pop(anchor, None)
+        counters = state["step counters"]
+        self.inner_step, self.outer_step = (int(x) for x in counters.tolist())
 
     def consistency_digest(self) -> str:
         """SHA-256 of θ_g and the outer optimizer state: equal on every worker after each sync."""

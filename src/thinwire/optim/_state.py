@@ -23,6 +23,9 @@ import torch
 
 __all__: list[str] = []
 
+#: Values of the optimizers' ``init_sync`` (see ``Communicator.agree_initial_state``).
+INIT_SYNC_MODES = ("broadcast", "check", "off")
+
 logger = logging.getLogger(__name__)
 
 

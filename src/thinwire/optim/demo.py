@@ -10,7 +10,7 @@ the wire; what was sent is subtracted from the momentum, the rest keeps accumula
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,12 +25,13 @@ from thinwire._validate import (
     check_param_tensors,
     check_type,
 )
-from thinwire.collectives import Communicator
+from thinwire.collectives import CommError, Communicator, RoundStart
 from thinwire.compression import SparseCodec
 from thinwire.optim._finite import amp_step_skipped, first_nonfinite
 from thinwire.optim._hooks import SyncHooks, SyncInfo
 from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer, make_reducer
 from thinwire.optim._state import (
+    INIT_SYNC_MODES,
     InflightWork,
     check_groups,
     check_setting,
@@ -129,6 +130,11 @@ class DeMo(SyncHooks, Optimizer):
             aggregation fold (``thinwire.compression._dispatch`` rule).
         bucket_cap_mb: largest bucket in MiB of float32 values (default: 25, DDP's
             ``bucket_cap_mb``); each bucket of a param group crosses the wire as one payload.
+        init_sync: how the workers agree on the starting θ_g when the optimizer is built
+            (collective; ledger tag ``"<method>/init"``): ``"broadcast"`` (default) takes rank
+            0's parameters, as DDP does; ``"check"`` compares a digest per parameter and raises
+            ``ValueError`` naming the first one that differs; ``"off"`` trusts the caller. An
+            elastic engine (hivemind) gives a late joiner the live peers' state instead.
 
     State (per parameter): ``delta`` (momentum, float32), ``pending`` (with ``overlap``, the
     aggregate to apply next step). ``state_dict()`` adds ``thinwire`` (step, pending lr, the
@@ -178,9 +184,11 @@ class DeMo(SyncHooks, Optimizer):
         robust: str = "mean",
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        init_sync: str = "broadcast",
     ) -> None:
         check_ordered_params("params", params)
         self.comm = comm
+        self.init_sync = check_choice("init_sync", init_sync, INIT_SYNC_MODES)
         self.bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0.0, lo_open=True)
         self.backend = check_choice("backend", backend, ("auto", "torch", "triton"))
         self.robust = check_choice("robust", robust, ("mean", "clip"))
@@ -205,6 +213,10 @@ class DeMo(SyncHooks, Optimizer):
         self.step_count = 0
         self._pending: list[tuple[int, list[torch.Tensor], PendingReduce | None, float]] = []
         self._pending_contributed = True  # whether this worker took part in the pending exchange
+        if comm is not None:
+            # Serve the parameters to peers that join or heal; start every worker from the same.
+            comm.attach_state(self._global_state, self._load_global_state)
+            comm.agree_initial_state(self.init_sync, tag="demo/init")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validated like the constructor's arguments."""
@@ -283,7 +295,13 @@ class DeMo(SyncHooks, Optimizer):
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(msg)
             logger.warning("%s; this worker contributes nothing and resets its momentum", msg)
-        contribute = bad is None and not amp_skipped
+        start = self.comm.begin_round(self.step_count) if self.comm is not None else RoundStart()
+        if not start.take_part:
+            # The parameters were just replaced by a live peer's (a late join or missed rounds):
+            # this step's gradients belong to the old ones, so the step is skipped.
+            logger.info("skipping step %d: state loaded from a live peer", self.step_count)
+            return loss
+        contribute = bad is None and not amp_skipped and start.contribute
         self.step_count += 1
         launched = []
         for gi, ps, grads in groups:
@@ -326,24 +344,91 @@ class DeMo(SyncHooks, Optimizer):
         launched: list[tuple[int, list[torch.Tensor], PendingReduce | None, float]],
         contributed: bool,
     ) -> None:
-        weight = 0.0
+        if not launched:
+            return
+        weight, ok, results = 0.0, True, []
         for _, ps, pend, lr in launched:
             if pend is None:
+                if "pending" not in self.state[ps[0]]:  # failed before it was saved
+                    ok = False
+                    continue
                 updates = [self.state[p].pop("pending") for p in ps]
                 w = float(self.state[ps[0]].pop("pending_weight", 1.0))
             else:
-                updates, w = pend.result()
+                try:
+                    updates, w = pend.result()
+                except CommError as exc:
+                    if self.comm is None or not self.comm.elastic:
+                        raise
+                    logger.warning("exchange of step %d failed (%s)", self.step_count, exc)
+                    ok = False
+                    continue
             weight = max(weight, float(w))
-            demo_update(ps, updates, lr=lr)
-        if launched:
-            self._after_sync(
-                SyncInfo(
-                    sync_step=self._sync_step,
-                    inner_step=self.step_count,
-                    weight=weight,
-                    contributed=contributed,
-                )
+            results.append((ps, updates, lr))
+        if self.comm is not None:
+            ok = self.comm.end_round(ok)
+        if ok:
+            for ps, updates, lr in results:
+                demo_update(ps, updates, lr=lr)
+        else:  # every replica discards the round alike: the parameters stay equal
+            logger.warning("step %d discarded: parameters unchanged", self.step_count)
+            for _, ps, _, _ in launched:
+                for p in ps:
+                    self.state[p].pop("pending", None)
+                    self.state[p].pop("pending_weight", None)
+        self._after_sync(
+            SyncInfo(
+                sync_step=self._sync_step,
+                inner_step=self.step_count,
+                weight=weight if ok else 0.0,
+                contributed=contributed,
+                committed=ok,
             )
+        )
+
+    def _global_state(self) -> dict[str, torch.Tensor]:
+        """What a peer that joins or heals needs: the parameters (equal on every replica) and
+        the step counter. The momentum is this worker's own and stays."""
+        out: dict[str, torch.Tensor] = {
+            f"group {gi} param {j}": p.detach()
+            for gi, g in enumerate(self.param_groups)
+            for j, p in enumerate(g["params"])
+        }
+        out["step counters"] = torch.tensor([self.step_count], dtype=torch.int64)
+        return out
+
+    @torch.no_grad()
+    def _load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Adopt a live peer's (or rank 0's) parameters and step; checked before anything changes.
+
+        Raises:
+            ValueError: other names, shapes or dtypes than this optimizer's, non-finite values.
+        """
+        mine = self._global_state()
+        if set(state) != set(mine):
+            extra = sorted(set(state) - set(mine)) or sorted(set(mine) - set(state))
+            raise ValueError(f"global state does not fit this optimizer: {extra[0]!r}")
+        for key, v in state.items():
+            want = mine[key]
+            if not isinstance(v, torch.Tensor) or v.shape != want.shape or v.dtype != want.dtype:
+                raise ValueError(
+                    f"global state {key!r} must be {want.dtype} of shape {tuple(want.shape)}, "
+                    f"got {v!r:.60}"
+                )
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"global state {key!r} holds non-finite values")
+        if int(state["step counters"][0]) < 0:
+            raise ValueError("global state 'step counters' must be >= 0")
+        self._resolve()
+        for key, p in mine.items():
+            if key != "step counters":
+                p.copy_(state[key])
+        for _, ps, _, _ in self._pending:  # an aggregate of the replaced parameters is void
+            for p in ps:
+                self.state[p].pop("pending", None)
+                self.state[p].pop("pending_weight", None)
+        self._pending = []
+        self.step_count = int(state["step counters"][0])
 
     @property
     def _sync_step(self) -> int:  # type: ignore[override]

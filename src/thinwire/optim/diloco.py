@@ -68,6 +68,11 @@ class DiLoCo(DiLoCoBase):
             sparse compressors' fused DCT + top-k and aggregation.
         bucket_cap_mb: largest bucket in MiB of float32 values (default: 25, DDP's
             ``bucket_cap_mb``); each bucket of a param group crosses the wire as one payload.
+        init_sync: how the workers agree on the starting θ_g when the optimizer is built
+            (collective; ledger tag ``"<method>/init"``): ``"broadcast"`` (default) takes rank
+            0's parameters, as DDP does; ``"check"`` compares a digest per parameter and raises
+            ``ValueError`` naming the first one that differs; ``"off"`` trusts the caller. An
+            elastic engine (hivemind) gives a late joiner the live peers' state instead.
 
     State (per parameter): ``anchor`` (θ_g, fp32), ``residual`` (error feedback, fp32),
     ``inflight`` (a reduced Δ̄ awaiting its apply step). ``state_dict()`` adds ``inner``,
@@ -122,6 +127,7 @@ class DiLoCo(DiLoCoBase):
         trim: int | None = None,
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        init_sync: str = "broadcast",
     ) -> None:
         super().__init__(
             params,
@@ -140,6 +146,7 @@ class DiLoCo(DiLoCoBase):
             trim=trim,
             backend=backend,
             bucket_cap_mb=bucket_cap_mb,
+            init_sync=init_sync,
             fragments=1,
             fragment_pattern="strided",
             overlap_steps=0,
@@ -170,6 +177,7 @@ class LocalSGD(DiLoCo):
         trim: int | None = None,
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        init_sync: str = "broadcast",
     ) -> None:
         super().__init__(
             params,
@@ -187,4 +195,5 @@ class LocalSGD(DiLoCo):
             trim=trim,
             backend=backend,
             bucket_cap_mb=bucket_cap_mb,
+            init_sync=init_sync,
         )

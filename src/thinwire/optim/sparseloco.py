@@ -83,6 +83,11 @@ class SparseLoCo(DiLoCoBase):
         backend: kernel backend of the sparse codec, as :class:`~thinwire.optim.DiLoCo`.
         bucket_cap_mb: largest bucket in MiB of float32 values (default: 25, DDP's
             ``bucket_cap_mb``); each bucket of a param group crosses the wire as one payload.
+        init_sync: how the workers agree on the starting θ_g when the optimizer is built
+            (collective; ledger tag ``"<method>/init"``): ``"broadcast"`` (default) takes rank
+            0's parameters, as DDP does; ``"check"`` compares a digest per parameter and raises
+            ``ValueError`` naming the first one that differs; ``"off"`` trusts the caller. An
+            elastic engine (hivemind) gives a late joiner the live peers' state instead.
 
     Param-group keys: ``outer_lr``, ``ef_decay`` (β), ``compressor`` (a settings mapping or
     None), ``error_feedback``; the constructor's ``error_decay`` fills ``ef_decay``.
@@ -113,6 +118,7 @@ class SparseLoCo(DiLoCoBase):
         trim: int | None = None,
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        init_sync: str = "broadcast",
     ) -> None:
         check_float("error_decay", error_decay, 0.0, 1.0)
         super().__init__(
@@ -134,6 +140,7 @@ class SparseLoCo(DiLoCoBase):
             trim=trim,
             backend=backend,
             bucket_cap_mb=bucket_cap_mb,
+            init_sync=init_sync,
             fragments=1,
             fragment_pattern="strided",
             overlap_steps=0,

@@ -34,8 +34,8 @@ class StreamingDiLoCo(DiLoCoBase):
 
     Args:
         params, inner, outer_lr, outer_momentum, nesterov, sync_every, comm, compressor,
-            error_feedback, ef_decay, outer, on_nonfinite, robust, trim, backend, bucket_cap_mb:
-            as :class:`~thinwire.optim.DiLoCo`
+            error_feedback, ef_decay, outer, on_nonfinite, robust, trim, backend, bucket_cap_mb,
+            init_sync: as :class:`~thinwire.optim.DiLoCo`
             (``sync_every`` is each fragment's period *H*; it must be a multiple of P).
         fragments: P (an int, params split by ``fragment_pattern``) or an explicit list of
             parameter lists covering every parameter once (place embeddings and head there).
@@ -75,6 +75,7 @@ class StreamingDiLoCo(DiLoCoBase):
         trim: int | None = None,
         backend: str = "auto",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        init_sync: str = "broadcast",
     ) -> None:
         super().__init__(
             params,
@@ -93,6 +94,7 @@ class StreamingDiLoCo(DiLoCoBase):
             trim=trim,
             backend=backend,
             bucket_cap_mb=bucket_cap_mb,
+            init_sync=init_sync,
             fragments=fragments,
             fragment_pattern=fragment_pattern,
             overlap_steps=overlap_steps,
