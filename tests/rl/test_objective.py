@@ -309,7 +309,7 @@ def test_on_policy_ratio_is_one_and_loss_zero(dtype: torch.dtype, tol: float) ->
     logp = completion_logprobs(policy, prompts, ids, temperature=0.7)
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.3], [0.0, 1.0, 1.0, 1.0]], dtype=dtype)
     adv = compute_advantages(rewards, "none").reshape(-1)  # centred: sums to 0 per group
-    cfg = GRPOConfig(loss_aggregation="sequence_mean", epsilon_high=0.28, group_size=4)
+    cfg = GRPOConfig(loss_aggregation="sequence_mean", epsilon_high=0.28, group_size=4, beta=0.0)
     loss, m = GRPOLoss(cfg)(logp, behavior, adv, torch.ones_like(ids))
     assert abs(m["ratio/max"] - 1) <= tol and abs(m["ratio/min"] - 1) <= tol
     assert abs(loss.item()) <= 10 * tol  # TRL's "loss is zero" (TRL #2703)
@@ -322,7 +322,7 @@ def test_on_policy_ratio_is_one_and_loss_zero(dtype: torch.dtype, tol: float) ->
 
 
 def _one_token(r: float, a: float, **cfg_kw: float | None) -> tuple[float, float]:
-    cfg = GRPOConfig(group_size=2, **cfg_kw)  # type: ignore[arg-type]
+    cfg = GRPOConfig(group_size=2, **{"beta": 0.0, **cfg_kw})  # type: ignore[arg-type]
     logp = torch.tensor([[math.log(r)]], dtype=torch.float64, requires_grad=True)
     loss, _ = GRPOLoss(cfg)(
         logp,
@@ -355,7 +355,7 @@ def test_clipped_tokens_have_exactly_zero_gradient(seed: int, delta: float | Non
     logp = (torch.rand(b, t, generator=gen, dtype=torch.float64) * -3).requires_grad_(True)
     behavior = logp.detach() + torch.randn(b, t, generator=gen, dtype=torch.float64) * 0.8
     adv = torch.randn(b, generator=gen, dtype=torch.float64)
-    cfg = GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, delta=delta, group_size=2)
+    cfg = GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, delta=delta, group_size=2, beta=0.0)
     loss, _ = GRPOLoss(cfg)(logp, behavior, adv, torch.ones(b, t))
     loss.backward()
     r = torch.exp(logp.detach() - behavior)
@@ -382,7 +382,11 @@ def test_micro_batches_reproduce_full_batch_exactly(aggregation: str) -> None:
     rewards = torch.rand(2, 5, generator=gen, dtype=torch.float64)
     adv = compute_advantages(rewards, "group").reshape(-1)
     cfg = GRPOConfig(
-        loss_aggregation=aggregation, max_completion_length=3, group_size=5, epsilon_high=0.28
+        loss_aggregation=aggregation,
+        max_completion_length=3,
+        group_size=5,
+        epsilon_high=0.28,
+        beta=0.0,
     )
     loss_fn = GRPOLoss(cfg)
 
@@ -419,7 +423,7 @@ def test_sequence_level_ratio_gspo() -> None:
     logp = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64, requires_grad=True)
     behavior = torch.tensor([[-1.1, -1.9, 9.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0]])
-    cfg = GRPOConfig(importance_level="sequence", group_size=2, epsilon_high=0.28)
+    cfg = GRPOConfig(importance_level="sequence", group_size=2, epsilon_high=0.28, beta=0.0)
     loss, m = GRPOLoss(cfg)(logp, behavior, torch.tensor([1.0], dtype=torch.float64), mask)
     s = math.exp(
         ((-1.0 + 1.1) + (-2.0 + 1.9)) / 2
@@ -432,7 +436,7 @@ def test_decoupled_ratio_with_truncated_is_weight() -> None:
     logp = torch.tensor([[-1.0, -1.0]], dtype=torch.float64, requires_grad=True)
     old = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
     behavior = torch.tensor([[-1.5, -3.0]], dtype=torch.float64)  # w = e^0.5, min(e^2, 3) = 3
-    cfg = GRPOConfig(ratio_reference="decoupled", group_size=2)
+    cfg = GRPOConfig(ratio_reference="decoupled", group_size=2, beta=0.0)
     loss, _ = GRPOLoss(cfg)(
         logp, behavior, torch.tensor([2.0], dtype=torch.float64), torch.ones(1, 2), old_logp=old
     )
@@ -481,15 +485,15 @@ def test_loss_call_errors() -> None:
     with pytest.raises(ValueError, match="needs ref_logp"):
         GRPOLoss(GRPOConfig(beta=0.1))(x, x, adv, x)
     with pytest.raises(ValueError, match="ref_logp was given"):
-        GRPOLoss(GRPOConfig())(x, x, adv, x, ref_logp=x)
+        GRPOLoss(GRPOConfig(beta=0.0))(x, x, adv, x, ref_logp=x)
     with pytest.raises(ValueError, match="needs old_logp"):
-        GRPOLoss(GRPOConfig(ratio_reference="decoupled"))(x, x, adv, x)
+        GRPOLoss(GRPOConfig(ratio_reference="decoupled", beta=0.0))(x, x, adv, x)
     with pytest.raises(ValueError, match="old_logp is only used"):
-        GRPOLoss(GRPOConfig())(x, x, adv, x, old_logp=x)
+        GRPOLoss(GRPOConfig(beta=0.0))(x, x, adv, x, old_logp=x)
     with pytest.raises(ValueError, match=r"adv must have shape \[B\]"):
-        GRPOLoss(GRPOConfig())(x, x, torch.zeros(3), x)
+        GRPOLoss(GRPOConfig(beta=0.0))(x, x, torch.zeros(3), x)
     with pytest.raises(ValueError, match="only 0 and 1"):
-        GRPOLoss(GRPOConfig())(x, x, adv, torch.full((2, 3), 0.5))
+        GRPOLoss(GRPOConfig(beta=0.0))(x, x, adv, torch.full((2, 3), 0.5))
 
 
 # ---------------------------------------------------------------- GRPOConfig validation
@@ -593,7 +597,7 @@ def test_config_defaults_replace_and_aliases() -> None:
         8,
         8,
         "token_mean",
-        0.0,
+        0.04,
     )
     assert cfg.clip_high_eps == 0.2 and cfg.max_staleness == 2 and cfg.max_grad_norm == 1.0
     cfg2 = dataclasses.replace(cfg, epsilon_high=0.28, delta=4.0, group_size=32)
