@@ -276,6 +276,21 @@ def test_remote_workers_get_int8_frames_and_their_rollouts_verify():
     assert lr.history[-1]["rollouts/rejected_fingerprint"] == 0
 
 
+def test_remote_workers_on_sync_get_only_the_merged_weights():
+    # DiLoCo, H = 2: the sync hook fires after steps 2 and 4, so the remote worker gets the
+    # merged weights of version 2 before step 3 and samples with them for two steps
+    cfg = _cfg(steps=5, method="diloco-fp32", sync_every=2, max_staleness=1)
+    res = train(TinyCausalLM(seed=0), ENV, None, cfg, workers=0, remote_workers=1,
+                remote_on_sync=True)  # fmt: skip
+    lr = res.learners[0]
+    frame = P + 4 * -(-P // 256) + 4
+    assert lr.site_bytes["weights/remote"]["sent"] == 2 * frame  # versions 2 and 4
+    last = lr.history[-1]
+    assert last["syncs"] == 2 and last["staleness/s=1"] == 2 * 4  # steps 2, 4 (1-based): 1 behind
+    with pytest.raises(ValueError, match="share needs at least 2 learners"):
+        train(TinyCausalLM(), ENV, None, _cfg(steps=1), share=(1, 1))
+
+
 def test_trl_style_reward_function_on_text_free_prompts():
     calls = []
 

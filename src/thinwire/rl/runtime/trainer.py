@@ -387,6 +387,9 @@ def train(
         raise ValueError(
             f"learners must be 1 with a communicator (it has the ranks), got {learners}"
         )
+    n_learners = comm.world_size if comm is not None else learners
+    if share is not None and n_learners < 2:
+        raise ValueError(f"share needs at least 2 learners to share with, got {n_learners}")
     if verify_remote and remote_workers == 0:
         raise ValueError("verify_remote=True needs remote_workers >= 1 (it checks their rollouts)")
     env = _environment(reward, prompts)
