@@ -135,205 +135,81 @@ class GRPOConfig:
     method_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _fix(
-            check_int,
-            "GRPO's advantage is relative to the other completions of the same prompt, so "
-            "sample at least 2 per prompt: set group_size >= 2 (TRL PR #3199)",
-            "group_size",
-            self.group_size,
-            2,
-        )
-        _fix(
-            check_int,
-            "set prompts_per_step to the number of prompts (groups) per optimizer step",
-            "prompts_per_step",
-            self.prompts_per_step,
-            1,
-        )
-        if self.micro_batch_size is not None:
-            _fix(
-                check_int,
-                "micro_batch_size counts completions per forward pass; use None for one pass "
-                "over the whole step",
-                "micro_batch_size",
-                self.micro_batch_size,
-                1,
-            )
-        _fix(
-            check_choice,
-            "use 'group' (DeepSeekMath), 'batch' (PPO Lite) or 'none' (Dr. GRPO)",
-            "scale_rewards",
-            self.scale_rewards,
-            ("group", "batch", "none"),
-        )
-        _fix(
-            check_float,
-            "epsilon_low is the PPO clip below 1; typical values are 0.1-0.3 (default 0.2)",
-            "epsilon_low",
-            self.epsilon_low,
-            0.0,
-            1.0,
-            hi_open=True,
-        )
-        if self.epsilon_high is not None:
-            _fix(
-                check_float,
-                "epsilon_high is the clip above 1 (DAPO uses 0.28); None means = epsilon_low",
-                "epsilon_high",
-                self.epsilon_high,
-                0.0,
-            )
-        if self.delta is not None:
+        try:  # the delta bound; a bad epsilon is reported by its own check, which runs first
             upper = 1.0 + self.clip_high_eps
-            _fix(
-                check_float,
-                f"delta caps the ratio of negative-advantage tokens and must lie above the upper "
-                f"clip bound 1 + epsilon_high = {upper!r} (INTELLECT-2 uses 4), or be None to "
-                "disable the cap",
-                "delta",
-                self.delta,
-                upper,
-                lo_open=True,
-            )
-        _fix(
-            check_float,
-            "beta weighs the KL to the reference; use 0.0 to train without a reference model",
-            "beta",
-            self.beta,
-            0.0,
-        )
-        _fix(
-            check_choice,
-            "use 'token_mean' (DAPO), 'sequence_mean' (DeepSeekMath) or 'constant' (Dr. GRPO); "
-            "TRL's names 'dapo', 'grpo', 'dr_grpo' map to these",
-            "loss_aggregation",
-            self.loss_aggregation,
-            ("token_mean", "sequence_mean", "constant"),
-        )
-        _fix(
-            check_int,
-            "num_iterations is the number of optimizer passes per batch (mu); 1 is standard",
-            "num_iterations",
-            self.num_iterations,
-            1,
-        )
-        _fix(
-            check_float,
-            "sampling needs a positive temperature (1.0 samples the model's distribution)",
-            "temperature",
-            self.temperature,
-            0.0,
-            lo_open=True,
-        )
-        _fix(
-            check_int,
-            "set max_completion_length to the most tokens a completion may have",
-            "max_completion_length",
-            self.max_completion_length,
-            1,
-        )
-        _fix(
-            check_int,
-            "max_staleness is how many policy versions a group may lag; 0 is synchronous GRPO",
-            "max_staleness",
-            self.max_staleness,
-            0,
-        )
-        _fix(
-            check_choice,
-            "use 'drop' to discard too-stale groups or 'withhold' to keep only their rewards",
-            "stale_mode",
-            self.stale_mode,
-            ("drop", "withhold"),
-        )
-        _fix(
-            check_int,
-            f"rollout_lag is how many versions the workers trail the learner by; groups older "
-            f"than max_staleness = {self.max_staleness} would all be dropped, so lower "
-            "rollout_lag or raise max_staleness",
-            "rollout_lag",
-            self.rollout_lag,
-            0,
-            self.max_staleness,
-        )
-        _fix(check_int, "seed must be a non-negative int", "seed", self.seed, 0)
-        _fix(
-            check_float,
-            "lr must be positive (DigitSum 1e-3; LLMs 1e-6)",
-            "lr",
-            self.lr,
-            0.0,
-            lo_open=True,
-        )
-        if self.max_grad_norm is not None:
-            _fix(
-                check_float,
-                "use a positive clip norm, or None to disable gradient clipping",
-                "max_grad_norm",
-                self.max_grad_norm,
-                0.0,
-                lo_open=True,
-            )
-        _fix(
-            check_choice,
-            "use 'token' (GRPO) or 'sequence' (GSPO)",
-            "importance_level",
-            self.importance_level,
-            ("token", "sequence"),
-        )
-        _fix(
-            check_choice,
-            "use 'behavior' (ratio against the recorded sampler log-probs) or 'decoupled' "
-            "(ratio against the learner's own log-probs times a truncated IS weight)",
-            "ratio_reference",
-            self.ratio_reference,
-            ("behavior", "decoupled"),
-        )
-        _fix(
-            check_float,
-            "tis_cap truncates the IS weight of 'decoupled' mode; it must be >= 1 (TRL: 3.0)",
-            "tis_cap",
-            self.tis_cap,
-            1.0,
-        )
-        _fix(
-            check_type,
-            "pass True or False",
-            "filter_zero_std_groups",
-            self.filter_zero_std_groups,
-            bool,
-        )
-        _fix(
-            check_int,
-            "max_resample_rounds bounds dynamic sampling's extra rounds; 0 only filters",
-            "max_resample_rounds",
-            self.max_resample_rounds,
-            0,
-        )
-        _fix(check_type, "pass True or False", "mask_truncated", self.mask_truncated, bool)
-        _fix(check_int, "steps counts optimizer steps per learner", "steps", self.steps, 1)
-        _fix(
-            check_choice,
-            "pick a method of thinwire.optim.METHODS ('ddp' averages gradients every step; "
-            "'diloco-2bit' sends 2-bit pseudo-gradients every sync_every steps)",
-            "method",
-            self.method,
-            tuple(METHODS),
-        )
-        _fix(
-            check_int,
-            "sync_every is H, the inner steps between syncs (10 on DigitSum)",
-            "sync_every",
-            self.sync_every,
-            1,
-        )
-        _fix(
-            check_type,
-            "pass a dict of the method's settings, e.g. {'compressor': 'quant(int4, block=128)'}",
-            "method_settings",
-            self.method_settings,
-            Mapping,
-        )
+        except (TypeError, ValueError):
+            upper = float("nan")
+        optional = {"micro_batch_size", "epsilon_high", "delta", "max_grad_norm"}
+        # fmt: off
+        checks: list[tuple[Callable[..., Any], str, tuple[Any, ...], dict[str, Any], str]] = [
+            (check_int, "group_size", (2,), {},
+             "GRPO's advantage is relative to the other completions of the same prompt, so "
+             "sample at least 2 per prompt: set group_size >= 2 (TRL PR #3199)"),
+            (check_int, "prompts_per_step", (1,), {},
+             "set prompts_per_step to the number of prompts (groups) per optimizer step"),
+            (check_int, "micro_batch_size", (1,), {},
+             "micro_batch_size counts completions per forward pass; use None for one pass "
+             "over the whole step"),
+            (check_choice, "scale_rewards", (("group", "batch", "none"),), {},
+             "use 'group' (DeepSeekMath), 'batch' (PPO Lite) or 'none' (Dr. GRPO)"),
+            (check_float, "epsilon_low", (0.0, 1.0), {"hi_open": True},
+             "epsilon_low is the PPO clip below 1; typical values are 0.1-0.3 (default 0.2)"),
+            (check_float, "epsilon_high", (0.0,), {},
+             "epsilon_high is the clip above 1 (DAPO uses 0.28); None means = epsilon_low"),
+            (check_float, "delta", (upper,), {"lo_open": True},
+             f"delta caps the ratio of negative-advantage tokens and must lie above the upper "
+             f"clip bound 1 + epsilon_high = {upper!r} (INTELLECT-2 uses 4), or be None to "
+             "disable the cap"),
+            (check_float, "beta", (0.0,), {},
+             "beta weighs the KL to the reference; use 0.0 to train without a reference model"),
+            (check_choice, "loss_aggregation", (("token_mean", "sequence_mean", "constant"),), {},
+             "use 'token_mean' (DAPO), 'sequence_mean' (DeepSeekMath) or 'constant' (Dr. GRPO); "
+             "TRL's names 'dapo', 'grpo', 'dr_grpo' map to these"),
+            (check_int, "num_iterations", (1,), {},
+             "num_iterations is the number of optimizer passes per batch (mu); 1 is standard"),
+            (check_float, "temperature", (0.0,), {"lo_open": True},
+             "sampling needs a positive temperature (1.0 samples the model's distribution)"),
+            (check_int, "max_completion_length", (1,), {},
+             "set max_completion_length to the most tokens a completion may have"),
+            (check_int, "max_staleness", (0,), {},
+             "max_staleness is how many policy versions a group may lag; 0 is synchronous GRPO"),
+            (check_choice, "stale_mode", (("drop", "withhold"),), {},
+             "use 'drop' to discard too-stale groups or 'withhold' to keep only their rewards"),
+            (check_int, "rollout_lag", (0, self.max_staleness), {},
+             f"rollout_lag is how many versions the workers trail the learner by; groups older "
+             f"than max_staleness = {self.max_staleness} would all be dropped, so lower "
+             "rollout_lag or raise max_staleness"),
+            (check_int, "seed", (0,), {}, "seed must be a non-negative int"),
+            (check_float, "lr", (0.0,), {"lo_open": True},
+             "lr must be positive (DigitSum 1e-3; LLMs 1e-6)"),
+            (check_float, "max_grad_norm", (0.0,), {"lo_open": True},
+             "use a positive clip norm, or None to disable gradient clipping"),
+            (check_choice, "importance_level", (("token", "sequence"),), {},
+             "use 'token' (GRPO) or 'sequence' (GSPO)"),
+            (check_choice, "ratio_reference", (("behavior", "decoupled"),), {},
+             "use 'behavior' (ratio against the recorded sampler log-probs) or 'decoupled' "
+             "(ratio against the learner's own log-probs times a truncated IS weight)"),
+            (check_float, "tis_cap", (1.0,), {},
+             "tis_cap truncates the IS weight of 'decoupled' mode; it must be >= 1 (TRL: 3.0)"),
+            (check_type, "filter_zero_std_groups", (bool,), {}, "pass True or False"),
+            (check_int, "max_resample_rounds", (0,), {},
+             "max_resample_rounds bounds dynamic sampling's extra rounds; 0 only filters"),
+            (check_type, "mask_truncated", (bool,), {}, "pass True or False"),
+            (check_int, "steps", (1,), {}, "steps counts optimizer steps per learner"),
+            (check_choice, "method", (tuple(METHODS),), {},
+             "pick a method of thinwire.optim.METHODS ('ddp' averages gradients every step; "
+             "'diloco-2bit' sends 2-bit pseudo-gradients every sync_every steps)"),
+            (check_int, "sync_every", (1,), {},
+             "sync_every is H, the inner steps between syncs (10 on DigitSum)"),
+            (check_type, "method_settings", (Mapping,), {},
+             "pass a dict of the method's settings, e.g. {'compressor': 'quant(int4, block=128)'}"),
+        ]
+        # fmt: on
+        for check, name, args, kwargs, hint in checks:
+            value = getattr(self, name)
+            if value is None and name in optional:
+                continue
+            _fix(check, hint, name, value, *args, **kwargs)
 
     @property
     def num_generations(self) -> int:
