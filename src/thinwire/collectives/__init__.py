@@ -1,11 +1,12 @@
 """Collectives: one communicator API over real engines, an exact byte ledger and a WAN model.
 
-Engines (``specs/collectives_wan_bench.md`` §2): :class:`TorchDistCommunicator` (gloo on CPU,
+Engines: :class:`TorchDistCommunicator` (gloo on CPU,
 NCCL on GPU, launched by ``torchrun``), :class:`HivemindCommunicator` (peers join and leave over a
 DHT; hivemind is imported only when one is created) and :class:`InprocCommunicator` (ranks as
 threads in one process, for fast tests; not a network engine). Every op records what it moved in
-the communicator's :class:`ByteLedger`, by the formulas of §2.4. :class:`WanCommunicator` wraps any
-of them with the WAN model of §3 (virtual clock or real sleeps).
+the communicator's :class:`ByteLedger`, by the formulas of :mod:`thinwire.collectives.accounting`.
+:class:`WanCommunicator` wraps any of them with the WAN model (``docs/design.md``, "The WAN
+model"; virtual clock or real sleeps).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Algorithm layer shared by the in-process and ``torch.distributed`` communicators.
 
-:class:`_CollectiveEngine` implements the public ops of spec §2.1 (validation, the ``ring`` /
-``direct`` / ``binomial`` algorithms of §2.3, the ledger of §2.4, debug signatures
-and the failure state of §2.5) over six transport primitives that each engine supplies:
-``_prim_allreduce`` (SUM or MAX, in place), ``_prim_allgather`` (equal-size tensors),
-``_prim_alltoall`` (equal-size rows), ``_prim_exchange`` (point-to-point, variable sizes),
-``_prim_broadcast`` (in place) and ``_prim_barrier``. A primitive starts at once and returns a
-:class:`_Pending` whose ``wait(timeout)`` yields its result.
+:class:`_CollectiveEngine` implements the public ops of
+:class:`~thinwire.collectives.base.Communicator` (validation, the ``ring`` / ``direct`` /
+``binomial`` algorithms, the ledger of :mod:`thinwire.collectives.accounting`, debug signatures and
+the failure state that ``docs/design.md``, "Failures and timeouts", describes) over six transport
+primitives that each engine supplies: ``_prim_allreduce`` (SUM or MAX, in place),
+``_prim_allgather`` (equal-size tensors), ``_prim_alltoall`` (equal-size rows), ``_prim_exchange``
+(point-to-point, variable sizes), ``_prim_broadcast`` (in place) and ``_prim_barrier``. A primitive
+starts at once and returns a :class:`_Pending` whose ``wait(timeout)`` yields its result.
 
 Ordering: phases before an op's last one (length exchanges) block at issue, and only the last
 phase is asynchronous. Every rank therefore issues primitives in the
@@ -49,7 +50,7 @@ __all__: list[str] = []  # private module: the engines re-export what users need
 
 logger = logging.getLogger(__name__)
 
-# Dtypes gloo reduces on CPU (spec §1 [TD-GLOO]); bool is broadcast-only.
+# Dtypes gloo reduces on CPU (PyTorch's ProcessGroupGloo.cpp); bool is broadcast-only.
 REDUCE_DTYPES = (
     torch.float32,
     torch.float64,
@@ -61,10 +62,11 @@ REDUCE_DTYPES = (
     torch.int64,
 )
 BROADCAST_DTYPES = (*REDUCE_DTYPES, torch.bool)
-# Half-precision sums are accumulated in float32 (spec §2.1 rule 6), so they travel as float32.
+# Half-precision sums are accumulated in float32, so they travel as float32.
 _UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
-# Debug signature (spec §2.1 rule 1): op_seq, op code, crc32(tag), numel as four uint32 = 16 bytes.
+# Debug signature (checks that every rank issues the same ops in the same order): op_seq, op code,
+# crc32(tag), numel as four uint32 = 16 bytes.
 _SIG = struct.Struct("<IIII")
 _OP_CODES = {
     "all_reduce": 1,
@@ -80,7 +82,7 @@ _OP_NAMES = {v: k for k, v in _OP_CODES.items()}
 #: Default ``max_bytes`` of ``all_gather_bytes``: the longest payload a rank may announce (1 GiB).
 DEFAULT_MAX_BYTES = 2**30
 
-# Substrings of gloo/torch error messages, mapped to the spec §2.5 exception classes.
+# Substrings of gloo/torch error messages, mapped to the CommError classes.
 _TIMEOUT_HINTS = ("timed out", "timeout")
 _LOST_HINTS = ("closed by peer", "connection reset", "broken pipe", "connection refused", "eof")
 
@@ -154,7 +156,7 @@ def _tensor_bytes(t: torch.Tensor, n: int | None = None) -> bytes:
 
 
 def wrap_error(exc: BaseException, what: str) -> CommError:
-    """Map a transport error onto the spec §2.5 hierarchy (the original is kept as ``__cause__``)."""
+    """Map a transport error onto the CommError hierarchy (the original is kept as ``__cause__``)."""
     if isinstance(exc, CommError):
         return exc
     msg = str(exc)
@@ -194,7 +196,7 @@ class _CollectiveEngine(StaticRounds):
         self.rank = rank
         self.world_size = world_size
         self.engine = engine
-        self.epoch = 0  # static membership (spec §2.2)
+        self.epoch = 0  # static membership: restart the job to change it
         self.ledger = ByteLedger()
         self.timeout_s = check_float("timeout_s", timeout_s, 0.0, lo_open=True)
         self.debug_checks = bool(check_type("debug_checks", debug_checks, bool))
@@ -336,7 +338,7 @@ class _CollectiveEngine(StaticRounds):
         async_op: bool = False,
         tag: str = "",
     ) -> Handle[torch.Tensor] | torch.Tensor:
-        """Reduce ``t`` in place across ranks (``ring``; spec §2.3).
+        """Reduce ``t`` in place across ranks (``ring``).
 
         Collective: every rank must call this, in the same order, with the same ``tag``.
 
@@ -413,7 +415,7 @@ class _CollectiveEngine(StaticRounds):
         Collective: every rank must call this. A length exchange (int64 per rank) runs first and
         blocks; ``ring`` then all-gathers payloads padded to the longest ``M``, ``direct`` sends
         each payload to every peer, ``auto`` picks ``ring`` iff all lengths are equal (the choice
-        is stored in ``OpRecord.algorithm``). Ledger: spec §2.4 (``accounting.allgather_*``).
+        is stored in ``OpRecord.algorithm``). Ledger: ``accounting.allgather_*``.
 
         Peers are not trusted to tell the truth about lengths. Every rank checks every announced
         length, its own included, against ``[0, max_bytes]`` right after the length exchange,
@@ -603,7 +605,7 @@ class _CollectiveEngine(StaticRounds):
     def broadcast(
         self, t: torch.Tensor, src: int = 0, *, async_op: bool = False, tag: str = ""
     ) -> Handle[torch.Tensor] | torch.Tensor:
-        """Copy ``src``'s ``t`` into ``t`` on every rank (``binomial`` in the ledger; spec §2.4).
+        """Copy ``src``'s ``t`` into ``t`` on every rank (``binomial`` in the ledger).
 
         Collective: every rank must call this with the same ``src`` and a tensor of the same
         shape and dtype.

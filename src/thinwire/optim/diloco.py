@@ -40,7 +40,7 @@ class DiLoCo(DiLoCoBase):
         inner: factory ``param_groups -> torch.optim.Optimizer``, e.g.
             ``functools.partial(torch.optim.AdamW, lr=4e-4, weight_decay=0.1)``. Its
             ``param_groups`` are this optimizer's, so LR schedulers work unchanged.
-        outer_lr: outer learning rate (default: 0.7, spec §1.2), range [0, inf).
+        outer_lr: outer learning rate (default: 0.7, the DiLoCo paper's), range [0, inf).
         outer_momentum: outer momentum μ (default: 0.9), range [0, 1).
         nesterov: Nesterov outer momentum (default: True); ignored when ``outer_momentum`` is 0.
         sync_every: inner steps between syncs, *H* in Algorithm 1 (default: 500).
@@ -158,7 +158,7 @@ class DiLoCo(DiLoCoBase):
 class LocalSGD(DiLoCo):
     """Periodic parameter averaging (LocalSGD / FedAvg): DiLoCo with outer SGD lr 1, momentum 0.
 
-    ``θ_g ← θ_g − 1·mean_i(θ_g − θ_i) = mean_i θ_i`` (``specs/diloco.md`` §1.5). Takes every
+    ``θ_g ← θ_g − 1·mean_i(θ_g − θ_i) = mean_i θ_i``. Takes every
     argument of :class:`DiLoCo` except the outer optimizer settings.
     """
 

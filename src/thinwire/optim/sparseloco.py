@@ -1,11 +1,11 @@
 """SparseLoCo: DiLoCo whose pseudo-gradient travels as top-k of an error-feedback buffer at 2 bits.
 
 Sarfi, Thérien, Lidin, Belilovsky, "Communication Efficient LLM Pre-training with SparseLoCo",
-arXiv:2508.15706v1; reference code tplr-ai/SparseLoCo ``src/tplr/sparseloco.py``
-(``specs/demo_sparseloco.md`` §3). It is the DiLoCo machinery with three settings changed, not a
-second implementation: outer SGD with lr α and no momentum (the error buffer plays momentum's
-role), error feedback ``e ← β e + α Δ``, and a sparse codec (per-chunk top-k, no DCT, centroid
-quantizer) whose payloads are aggregated with the index-mean rule.
+arXiv:2508.15706v1; reference code tplr-ai/SparseLoCo ``src/tplr/sparseloco.py``. It is the DiLoCo
+machinery with three settings changed, not a second implementation: outer SGD with lr α and no
+momentum (the error buffer plays momentum's role), error feedback ``e ← β e + α Δ``, and a sparse
+codec (per-chunk top-k, no DCT, centroid quantizer) whose payloads are aggregated with the
+index-mean rule.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ __all__ = ["SparseLoCo", "sparseloco_compressor"]
 def sparseloco_compressor(
     *, topk: int = 128, chunk: int = 64, bits: int = 2, index_coding: str = "entropy"
 ) -> dict[str, Any]:
-    """Codec settings of SparseLoCo's wire format (``specs/demo_sparseloco.md`` §3.2-3.3, §4).
+    """Codec settings of SparseLoCo's wire format (bytes: ``docs/design.md``, "Byte formulas").
 
-    ``topk`` entries per ``chunk x chunk`` elements (1-D chunks keep the same density), values on
-    a ``2**bits``-bin centroid grid over ±3σ (6σ range, A5/A6); ``bits=32`` sends float32 values.
+    ``topk`` entries per ``chunk x chunk`` elements (1-D chunks keep the same density), values on a
+    ``2**bits``-bin centroid grid over ±3σ (6σ range, as tplr-ai/SparseLoCo and templar);
+    ``bits=32`` sends float32 values.
     """
     check_int("chunk", chunk, 1, 65535)
     check_int("topk", topk, 1, chunk * chunk)
@@ -49,14 +50,14 @@ def sparseloco_compressor(
 
 
 class SparseLoCo(DiLoCoBase):
-    r"""SparseLoCo (arXiv:2508.15706v1, Algorithm 1; reference A5 ``sparseloco.py``).
+    r"""SparseLoCo (arXiv:2508.15706v1, Algorithm 1; reference tplr-ai/SparseLoCo ``sparseloco.py``).
 
     .. code-block:: text
 
         every H inner steps, per parameter (worker r):
-            e  ← β e + α Δ_r              (Δ_r = θ_g − θ_r; α scaling as A5, ef_scale_by_lr)
+            e  ← β e + α Δ_r              (Δ_r = θ_g − θ_r; α scaling as the code, ef_scale_by_lr)
             (idx, v) = top-k per chunk of e      (k per 64x64 tile; no DCT)
-            q  = centroid-quantize(v, 2 bits)     (μ + 4 bin means, spec §3.3)
+            q  = centroid-quantize(v, 2 bits)     (μ + 4 bin means)
             e  ← e − scatter(idx, deq(q))         (quantization error stays in e)
             U  = index-mean over workers of scatter(idx_r, deq(q_r))
             θ_g ← θ_g − α U;  θ_r ← θ_g
@@ -64,18 +65,19 @@ class SparseLoCo(DiLoCoBase):
     Args:
         params: parameters or param-group dicts; a group may set ``compressor=None`` to send its
             pseudo-gradient dense (e.g. norms and biases), or its own settings mapping.
-        inner: factory ``param_groups -> torch.optim.Optimizer`` (A5: AdamW, lr 1e-3,
-            betas (0.9, 0.95), weight decay 0.1).
-        outer_lr: α (default: 1.0, A5/A6), range [0, inf).
-        sync_every: H (default: 15, A5 512M; templar uses 30).
+        inner: factory ``param_groups -> torch.optim.Optimizer`` (tplr-ai/SparseLoCo: AdamW, lr
+            1e-3, betas (0.9, 0.95), weight decay 0.1).
+        outer_lr: α (default: 1.0, as tplr-ai/SparseLoCo and templar), range [0, inf).
+        sync_every: H (default: 15, tplr-ai/SparseLoCo's 512M runs; templar uses 30).
         error_decay: β (default: 0.95), range [0, 1].
-        topk: entries kept per 64x64 tile (default: 128, A5; templar 64), range [1, chunk²].
+        topk: entries kept per 64x64 tile (default: 128, tplr-ai/SparseLoCo; templar 64),
+            range [1, chunk²].
         chunk: tile side (default: 64).
         bits: value bits (default: 2); 32 sends float32 values.
         comm: communicator; ``None`` is a single worker.
         index_coding: ``"entropy"`` (Elias-Fano, ~8 bits/index at k=64) or ``"fixed"`` (12 bits).
         aggregate: ``"index_mean"`` (reference) or ``"global_mean"``.
-        ef_scale_by_lr: scale Δ by α inside the buffer as A5 does (default: True).
+        ef_scale_by_lr: scale Δ by α inside the buffer as tplr-ai/SparseLoCo does (default: True).
         on_nonfinite: ``"raise"`` or ``"skip"`` (as DiLoCo).
         robust: ``"mean"`` (default) or ``"clip"`` (each peer clipped to the median norm).
         trim: as :class:`~thinwire.optim.DiLoCo` (``robust="trimmed_mean"`` needs every group
@@ -94,8 +96,9 @@ class SparseLoCo(DiLoCoBase):
 
     State: as DiLoCo, with ``residual`` the error buffer e.
 
-    Deviations: indices are Elias-Fano coded by default (A5/A6 ship int64/12-bit); values are
-    bit-packed (A5/A6 ship uint8 codes). Both are lossless changes of the wire format only.
+    Deviations: indices are Elias-Fano coded by default (tplr-ai/SparseLoCo and templar ship int64
+    and 12-bit indices); values are bit-packed (both ship uint8 codes). Both are lossless changes of
+    the wire format only.
     """
 
     def __init__(

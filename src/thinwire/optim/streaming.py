@@ -1,7 +1,7 @@
 """Streaming DiLoCo: fragments synced in turn, with the reduction overlapped with training.
 
 Douillard et al., "Streaming DiLoCo with overlapping communication", arXiv:2501.18512v1, §2; the
-schedule follows torchft's ``_StreamingDiLoCoFragment`` (``specs/diloco.md`` §1.6, normative).
+schedule follows torchft's ``_StreamingDiLoCoFragment``, whose regression fixtures it reproduces.
 """
 
 from __future__ import annotations
