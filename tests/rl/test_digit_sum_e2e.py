@@ -1,8 +1,8 @@
 """DigitSum end to end: 400-step acceptance runs (``slow``) and a reduced two-learner run.
 
-The 400-step runs use the reference configuration (per learner: 32 prompts x G = 32 for one
-learner, 16 x 32 each for two; Adam 1e-3, ε 0.2/0.28, β 0, token_mean, temperature 1); each
-takes about a minute on 2 cores. The reduced run and the learner-to-learner byte ratios against
+The 400-step runs use the benchmark's configuration (1,024 completions per step in total: one
+learner 32 prompts x G = 32, two learners 16 x 32 each, four 8 x 32; Adam 1e-3, ε 0.2/0.28,
+β 0.04, token_mean, temperature 1); each takes one to two minutes on 2 cores. The reduced run and the learner-to-learner byte ratios against
 DDP-GRPO stay in the default suite.
 """
 
@@ -17,7 +17,7 @@ from thinwire.rl.policies import TinyCausalLM
 from thinwire.rl.runtime import train
 
 REF = dict(group_size=32, prompts_per_step=32, max_completion_length=3, epsilon_low=0.2,
-           epsilon_high=0.28, beta=0.0, scale_rewards="group", loss_aggregation="token_mean",
+           epsilon_high=0.28, beta=0.04, scale_rewards="group", loss_aggregation="token_mean",
            lr=1e-3, temperature=1.0, max_staleness=0)  # fmt: skip
 P = 69_390
 ENV = DigitSumEnv()
@@ -51,12 +51,14 @@ def test_async_rollout_lag_2_reaches_080():
 
 
 @pytest.mark.slow
-def test_two_learners_diloco_2bit_reaches_080():
-    res = _run(_cfg(prompts_per_step=16, method="diloco-2bit"), learners=2)
-    assert res.window(301, 400) >= 0.80
-    assert all(ENV.greedy_accuracy(lr.policy) >= 16 for lr in res.learners)
-    a, b = (lr.policy.state_dict() for lr in res.learners)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # step 400 is a merge: replicas agree
+@pytest.mark.parametrize("learners", [2, 4])
+def test_learners_with_2bit_diloco_reach_the_single_learner_band(learners):
+    # one learner reaches 0.975-0.976 over steps 301-400 (3 seeds, benchmarks/grpo.py)
+    res = _run(_cfg(prompts_per_step=32 // learners, method="diloco-2bit"), learners=learners)
+    assert res.window(301, 400) >= 0.93
+    assert all(ENV.greedy_accuracy(lr.policy) >= 19 for lr in res.learners)
+    states = [lr.policy.state_dict() for lr in res.learners]
+    assert all(torch.equal(s[k], states[0][k]) for s in states for k in s)  # step 400 merged
 
 
 def test_reduced_two_learner_diloco_over_wan_learns():

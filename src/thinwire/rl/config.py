@@ -58,7 +58,8 @@ class GRPOConfig:
             DigitSum over 3 seeds, β = 0 left 1-4 of the 20 targets stuck at reward 0 in about
             half the runs, one learner or several, compressed or not; β = 0.04 none
             (``benchmarks/grpo.py``). Costs a reference forward per step and a copy of the
-            weights; 0 needs no reference model. (default: 0.04, DSM §4.2; TRL uses 0.0)
+            weights; 0 needs no reference model. (default: 0.04, DeepSeekMath arXiv:2402.03300v3
+            §4.2; TRL uses 0.0)
         loss_aggregation: ``"token_mean"`` (DAPO; TRL ``dapo``), ``"sequence_mean"`` (DSM;
             TRL ``grpo``) or ``"constant"`` (Dr. GRPO; TRL ``dr_grpo``). (default: "token_mean")
         num_iterations: optimizer passes over one batch; μ of DSM Algorithm 1. (default: 1)
