@@ -105,6 +105,8 @@ def train(comm: Communicator, args: argparse.Namespace, engine: str) -> None:
     method = METHODS[args.method]
     model = TinyGPT(seed=args.seed)
     opt = build_optimizer(method, model, wan or comm, sync_every=args.inner_steps)
+    # bytes of training: after the optimizer's one-off start-up agreement (rank 0's parameters)
+    start = comm.ledger.totals()["sent"]
     lang = MarkovLanguage(seed=args.seed)
     stream = lang.shard(rank, args.seed)
     eval_set = lang.eval_set(64, model.cfg.context + 1, args.seed)
@@ -131,7 +133,7 @@ def train(comm: Communicator, args: argparse.Namespace, engine: str) -> None:
                         ev = float(model(eval_set[:, :-1], eval_set[:, 1:]))
                 else:
                     ev = float(model(eval_set[:, :-1], eval_set[:, 1:]))
-            sent = comm.ledger.totals()["sent"]
+            sent = comm.ledger.totals()["sent"] - start
             # With a WAN model the clock is simulated; without one (--preset none) it is the wall.
             clock = (
                 f"sim {wan.clock:.1f} s"
@@ -149,7 +151,7 @@ def train(comm: Communicator, args: argparse.Namespace, engine: str) -> None:
             else f"wall time {time.perf_counter() - t_start:.1f} s (no WAN model)"
         )
         print(
-            f"done: eval {ev:.2f} (floor {lang.entropy_rate():.3f}), sent/rank {comm.ledger.totals()['sent']:,} B, "
+            f"done: eval {ev:.2f} (floor {lang.entropy_rate():.3f}), sent/rank {comm.ledger.totals()['sent'] - start:,} B, "
             f"{time_text}",
             flush=True,
         )
