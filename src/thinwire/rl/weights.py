@@ -157,8 +157,7 @@ class _Frames:
             self.lossless = True
         else:
             built = build_codec(codec)
-            fmt = getattr(built, "values", None)
-            if not isinstance(built, DenseCodec) or fmt is None or fmt.name not in EF_FORMATS:
+            if not isinstance(built, DenseCodec) or built.values.name not in EF_FORMATS:
                 raise ValueError(
                     f"codec must be None (fp32 weights) or a dense quantizer with error "
                     f"feedback, quant({{{', '.join(EF_FORMATS)}}}[, block=B]), got {codec!r}"
