@@ -104,6 +104,8 @@ RUNS = [
     Run("DiLoCo 2-bit EF (H 10)", 2, {**BETA, "method": "diloco-2bit"}),
     Run("DDP-GRPO", 4, BETA),
     Run("DiLoCo 2-bit EF (H 10)", 4, {**BETA, "method": "diloco-2bit"}),
+    Run("DiLoCo 2-bit EF (H 20)", 2, {**BETA, "method": "diloco-2bit", "sync_every": 20}),
+    Run("DiLoCo 2-bit EF (H 20)", 4, {**BETA, "method": "diloco-2bit", "sync_every": 20}),
 ]
 SWEEP = [
     Run("one learner, β 0", 1),
