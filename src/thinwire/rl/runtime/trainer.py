@@ -147,14 +147,11 @@ def _environment(reward: Any, prompts: Sequence[Any] | None) -> Environment:
     return SingleTurnEnv(tasks, Rubric.from_trl(funcs))
 
 
-def _inproc_links(n: int, preset: str) -> list[tuple[Any, Any]]:
-    """``n`` two-rank in-process links behind the WAN model ``preset`` (learner end, worker end)."""
+def _link_pair(preset: str, timeout_s: float) -> tuple[Any, Any]:
+    """A two-rank in-process link behind the WAN model ``preset``: (learner end, worker end)."""
     cfg = WanConfig.from_preset(preset, 2)
-    out = []
-    for _ in range(n):
-        a, b = InprocCommunicator.group(2, timeout_s=600.0)
-        out.append((WanCommunicator(a, cfg), WanCommunicator(b, cfg)))
-    return out
+    a, b = InprocCommunicator.group(2, timeout_s=timeout_s)
+    return WanCommunicator(a, cfg), WanCommunicator(b, cfg)
 
 
 def _check_same_start(comm: Communicator, policy: nn.Module) -> None:
@@ -183,7 +180,9 @@ def _run_site(
     share: tuple[int, int] | None,
     verify_remote: bool,
     on_step: Callable[[int, dict[str, float]], None] | None,
+    timeout_s: float,
 ) -> LearnerResult:
+    """One learner site for ``cfg.steps`` steps (see :func:`train` for the arguments)."""
     lid = comm.rank if comm is not None else 0
     multi = comm is not None and comm.world_size > 1
     if multi:
@@ -210,7 +209,7 @@ def _run_site(
     ] * remote_workers
     links, threads, errors = [], [], []
     for wid, (name, codec, preset) in enumerate(kinds):
-        mine, theirs = _inproc_links(1, preset)[0]
+        mine, theirs = _link_pair(preset, timeout_s)
         links.append(WorkerLink(mine, initial, codec=codec, name=name,
                                 keep=max(8, cfg.max_staleness + 2)))  # fmt: skip
         worker = RolloutWorker(env, copy.deepcopy(policy), sampling, group_size=cfg.group_size,
@@ -369,7 +368,7 @@ def train(
         verify_remote: spot-check remote workers' log-probs with a
             :class:`thinwire.rl.RolloutVerifier` (rejected groups are dropped and counted).
         on_step: ``on_step(step, metrics)`` after each step of each learner.
-        timeout_s: seconds a learner waits for its peers in one collective.
+        timeout_s: seconds a learner waits for its peers (or a worker) in one collective.
 
     Raises:
         ValueError / TypeError: a bad argument (named, with its accepted range).
@@ -395,7 +394,7 @@ def train(
     env = _environment(reward, prompts)
     site = dict(workers=workers, remote_workers=remote_workers, remote_codec=remote_codec,
                 remote_preset=remote_preset, remote_on_sync=remote_on_sync, share=share,
-                verify_remote=verify_remote, on_step=on_step)  # fmt: skip
+                verify_remote=verify_remote, on_step=on_step, timeout_s=timeout_s)  # fmt: skip
     t0 = time.perf_counter()
     if comm is not None or learners == 1:
         res = _run_site(policy, env, config, comm, **site)  # type: ignore[arg-type]
