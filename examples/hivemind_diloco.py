@@ -12,13 +12,16 @@ be reachable from the others (hivemind has no NAT traversal without a relay).
 
 Expected output of each peer (losses vary with the CPU timing of rounds, bytes do not)::
 
-    peer LTsKVyxQ: round 1 step 10 train 3.09 eval 2.81 group 2 sent 433,152 B
-    peer LTsKVyxQ: round 2 step 20 train 2.16 eval 1.85 group 2 sent 866,304 B
+    peer LTsKVyxQ: round 1 step 10 train 3.09 eval 2.81 group 2 sent 433,156 B
+    peer LTsKVyxQ: round 2 step 20 train 2.16 eval 1.85 group 2 sent 866,312 B
     ...
-    peer LTsKVyxQ: done, eval 1.4x after 40 steps; sent 1,732,608 B in 4 syncs
+    peer LTsKVyxQ: done, eval 1.4x after 40 steps; sent 1,732,624 B in 4 syncs
 
-Each sync is one hivemind butterfly all-reduce of the fp32 pseudo-gradient (or, with
-``--compressor "quant(int8)"``, an all-gather of thinwire int8 payloads), counted in the ledger.
+Each sync is one hivemind butterfly all-reduce of the fp32 pseudo-gradient and its contributor
+weight (or, with ``--compressor "quant(int8)"``, an all-gather of thinwire int8 payloads), counted
+in the ledger under ``diloco/sync``. The peers start from the longest-running peer's weights, and
+a peer that joins late (or misses rounds) downloads the current global state from a live one
+(ledger tags ``diloco/init`` and ``diloco/state``).
 """
 
 from __future__ import annotations
@@ -107,14 +110,14 @@ def main() -> None:
                     ev = float(model(eval_set[:, :-1], eval_set[:, 1:]))
                 print(
                     f"peer {me}: round {step // args.inner_steps} step {step} train {float(loss.detach()):.2f} "
-                    f"eval {ev:.2f} group {comm.world_size} sent {comm.ledger.totals()['sent']:,} B",
+                    f"eval {ev:.2f} group {comm.world_size} sent {comm.ledger.totals('diloco/sync')['sent']:,} B",
                     flush=True,
                 )
         with torch.no_grad(), opt.global_params():  # the global model after the last sync
             ev = float(model(eval_set[:, :-1], eval_set[:, 1:]))
-        syncs = sum(1 for r in comm.ledger.records if r.tag.startswith("diloco/"))
+        syncs = sum(1 for r in comm.ledger.records if r.tag.startswith("diloco/sync"))
         print(
-            f"peer {me}: done, eval {ev:.2f} after {args.steps} steps; sent {comm.ledger.totals()['sent']:,} B in {syncs} syncs",
+            f"peer {me}: done, eval {ev:.2f} after {args.steps} steps; sent {comm.ledger.totals('diloco/sync')['sent']:,} B in {syncs} syncs",
             flush=True,
         )
     finally:

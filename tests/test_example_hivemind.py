@@ -56,12 +56,13 @@ def test_two_hivemind_peers_train_together(tmp_path):
     assert all(done), out0[-2000:] + second.stdout[-2000:]
     # Both peers evaluate the same global parameters after the last sync.
     assert done[0].group(1) == done[1].group(1)
-    # The 108,288-element fp32 vector is below one hivemind part (2**17 elements), so one peer
-    # reduces all of it: the other sends it its whole vector (4N bytes) and the reducer sends the
-    # whole result back ((P-1) * 4N; the butterfly formula of thinwire.collectives.accounting):
-    # 4N per peer per sync, 2 syncs.
+    # The 108,288-element fp32 vector and its contributor weight (hivemind rounds are elastic, so
+    # the mean is over contributors) are below one hivemind part (2**17 elements), so one peer
+    # reduces all of it: the other sends it its whole vector (4(N + 1) bytes) and the reducer
+    # sends the whole result back ((P-1) * 4(N + 1); the butterfly formula of
+    # thinwire.collectives.accounting): 4(N + 1) per peer per sync, 2 syncs.
     sent = [int(d.group(2).replace(",", "")) for d in done]
-    assert sent == [2 * 4 * N_PARAMS] * 2
+    assert sent == [2 * 4 * (N_PARAMS + 1)] * 2
     assert "group 2" in out0 and "group 2" in second.stdout
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from thinwire.collectives.base import CommError, GroupTooSmall, RoundMismatch
+from thinwire.collectives.base import AllPeersLeft, CommError, RoundMismatch
 from thinwire.collectives.hivemind import HivemindCommunicator
 
 # matchmaking 1 s (enough on loopback) with request_timeout below it, as hivemind requires
@@ -390,7 +390,7 @@ def test_three_peer_gather_broadcast_control(trio):
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_killed_peers_give_partial_group_then_group_too_small():
+def test_killed_peers_give_partial_group_then_a_group_of_one():
     peers = _swarm(3, "tw-kill", round_wait_timeout=10.0)
     try:
         a, b, c = peers
@@ -419,11 +419,17 @@ def test_killed_peers_give_partial_group_then_group_too_small():
         assert h.wait(timeout=60) == hb.wait(timeout=60)
         assert h.group == ab
         assert c.peer_id not in [p.peer_id for p in a.peers()] and a.epoch > epoch
-        # then b crashes as well: a is alone -> GroupTooSmall, its tensor untouched
+        # then b crashes as well: once b's heartbeats expire a is alone. By default (alone=
+        # "continue") an op completes as a group of one (the mean of one is the tensor itself);
+        # with alone="raise" it raises AllPeersLeft and leaves the tensor untouched.
         _kill([b._dht.pid] + _descendants(b._dht.pid) + [av.pid for av in b._slots.values()])
         x = torch.arange(4.0)
-        with pytest.raises(GroupTooSmall):
-            a.all_reduce(x, tag="alone")
+        h = a.all_reduce(x, tag="alone", async_op=True)
+        assert torch.equal(h.wait(timeout=60), torch.arange(4.0)) and h.group == (a.peer_id,)
+        assert h.missing == (b.peer_id,)
+        a._o["alone"] = "raise"  # the setting create(alone="raise") stores
+        with pytest.raises(AllPeersLeft, match="every other peer .* left"):
+            a.all_reduce(x, tag="alone2")
         assert torch.equal(x, torch.arange(4.0))
     finally:
         _close(peers)

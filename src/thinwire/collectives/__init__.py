@@ -2,7 +2,9 @@
 
 Engines: :class:`TorchDistCommunicator` (gloo on CPU,
 NCCL on GPU, launched by ``torchrun``), :class:`HivemindCommunicator` (peers join and leave over a
-DHT; hivemind is imported only when one is created) and :class:`InprocCommunicator` (ranks as
+DHT; hivemind is imported only when one is created), :class:`TorchftCommunicator` (replica groups
+join, leave and heal through torchft's Lighthouse and Manager; torchft is imported only when one
+is created) and :class:`InprocCommunicator` (ranks as
 threads in one process, for fast tests; not a network engine). Every op records what it moved in
 the communicator's :class:`ByteLedger`, by the formulas of :mod:`thinwire.collectives.accounting`.
 :class:`WanCommunicator` wraps any of them with the WAN model (``docs/design.md``, "The WAN
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from thinwire.collectives.base import (
+    AllPeersLeft,
     ByteLedger,
     CommError,
     CommTimeout,
@@ -42,6 +45,7 @@ from thinwire.collectives.wan import (
 )
 
 __all__ = [
+    "AllPeersLeft",
     "ByteLedger",
     "CommError",
     "CommTimeout",
@@ -60,6 +64,7 @@ __all__ = [
     "RoundMismatch",
     "RoundStart",
     "TorchDistCommunicator",
+    "TorchftCommunicator",
     "WanCommunicator",
     "WanConfig",
     "WanModel",
@@ -75,4 +80,8 @@ def __getattr__(name: str) -> Any:
         from thinwire.collectives.hivemind import HivemindCommunicator
 
         return HivemindCommunicator
+    if name == "TorchftCommunicator":  # torchft too: imported when one is created
+        from thinwire.collectives.torchft import TorchftCommunicator
+
+        return TorchftCommunicator
     raise AttributeError(f"module 'thinwire.collectives' has no attribute {name!r}")

@@ -158,12 +158,16 @@ async def serve_payload(table: ServeTable, uid: str, remote: str) -> AsyncIterat
     table.served(uid, remote)
 
 
-async def pull_payload(p2p: Any, handler: str, peer: str, uid: str, n: int, sha: str,
-                       chunk_timeout: float, deadline: float) -> bytes | None:  # fmt: skip
+async def pull_payload(p2p: Any, handler: str, peer: str, uid: str, n: int, sha: str | None,
+                       chunk_timeout: float, deadline: float, *, exact: bool = True,
+                       ) -> bytes | None:  # fmt: skip
     """Fetch ``n`` bytes offered as ``uid`` by ``peer``; None (logged) on any failure.
 
     Every await is bounded by ``chunk_timeout`` and by the transfer's ``deadline`` (monotonic s),
-    and at most ``n`` bytes are ever buffered.
+    and at most ``n`` bytes are ever buffered. ``exact=False`` makes ``n`` a cap: the length
+    header may announce any size up to it (a state transfer, whose size the receiver bounds
+    but does not know). ``sha=None`` skips the digest check (the receiver validates the
+    content itself).
     """
     from hivemind.p2p import PeerID
     from hivemind.proto import runtime_pb2
@@ -181,8 +185,11 @@ async def pull_payload(p2p: Any, handler: str, peer: str, uid: str, n: int, sha:
             runtime_pb2.ExpertResponse), left())  # fmt: skip
         try:
             head = (await asyncio.wait_for(stream.__anext__(), left())).metadata
-            if len(head) != 8 or struct.unpack("<Q", head)[0] != n:
-                raise ValueError(f"length header {head[:16]!r} != announced {n}")
+            m = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if m < 0 or (m != n if exact else m > n):
+                want = f"announced {n}" if exact else f"at most {n}"
+                raise ValueError(f"length header {head[:16]!r} is not {want}")
+            n = m
             while len(buf) < n:
                 chunk = (await asyncio.wait_for(stream.__anext__(), left())).metadata
                 if not chunk or len(chunk) > CHUNK_BYTES or len(buf) + len(chunk) > n:
@@ -191,7 +198,7 @@ async def pull_payload(p2p: Any, handler: str, peer: str, uid: str, n: int, sha:
         finally:
             with contextlib.suppress(Exception):  # a peer that will not hang up costs no more
                 await asyncio.wait_for(stream.aclose(), chunk_timeout)
-        if hashlib.sha256(buf).hexdigest() != sha:
+        if sha is not None and hashlib.sha256(buf).hexdigest() != sha:
             raise ValueError("sha256 of the received payload differs from the announced one")
         return bytes(buf)
     except Exception as exc:

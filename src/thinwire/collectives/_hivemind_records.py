@@ -11,7 +11,7 @@ if ``<peer id>`` is the libp2p id of the embedded key (sha2-256 multihash of the
 key, per the libp2p peer-ids document, as ``PeerID.from_identity`` computes it). So a record can
 only be written, overwritten or tombstoned by the peer it names. A
 :class:`~hivemind.dht.schema.SchemaValidator` fixes the membership table's shape: owner-marked
-subkeys only, values ``{"alive": bool, "addr": str}``.
+subkeys only, values ``{"alive": bool, "addr": str, "round": int >= -1, "since": float >= 0, "digest": hex str}``.
 
 What signing cannot stop: anyone who reaches the swarm can generate keys and run peers of its
 own (Sybil identities); keep ``host_maddrs`` on loopback or a private network unless every
@@ -47,6 +47,13 @@ _ADDR_MAX = 1024  # characters in an advertised multiaddr
 class _Member(pydantic.BaseModel):
     alive: pydantic.StrictBool
     addr: pydantic.constr(strict=True, max_length=_ADDR_MAX)  # type: ignore[valid-type]
+    # Completed syncs the peer's served global state reflects (-1: it serves none), when the
+    # peer joined (DHT time) and the state's digest: joiners adopt the most advanced,
+    # longest-running peer's state. Records must carry every field: hivemind's SchemaValidator
+    # refuses a value that validation would change (e.g. by filling in a default).
+    round: pydantic.conint(strict=True, ge=-1) = -1  # type: ignore[valid-type]
+    since: pydantic.confloat(strict=True, ge=0.0) = 0.0  # type: ignore[valid-type]
+    digest: pydantic.constr(strict=True, regex=r"^[0-9a-f]{0,16}$") = ""  # type: ignore[valid-type]
 
     class Config:
         extra = pydantic.Extra.forbid

@@ -135,6 +135,9 @@ class StaticRounds:
         """Every member takes part and contributes: the group never changes."""
         return RoundStart()
 
+    def after_round(self, round: int) -> None:
+        """Nothing to publish: no peer of a static group ever needs this worker's state."""
+
     def end_round(self, ok: bool) -> bool:
         """``ok``: a failure on a static group raises instead of returning False."""
         return bool(ok)

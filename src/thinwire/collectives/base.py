@@ -23,6 +23,7 @@ __all__ = [
     "CommTimeout",
     "PeerLost",
     "GroupTooSmall",
+    "AllPeersLeft",
     "RoundMismatch",
     "OrderMismatch",
     "PeerInfo",
@@ -54,6 +55,11 @@ class PeerLost(CommError):
 
 class GroupTooSmall(CommError):
     """No group of the required size formed within the timeout (hivemind matchmaking)."""
+
+
+class AllPeersLeft(CommError):
+    """Every other member of an elastic run left, and the communicator was told to stop then
+    (hivemind ``alone="raise"``). Optimizers let it through instead of discarding the round."""
 
 
 class RoundMismatch(CommError):
@@ -369,6 +375,12 @@ class Communicator(Protocol):
         peers, replaces its state with a live peer's (through the attached ``set_state``)
         before it contributes. Collective: every member calls it once per sync.
         """
+        ...
+
+    def after_round(self, round: int) -> None:
+        """The optimizer applied (or discarded) its round: its global state now reflects
+        ``round`` completed syncs. An elastic engine snapshots the attached state here, so that
+        a peer joining during the next round receives a consistent one."""
         ...
 
     def end_round(self, ok: bool) -> bool:

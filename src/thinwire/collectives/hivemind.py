@@ -76,6 +76,7 @@ import concurrent.futures
 import hashlib
 import logging
 import math
+import multiprocessing
 import os
 import re
 import threading
@@ -88,6 +89,7 @@ import torch
 
 from thinwire._validate import check_choice, check_float, check_int, check_type
 from thinwire.collectives._hivemind_fetch import ServeTable, check_meta, pull_payload, serve_payload
+from thinwire.collectives._hivemind_state import HivemindRounds, StateBox
 from thinwire.collectives.accounting import (
     LENGTH_HEADER_BYTES,
     allgather_direct_bytes,
@@ -97,6 +99,7 @@ from thinwire.collectives.accounting import (
     pull_broadcast_bytes,
 )
 from thinwire.collectives.base import (
+    AllPeersLeft,
     ByteLedger,
     CommError,
     CommTimeout,
@@ -183,7 +186,7 @@ class _Group:
     me: str
 
 
-class HivemindCommunicator:
+class HivemindCommunicator(HivemindRounds):
     """Communicator over a hivemind swarm. Build it with :meth:`create`.
 
     ``rank``/``world_size`` describe the sorted group of the last completed op (before any op:
@@ -216,6 +219,11 @@ class HivemindCommunicator:
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._seq: dict[str, int] = {}
         self._table = ServeTable()  # payloads this peer offers to fetches
+        self._box = StateBox()  # the optimizer's global state, served to joiners
+        self._member_info: dict[str, tuple[int, float, str]] = {}  # peer -> round, since, digest
+        self._since = 0.0  # DHT time this peer joined
+        self._seen_others = False  # another member was alive at some point
+        self._warned_alone = False
         self._owners: Any = None  # _hivemind_records.Owners once started
         self._full_seen = False  # expected_world_size members were seen alive at least once
         self._steps: set[Any] = set()  # in-flight hivemind StepControls
@@ -246,6 +254,7 @@ class HivemindCommunicator:
         next_chunk_timeout: float = 30.0,
         round_wait_timeout: float = 600.0,
         heartbeat_s: float = 5.0,
+        alone: str = "continue",
         start: bool = True,
     ) -> HivemindCommunicator:
         """Validate the settings, then (``start=True``) join the swarm.
@@ -279,6 +288,13 @@ class HivemindCommunicator:
                 expected to pull it got it, or when the op's fetch deadline passes.
             heartbeat_s: membership refresh period in s; entries expire after 3x (default 5),
                 and a peer whose entry expired is no longer waited for.
+            alone: what a peer does once every other member has left (their heartbeats
+                expired, ``3 * heartbeat_s`` after the last one): ``"continue"`` (default)
+                runs each op as a group of one (an optimizer keeps training and syncing with
+                itself; peers that join later are waited for again) or ``"raise"``:
+                :class:`~thinwire.collectives.AllPeersLeft`, which optimizers let through.
+                A peer that never saw another member is not "alone": its ops wait and
+                matchmake as usual (:class:`GroupTooSmall`).
             start: join now (default True); otherwise call :meth:`start`.
 
         Raises:
@@ -315,6 +331,7 @@ class HivemindCommunicator:
             ),
             round_wait_timeout=check_float("round_wait_timeout", round_wait_timeout, 0.0),
             heartbeat_s=check_float("heartbeat_s", heartbeat_s, 0.0, lo_open=True),
+            alone=check_choice("alone", alone, ("continue", "raise")),
         )
         comm = cls(run_id, _private=True, **opts)
         if start:
@@ -332,6 +349,15 @@ class HivemindCommunicator:
         from thinwire.collectives import _hivemind_records as records
 
         o = self._o
+        method = multiprocessing.get_start_method()
+        if method != "fork":
+            # hivemind's DHT and averagers are processes that must fork (an averager cannot be
+            # pickled for spawn); a process started with spawn defaults to spawn too.
+            raise CommError(
+                f"HivemindCommunicator needs the 'fork' multiprocessing start method, got "
+                f"{method!r}; call multiprocessing.set_start_method('fork', force=True) before "
+                "creating it (e.g. first thing in a worker started by torch.multiprocessing.spawn)"
+            )
         key, id_path = records.new_identity()
         try:
             self._dht = hivemind.DHT(
@@ -359,6 +385,9 @@ class HivemindCommunicator:
             self._owners = records.Owners(key, self.peer_id)
             maddrs = self.visible_maddrs()
             self._addr = maddrs[0] if maddrs else ""
+            from hivemind.utils.timed_storage import get_dht_time
+
+            self._since = get_dht_time()
             self._loop = asyncio.new_event_loop()
             loop = threading.Thread(target=self._loop.run_forever, name="tw-hm-loop", daemon=True)
             loop.start()
@@ -405,7 +434,9 @@ class HivemindCommunicator:
         alive = self._dht.is_alive()
         if alive and self._owners is not None:
             try:
-                dead = {"alive": False, "addr": ""}  # expires just after our last heartbeat
+                # every field of the schema (hivemind refuses a record that validation changes);
+                # expires just after our last heartbeat
+                dead = {"alive": False, "addr": "", "round": -1, "since": self._since, "digest": ""}
                 exp = math.nextafter(max(self._hb_exp, time.time()), math.inf)
                 sub = self._owners.subkey()
                 self._dht_store(self._members_key, dead, exp, sub, "tombstone store")
@@ -444,7 +475,8 @@ class HivemindCommunicator:
         from hivemind.utils.timed_storage import get_dht_time
 
         exp = get_dht_time() + 3.0 * self._o["heartbeat_s"]
-        entry = {"alive": True, "addr": self._addr}
+        entry = {"alive": True, "addr": self._addr, "round": self._box.round,
+                 "since": self._since, "digest": self._box.digest}  # fmt: skip
         self._dht_store(self._members_key, entry, exp, self._owners.subkey(), "heartbeat store")
         self._hb_exp = max(self._hb_exp, exp)
 
@@ -470,13 +502,18 @@ class HivemindCommunicator:
 
         res = self._dht_get(self._members_key, "membership get")
         now, out = get_dht_time(), {self.peer_id: self._addr}
+        info = {self.peer_id: (self._box.round, self._since, self._box.digest)}
         if res is not None and isinstance(res.value, dict):
             for sub, item in res.value.items():
                 pid, v = self._owners.peer_of(sub), item.value
                 if pid is None or not isinstance(v, dict) or item.expiration_time <= now:
                     continue
-                if v.get("alive") is True:
+                if v.get("alive") is True and pid != self.peer_id:
                     out[pid] = str(v.get("addr", ""))
+                    info[pid] = (int(v.get("round", -1)), float(v.get("since", 0.0)),
+                                 str(v.get("digest", "")))  # fmt: skip
+        self._member_info = info
+        self._seen_others = self._seen_others or len(out) > 1
         with self._lock:
             if frozenset(out) != self._members:
                 if self._members:
@@ -560,6 +597,8 @@ class HivemindCommunicator:
         check_type("tag", tag, str)
         if round is not None:
             return check_int("round", round, 0)
+        if self._round is not None:  # an optimizer's round is open (begin_round)
+            return self._round
         with self._lock:
             self._seq[tag] = self._seq.get(tag, -1) + 1
             return self._seq[tag]
@@ -609,6 +648,21 @@ class HivemindCommunicator:
             return _Group([me], [me], {me: meta}, (), me)
         before = set(self._live_members())
         self._await_round(rid, tag)
+        if self._seen_others and set(self._live_members()) == {me}:
+            # Every other member left (their heartbeats expired): no group can form.
+            gone = tuple(sorted(before - {me}))
+            if self._o["alone"] == "raise":
+                raise AllPeersLeft(
+                    f"tag {tag!r} round {rid}: every other peer of run {self.run_id!r} left "
+                    f"(no heartbeat for {3 * self._o['heartbeat_s']:g} s; last seen: "
+                    f"{list(gone) or 'none'}); stopping as alone='raise' asks"
+                )
+            if not self._warned_alone:
+                logger.warning("round %s: every other peer left; continuing alone (alone="
+                               "'continue') until peers join", rid)  # fmt: skip
+                self._warned_alone = True
+            return _Group([me], [me], {me: meta}, gone, me)
+        self._warned_alone = False
         ctl = slot.step(gather=meta, timeout=self._find_s, allow_retries=True, wait=False)
         self._steps.add(ctl)  # close() cancels it, so no worker outlives the communicator
         try:

@@ -34,7 +34,7 @@ from thinwire._validate import (
     check_param_tensors,
     check_type,
 )
-from thinwire.collectives import CommError, Communicator, RoundStart
+from thinwire.collectives import AllPeersLeft, CommError, Communicator, RoundStart
 from thinwire.compression import ROBUST_RULES, Codec, SparseCodec, build_codec
 from thinwire.optim._finite import amp_step_skipped, first_nonfinite
 from thinwire.optim._hooks import SyncHooks, SyncInfo
@@ -498,7 +498,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
         return out
 
     def _launch(self, fragment: int, apply_at: int) -> None:
-        start = self.comm.begin_round(self.outer_step) if self.comm is not None else RoundStart()
+        start = self._begin_round(self.outer_step)
         if not start.take_part:
             # This worker's state was just replaced by a live peer's (it joined late or missed
             # rounds); it restarts from that θ_g and contributes from the next round on.
@@ -533,18 +533,45 @@ class DiLoCoBase(SyncHooks, Optimizer):
             if ef and elastic:
                 for p in ps:
                     inflight.residual_backup[id(p)] = self._residual(p).clone()
-            pend = self._reducer_of(g).start(
-                ds,
-                residuals=[self._residual(p) for p in ps] if ef else None,
-                decay=g["ef_decay"],
-                scale=g["outer_lr"] if self.ef_scale_by_lr else 1.0,
-                contribute=contribute,
-                async_op=self.overlap_steps > 0,
-                tag=f"{self.tag}/sync/f{fragment}/g{gi}",
-            )
+            pend: PendingReduce | None = None
+            if inflight.ok:  # an elastic round that already failed issues nothing more
+                try:
+                    pend = self._reducer_of(g).start(
+                        ds,
+                        residuals=[self._residual(p) for p in ps] if ef else None,
+                        decay=g["ef_decay"],
+                        scale=g["outer_lr"] if self.ef_scale_by_lr else 1.0,
+                        contribute=contribute,
+                        # elastic: errors surface in _resolve, where a failed round is discarded
+                        async_op=self.overlap_steps > 0 or elastic,
+                        tag=f"{self.tag}/sync/f{fragment}/g{gi}",
+                    )
+                except CommError as exc:
+                    self._round_failed(inflight, exc)
             inflight.buckets.append((gi, ps, pend))
         self._inflight = inflight
         self._work.track(pend for _, _, pend in inflight.buckets)
+
+    def _round_failed(self, inf: _Inflight, exc: CommError) -> None:
+        """An op of the round failed: fatal on a static engine, a discarded round on an elastic one."""
+        if self.comm is None or not self.comm.elastic or isinstance(exc, AllPeersLeft):
+            raise exc
+        # An elastic engine lost a peer or formed no group: the round is discarded on this
+        # worker (it adopts the live peers' state at a later round if they went on without it).
+        logger.warning("round %d failed on this worker (%s); discarding it", self.outer_step, exc)
+        inf.ok = False
+
+    def _begin_round(self, round: int) -> RoundStart:
+        """``comm.begin_round``; an elastic engine that cannot open the round skips it."""
+        if self.comm is None:
+            return RoundStart()
+        try:
+            return self.comm.begin_round(round)
+        except CommError as exc:
+            if not self.comm.elastic or isinstance(exc, AllPeersLeft):
+                raise
+            logger.warning("round %d could not start (%s); skipping it", round, exc)
+            return RoundStart(take_part=False, contribute=False)
 
     def _residual(self, p: torch.Tensor) -> torch.Tensor:
         st = self.state[p]
@@ -563,14 +590,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
             try:
                 vecs, weight = pend.result()
             except CommError as exc:
-                if self.comm is None or not self.comm.elastic:
-                    raise
-                # An elastic engine lost a peer or formed no group: the round is discarded on
-                # this worker (it fetches the live peers' state at its next round).
-                logger.warning(
-                    "round %d failed on this worker (%s); discarding it", self.outer_step, exc
-                )
-                inf.ok = False
+                self._round_failed(inf, exc)
                 inf.buckets[i] = (gi, ps, None)
                 continue
             for p, v in zip(ps, vecs, strict=True):
@@ -628,6 +648,8 @@ class DiLoCoBase(SyncHooks, Optimizer):
             "weight": total_weight,
             "contributed": inf.contributed,
         }
+        if self.comm is not None:
+            self.comm.after_round(self.outer_step)
         self._after_sync(
             SyncInfo(
                 sync_step=self.outer_step,
@@ -660,6 +682,8 @@ class DiLoCoBase(SyncHooks, Optimizer):
             "contributed": inf.contributed,
             "committed": False,
         }
+        if self.comm is not None:
+            self.comm.after_round(self.outer_step)
         self._after_sync(
             SyncInfo(
                 sync_step=self.outer_step,
@@ -728,7 +752,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
 
     def _global_state(self) -> dict[str, torch.Tensor]:
         """What a peer that joins or heals needs: θ_g, the outer optimizer's tensors and the
-        step counters (``[inner_step, outer_step]``), by name, in parameter order."""
+        step counters (``[inner step of the last sync, outer_step]``), by name, in parameter order."""
         out: dict[str, torch.Tensor] = {}
         for name, p in self._param_names():
             out[name] = self.state[p]["anchor"]
@@ -736,7 +760,11 @@ class DiLoCoBase(SyncHooks, Optimizer):
             for k, v in sorted(self.outer.state.get(self.state[p]["anchor"], {}).items()):
                 if isinstance(v, torch.Tensor):
                     out[f"{name} outer {k}"] = v
-        out["step counters"] = torch.tensor([self.inner_step, self.outer_step], dtype=torch.int64)
+        # The inner step of the last completed sync, not the current one: a peer that adopts this
+        # state trains from θ_g for the same steps the others run before their next sync.
+        K = self.sync_every // len(self._fragments)
+        synced_at = self.inner_step - self.inner_step % K
+        out["step counters"] = torch.tensor([synced_at, self.outer_step], dtype=torch.int64)
         return out
 
     @torch.no_grad()

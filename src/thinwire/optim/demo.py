@@ -25,7 +25,7 @@ from thinwire._validate import (
     check_param_tensors,
     check_type,
 )
-from thinwire.collectives import CommError, Communicator, RoundStart
+from thinwire.collectives import AllPeersLeft, CommError, Communicator, RoundStart
 from thinwire.compression import SparseCodec
 from thinwire.optim._finite import amp_step_skipped, first_nonfinite
 from thinwire.optim._hooks import SyncHooks, SyncInfo
@@ -295,7 +295,15 @@ class DeMo(SyncHooks, Optimizer):
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(msg)
             logger.warning("%s; this worker contributes nothing and resets its momentum", msg)
-        start = self.comm.begin_round(self.step_count) if self.comm is not None else RoundStart()
+        start = RoundStart()
+        if self.comm is not None:
+            try:
+                start = self.comm.begin_round(self.step_count)
+            except CommError as exc:
+                if not self.comm.elastic or isinstance(exc, AllPeersLeft):
+                    raise
+                logger.warning("step %d could not start its round (%s)", self.step_count, exc)
+                start = RoundStart(take_part=False, contribute=False)
         if not start.take_part:
             # The parameters were just replaced by a live peer's (a late join or missed rounds):
             # this step's gradients belong to the old ones, so the step is skipped.
@@ -318,16 +326,23 @@ class DeMo(SyncHooks, Optimizer):
                     p.mul_(1.0 - g["lr"] * g["weight_decay"])
             # The momentum is the error-feedback buffer: δ <- β δ + lr g, send top-k of DCT(δ),
             # δ <- δ - what was taken (A1), all inside the reducer.
-            pend = self._reducer_of(g).start(
-                grads if contribute else [torch.zeros_like(d) for d in deltas],
-                residuals=deltas if contribute else None,
-                decay=g["momentum_decay"],
-                scale=g["lr"],
-                subtract="raw" if self.subtract == "unquantized" else "sent",
-                contribute=contribute,
-                async_op=self.overlap,
-                tag=f"demo/g{gi}",
-            )
+            try:
+                pend: PendingReduce | None = self._reducer_of(g).start(
+                    grads if contribute else [torch.zeros_like(d) for d in deltas],
+                    residuals=deltas if contribute else None,
+                    decay=g["momentum_decay"],
+                    scale=g["lr"],
+                    subtract="raw" if self.subtract == "unquantized" else "sent",
+                    contribute=contribute,
+                    # elastic: errors surface in _apply, where a failed round is discarded
+                    async_op=self.overlap or (self.comm is not None and self.comm.elastic),
+                    tag=f"demo/g{gi}",
+                )
+            except CommError as exc:
+                if self.comm is None or not self.comm.elastic or isinstance(exc, AllPeersLeft):
+                    raise
+                logger.warning("exchange of step %d failed (%s)", self.step_count, exc)
+                pend = None  # no "pending" state either: _apply discards the step
             launched.append((gi, ps, pend, g["lr"]))
         if self.overlap:
             previous, self._pending = self._pending, launched
@@ -358,7 +373,7 @@ class DeMo(SyncHooks, Optimizer):
                 try:
                     updates, w = pend.result()
                 except CommError as exc:
-                    if self.comm is None or not self.comm.elastic:
+                    if self.comm is None or not self.comm.elastic or isinstance(exc, AllPeersLeft):
                         raise
                     logger.warning("exchange of step %d failed (%s)", self.step_count, exc)
                     ok = False
@@ -376,6 +391,8 @@ class DeMo(SyncHooks, Optimizer):
                 for p in ps:
                     self.state[p].pop("pending", None)
                     self.state[p].pop("pending_weight", None)
+        if self.comm is not None:
+            self.comm.after_round(self._sync_step)
         self._after_sync(
             SyncInfo(
                 sync_step=self._sync_step,
