@@ -2,8 +2,8 @@
 
 Every engine (``torch.distributed``, hivemind, in-process) implements :class:`Communicator`; every
 optimizer and the RL layer talk only to it. Bytes are counted by the algorithm each op uses, as
-``specs/collectives_wan_bench.md`` §2.4 defines them (application payload, not TCP frames), so a
-test can check the ledger against closed forms and a report can trust it.
+application payload (not TCP frames; ``docs/design.md``, "Byte formulas"), so a test can check the
+ledger against closed forms and a report can trust it.
 
 This module holds types only; the byte formulas live in :mod:`thinwire.collectives.accounting`.
 """
@@ -82,7 +82,8 @@ class PeerInfo:
 
 @dataclass
 class OpRecord:
-    """What one collective moved, from this rank's point of view (spec §2.4).
+    """What one collective moved, from this rank's point of view (payload bytes as counted by
+    :mod:`thinwire.collectives.accounting`).
 
     ``sent``/``recv`` are payload bytes as the algorithm defines them (padding, codec headers,
     scales, indices and 8-byte length headers included); ``control_*`` are bytes thinwire itself
@@ -279,7 +280,7 @@ class RoundStart:
 
 @runtime_checkable
 class Communicator(Protocol):
-    """One API over every engine (spec §2.1). Collective: every rank must call each op, in the
+    """One API over every engine. Collective: every rank must call each op, in the
     same order and with the same ``tag``."""
 
     rank: int
@@ -330,7 +331,8 @@ class Communicator(Protocol):
     def control_max(self, values: list[float], *, tag: str = "") -> list[float]:
         """Element-wise MAX of a few float64 values across ranks, counted as control bytes.
 
-        Used by the WAN wrapper's virtual clock (spec §3.3) to agree on issue times.
+        Used by the WAN wrapper's virtual clock (``docs/design.md``, "The WAN model") to agree on
+        issue times.
         """
         ...
 

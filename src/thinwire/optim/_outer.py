@@ -1,16 +1,16 @@
 """Shared machinery of the DiLoCo family: anchors, pseudo-gradients, fragments and the schedule.
 
 One implementation serves DiLoCo (one fragment, no overlap), LocalSGD (outer SGD lr 1, momentum 0)
-and Streaming DiLoCo (P fragments, overlap τ, mixing α); the subclasses only choose settings
-(STYLE.md §3, "one implementation per concept").
+and Streaming DiLoCo (P fragments, overlap τ, mixing α); the subclasses only choose settings.
 
-Schedule (``specs/diloco.md`` §1.6, normative): ``K = H / P``; sync event ``j`` serves fragment
-``j mod P`` and completes after inner step ``(j + 1) K``. With overlap ``τ`` its pseudo-gradient
-``Δ = θ_g − θ_i`` is formed and the reduction launched after inner step ``(j + 1) K − τ``; after
-step ``(j + 1) K`` the averaged ``Δ̄`` is awaited, the outer optimizer steps the fragment's float32
-global copy ``θ_g`` and the local fragment becomes ``(1 − α) θ_g + α θ_i``. The event counter is
-derived from the inner-step counter, which every worker advances identically and which
-``state_dict`` saves — never from a clock (torchft PR #206).
+Schedule (Streaming DiLoCo, arXiv:2501.18512v1 §2, as torchft's ``_StreamingDiLoCoFragment`` runs
+it): ``K = H / P``; sync event ``j`` serves fragment ``j mod P`` and completes after inner step
+``(j + 1) K``. With overlap ``τ`` its pseudo-gradient ``Δ = θ_g − θ_i`` is formed and the
+reduction launched after inner step ``(j + 1) K − τ``; after step ``(j + 1) K`` the averaged ``Δ̄``
+is awaited, the outer optimizer steps the fragment's float32 global copy ``θ_g`` and the local
+fragment becomes ``(1 − α) θ_g + α θ_i``. The event counter is derived from the inner-step
+counter, which every worker advances identically and which ``state_dict`` saves — never from a
+clock (torchft PR #206).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class _Inflight:
 
 
 def _anchor_of(p: torch.Tensor) -> torch.Tensor:
-    """θ_g for ``p``: float32 for fp32/bf16/fp16 params (spec §1.3), float64 for float64 ones."""
+    """θ_g for ``p``: float32 for fp32/bf16/fp16 params, float64 for float64 ones."""
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
     return p.detach().to(dtype, copy=True)
 
@@ -310,7 +310,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
         K = self.sync_every // P
         self.overlap_steps = check_int("overlap_steps", overlap_steps, 0, K - 1)
 
-        for p in all_params:  # θ_g starts at the initial parameters, in float32 (spec §1.3)
+        for p in all_params:  # θ_g starts at the initial parameters, in float32
             self.state[p]["anchor"] = _anchor_of(p)
         self._outer_factory = outer
         self.outer = self._build_outer()

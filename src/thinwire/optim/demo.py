@@ -1,10 +1,10 @@
 """DeMo (Decoupled Momentum) and its Psyche "DisTrO" 1-bit production variant.
 
-Peng, Quesnelle, Kingma, "DeMo: Decoupled Momentum Optimization", arXiv:2411.19870v1,
-Algorithm 1, with the released code (bloc97/DeMo ``demo.py``) as the numerical reference;
-Psyche's variant (PsycheFoundation/psyche ``distro.rs``) sends one sign bit per kept coefficient
-(``specs/demo_sparseloco.md`` §2). Each step only the fast DCT components of the momentum cross
-the wire; what was sent is subtracted from the momentum, the rest keeps accumulating.
+Peng, Quesnelle, Kingma, "DeMo: Decoupled Momentum Optimization", arXiv:2411.19870v1, Algorithm 1,
+with the released code (bloc97/DeMo ``demo.py``) as the numerical reference; Psyche's variant
+(PsycheFoundation/psyche ``distro.rs``) sends one sign bit per kept coefficient. Each step only the
+fast DCT components of the momentum cross the wire; what was sent is subtracted from the momentum,
+the rest keeps accumulating.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def demo_compressor(
     """DeMo's wire codec: chunked DCT, ``topk`` coefficients per chunk, float32 or sign values.
 
     ``values="sign"`` sends the sign bit only (``signbit``: 1 is negative) and receivers expand
-    to ±1 (Psyche, spec §2.4); ``"float"`` sends float32 values (A1).
+    to ±1 (Psyche); ``"float"`` sends float32 values (bloc97/DeMo).
     """
     check_choice("values", values, ("float", "sign"))
     vals: dict[str, Any] = (
@@ -91,13 +91,13 @@ def demo_compressor(
 
 
 class DeMo(SyncHooks, Optimizer):
-    r"""Decoupled Momentum optimization (arXiv:2411.19870v1, Algorithm 1; code A1 ``demo.py``).
+    r"""Decoupled Momentum optimization (arXiv:2411.19870v1, Algorithm 1; bloc97/DeMo ``demo.py``).
 
     .. code-block:: text
 
         per parameter, every step:
             p      ← p (1 − lr·wd)                     decoupled weight decay
-            δ      ← β δ + lr·g                        momentum, lr folded in (A1)
+            δ      ← β δ + lr·g                        momentum, lr folded in (as the code)
             (i, v) = top-k per chunk of DCT(δ)         fast components
             δ      ← δ − IDCT(scatter(i, v))           what is sent leaves the momentum
             U      = IDCT(index-mean over workers of scatter(i_r, v_r))
@@ -107,12 +107,14 @@ class DeMo(SyncHooks, Optimizer):
         params: parameters or param-group dicts (per-group keys: ``lr``, ``momentum_decay``,
             ``topk``, ``chunk``, ``values``, ``weight_decay``, ``index_coding``, ``compress``;
             ``compress=False`` sends that group's momentum dense, e.g. for 1-D params).
-        lr: learning rate (A1 OLMo: 4e-4 with cosine decay), range (0, inf).
-        momentum_decay: β (default: 0.999, A1), range [0, 1).
-        topk: coefficients kept per chunk (default: 32, A1; Psyche 8, or 4 at 40B), range [1, inf).
+        lr: learning rate (bloc97/DeMo's OLMo configs: 4e-4 with cosine decay), range (0, inf).
+        momentum_decay: β (default: 0.999, bloc97/DeMo), range [0, 1).
+        topk: coefficients kept per chunk (default: 32, bloc97/DeMo; Psyche 8, or 4 at 40B),
+            range [1, inf).
         chunk: chunk side s (default: 64); 2-D tensors use s x s tiles, 1-D tensors chunks of s.
-        values: ``"float"`` (A1, float32 values) or ``"sign"`` (Psyche, 1 bit per value).
-        weight_decay: decoupled weight decay (default: 0.0, A1 OLMo DeMo runs), range [0, inf).
+        values: ``"float"`` (bloc97/DeMo, float32 values) or ``"sign"`` (Psyche, 1 bit per value).
+        weight_decay: decoupled weight decay (default: 0.0, bloc97/DeMo's OLMo runs),
+            range [0, inf).
         comm: communicator; ``None`` is a single worker.
         index_coding: ``"entropy"`` (Elias-Fano) or ``"fixed"`` (``ceil(log2 chunk_len)`` bits).
         subtract: what leaves the momentum when values are quantized: ``"unquantized"`` (Psyche:
@@ -153,8 +155,8 @@ class DeMo(SyncHooks, Optimizer):
     interpreter exit does, for any exchange still in flight), keeping the aggregate for the next
     step.
 
-    Deviations: momentum is kept in float32 for bf16/fp16 params (A1 keeps param dtype); indices
-    are Elias-Fano coded by default (A1 sends int64, Psyche u16).
+    Deviations: momentum is kept in float32 for bf16/fp16 params (bloc97/DeMo keeps the param
+    dtype); indices are Elias-Fano coded by default (bloc97/DeMo sends int64, Psyche u16).
 
     Tuning: if loss is noisy, lower ``lr`` (sign updates move every coordinate by lr); if the
     link is the bottleneck, use ``values="sign"`` and ``topk=8``.
@@ -325,7 +327,7 @@ class DeMo(SyncHooks, Optimizer):
                 if g["weight_decay"]:  # also on a skipped step: every replica decays alike
                     p.mul_(1.0 - g["lr"] * g["weight_decay"])
             # The momentum is the error-feedback buffer: δ <- β δ + lr g, send top-k of DCT(δ),
-            # δ <- δ - what was taken (A1), all inside the reducer.
+            # δ <- δ - what was taken (as bloc97/DeMo), all inside the reducer.
             try:
                 pend: PendingReduce | None = self._reducer_of(g).start(
                     grads if contribute else [torch.zeros_like(d) for d in deltas],
