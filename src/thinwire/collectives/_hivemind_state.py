@@ -43,7 +43,7 @@ import torch
 
 from thinwire._validate import check_choice, check_type
 from thinwire.collectives._hivemind_fetch import CHUNK_BYTES, pull_payload
-from thinwire.collectives._rounds import INIT_SYNC_MODES, state_digests
+from thinwire.collectives._rounds import INIT_SYNC_MODES, AttachedState, state_digests
 from thinwire.collectives.accounting import LENGTH_HEADER_BYTES
 from thinwire.collectives.base import (
     ByteLedger,
@@ -114,7 +114,7 @@ def decode_state(data: bytes) -> dict[str, torch.Tensor]:
     return obj
 
 
-class HivemindRounds:
+class HivemindRounds(AttachedState):
     """The round API of :class:`~thinwire.collectives.HivemindCommunicator` (a mixin).
 
     Uses the engine's membership table (``_live_members``, which fills ``_member_info`` with
@@ -129,7 +129,6 @@ class HivemindRounds:
     _member_info: dict[str, tuple[int, float, str]]
     ledger: ByteLedger
     engine: str
-    _state_fns: tuple[StateGetter, StateSetter] | None = None
     _round: int | None = None  # the round id ops use while a round is open
     _state_tag = "state"  # ledger tag of state transfers after the start ("<method>/state")
 
@@ -150,8 +149,8 @@ class HivemindRounds:
             raise TypeError(
                 f"get_state and set_state must be callable, got {get_state!r}, {set_state!r}"
             )
-        first = self._state_fns is None
-        self._state_fns = (get_state, set_state)
+        first = self._state_refs is None
+        super().attach_state(get_state, set_state)
         if first and not self._o["client_mode"]:
             from hivemind.proto import runtime_pb2
 
@@ -240,13 +239,8 @@ class HivemindRounds:
             self._publish(round)
 
     # ---- internals ------------------------------------------------------------------------
-    def _attached(self) -> tuple[StateGetter, StateSetter]:
-        if self._state_fns is None:
-            raise RuntimeError("the round API needs attach_state() first (the optimizer calls it)")
-        return self._state_fns
-
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        get_state, _ = self._attached()
+        get_state, _ = self._attached("the round API")
         return {k: v.detach().to("cpu", copy=True) for k, v in get_state().items()}
 
     def _publish(self, round: int) -> None:
@@ -302,7 +296,7 @@ class HivemindRounds:
 
     def _adopt(self, donors: list[str], tag: str) -> int | None:
         """Load the first donor's state this optimizer accepts; the round it reflects."""
-        _, set_state = self._attached()
+        _, set_state = self._attached("the round API")
         cap = self._state_cap()
         for peer in donors:
             data = self._pull_state(peer, cap, tag)

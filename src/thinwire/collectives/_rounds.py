@@ -12,8 +12,10 @@ shared with the elastic engines.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import struct
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -60,7 +62,53 @@ def _unflatten(state: Mapping[str, torch.Tensor], flat: Mapping[torch.dtype, tor
     return out
 
 
-class StaticRounds:
+def _weak(fn: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:
+    """A weak reference to a bound method (a plain function is held strongly)."""
+    if inspect.ismethod(fn):
+        return weakref.WeakMethod(fn)
+    return lambda: fn
+
+
+class AttachedState:
+    """Holds the state functions an optimizer attached, weakly.
+
+    The optimizer holds its communicator; if the communicator held the optimizer's bound methods
+    strongly, the two would form a cycle that only the garbage collector frees, possibly during
+    interpreter shutdown, where destroying a gloo process group still referenced by the
+    communicator aborts the process ("terminate called without an active exception").
+    """
+
+    _state_refs: tuple[Callable[[], Any], Callable[[], Any]] | None = None
+
+    def attach_state(self, get_state: StateGetter, set_state: StateSetter) -> None:
+        """Register the owner's state functions (see the protocol); the latest call wins."""
+        if not callable(get_state) or not callable(set_state):
+            raise TypeError(
+                f"get_state and set_state must be callable, got {get_state!r}, {set_state!r}"
+            )
+        self._state_refs = (_weak(get_state), _weak(set_state))  # a newer optimizer replaces
+
+    @property
+    def _state_fns(self) -> tuple[StateGetter, StateSetter] | None:
+        """The attached functions, or None (none attached, or their optimizer is gone)."""
+        if self._state_refs is None:
+            return None
+        get_state, set_state = (ref() for ref in self._state_refs)
+        if get_state is None or set_state is None:
+            return None
+        return get_state, set_state
+
+    def _attached(self, what: str) -> tuple[StateGetter, StateSetter]:
+        fns = self._state_fns
+        if fns is None:
+            raise RuntimeError(
+                f"{what} needs attach_state() first (the optimizer calls it), by an optimizer "
+                "that is still alive"
+            )
+        return fns
+
+
+class StaticRounds(AttachedState):
     """The round API of an engine whose members never change: every round is kept.
 
     Mixed into the torch.distributed and in-process engines (through their shared engine).
@@ -69,20 +117,6 @@ class StaticRounds:
     elastic = False
     rank: int
     world_size: int
-    _state_fns: tuple[StateGetter, StateSetter] | None = None
-
-    def attach_state(self, get_state: StateGetter, set_state: StateSetter) -> None:
-        """Register the owner's state functions (see the protocol); the latest call wins."""
-        if not callable(get_state) or not callable(set_state):
-            raise TypeError(
-                f"get_state and set_state must be callable, got {get_state!r}, {set_state!r}"
-            )
-        self._state_fns = (get_state, set_state)  # a newer optimizer replaces an older one
-
-    def _attached(self, what: str) -> tuple[StateGetter, StateSetter]:
-        if self._state_fns is None:
-            raise RuntimeError(f"{what} needs attach_state() first (the optimizer calls it)")
-        return self._state_fns
 
     def agree_initial_state(self, mode: str = "broadcast", *, tag: str = "") -> None:
         """Broadcast rank 0's attached state, or check that every rank holds the same one.

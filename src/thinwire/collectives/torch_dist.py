@@ -199,3 +199,6 @@ class TorchDistCommunicator(_CollectiveEngine):
         self.closed = True
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        # Drop this object's reference too: a gloo group destroyed only during interpreter
+        # shutdown aborts the process (its worker threads outlive the interpreter state).
+        self._pg = None
