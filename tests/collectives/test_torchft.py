@@ -33,6 +33,7 @@ import torch
 
 from thinwire.collectives import CommError, RoundStart
 from thinwire.collectives import accounting as acct
+from thinwire.optim import DiLoCo, SparseLoCo
 
 pytest.importorskip("torchft")
 
@@ -263,6 +264,66 @@ def test_first_round_of_a_fresh_run_follows_init_sync(mode):
     else:  # "off": b kept its own state and contributed
         assert b_start == RoundStart() and loaded["b"] == []
         assert torch.equal(a_sum, torch.full((4,), 2.0))
+
+
+FAMILY = {
+    "DiLoCo": lambda params, comm: DiLoCo(params, _sgd, sync_every=5, comm=comm),
+    "DiLoCo int8": lambda params, comm: DiLoCo(
+        params, _sgd, sync_every=5, comm=comm, compressor="quant(int8)"
+    ),
+    "SparseLoCo": lambda params, comm: SparseLoCo(
+        params, _sgd, sync_every=5, topk=4, chunk=16, comm=comm
+    ),
+}
+
+
+def _sgd(groups: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=0.05)
+
+
+def _family_run(name: str, comms: list[Any]) -> list[str]:
+    """Two workers (threads) train the same tiny regression for 4 syncs; their final digests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def worker(r: int) -> str:
+        g = torch.Generator().manual_seed(0)
+        model = torch.nn.Linear(16, 4)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        opt = FAMILY[name](model.parameters(), comms[r])
+        data = torch.Generator().manual_seed(100 + r)
+        for _ in range(20):
+            x = torch.randn(8, 16, generator=data)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), x[:, :4]).backward()
+            opt.step()
+        assert opt.sync_step == 4
+        return opt.consistency_digest()
+
+    with ThreadPoolExecutor(2) as pool:
+        return [f.result(timeout=120) for f in [pool.submit(worker, r) for r in range(2)]]
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.timeout(120)
+def test_the_diloco_family_runs_unchanged_and_matches_the_inproc_engine(name):
+    """The same optimizers over torchft (two replicas, threads of this process) and over the
+    in-process engine end with bitwise the same global state."""
+    from thinwire.collectives import InprocCommunicator, TorchftCommunicator
+
+    want = _family_run(name, InprocCommunicator.group(2))
+    with lighthouse(min_replicas=2) as addr:
+        comms = [
+            TorchftCommunicator(addr, replica_id=str(r), hostname="localhost", timeout_s=20)
+            for r in range(2)
+        ]
+        try:
+            got = _family_run(name, comms)
+        finally:
+            for c in comms:
+                c.close()
+    assert want[0] == want[1] and got == want
 
 
 # ------------------------------------------------------------------------------- ops, ledger
