@@ -12,7 +12,8 @@ bytes):
 * error feedback: :class:`ErrorFeedback`;
 * wire format: :class:`DenseCodec`, :class:`SparseCodec`, :func:`build_codec`, :class:`PayloadError`;
 * buckets: :class:`DenseBucket` / :class:`SparseBucket` frame many tensors as one payload on their
-  own device, in the 16-byte :class:`Envelope` (:func:`crc32` checksums it on device);
+  own device, closed by the 4-byte :class:`Envelope`: a CRC32 keyed with the wire version, the
+  codec settings and shapes and the contribution flag (:func:`crc32` computes it on device);
 * fused hot paths with Triton kernels (``_triton/``) behind one dispatch rule: :func:`dct_topk`,
   :func:`ef_quantize_pack`, :func:`decode_accumulate` (each with its torch reference);
 * aggregation: :func:`aggregate_sparse` (deterministic, bit-identical on every rank) and the
