@@ -5,7 +5,7 @@
 * :class:`PolicyStore`: the last ``keep`` published versions (state and fingerprint), which the
   verifier and lagged workers read.
 * :class:`WeightPublisher` / :class:`WeightReceiver`: one bucket frame of
-  :mod:`thinwire.compression` per published version (the 16-byte envelope with its CRC), sent by
+  :mod:`thinwire.compression` per published version (its envelope: a keyed CRC32), sent by
   the caller through a communicator's ``broadcast``. Without a codec the frame carries the fp32
   weights themselves (lossless). With a lossy codec it carries the update since the last
   version through :func:`thinwire.compression.ef_quantize_pack` with error feedback (EF-SGD,
