@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -313,7 +314,22 @@ class TorchftCommunicator(_CollectiveEngine):
             self._device = torch.device("cuda" if "nccl" in engine else "cpu")
             if self._device.type == "cuda":
                 self._device = torch.device("cuda", torch.cuda.current_device())
-        manager.register_state_dict_fn(_STATE_KEY, self._load_from_peer, self._state_for_peer)
+        # Through a weak reference: the Manager holds its callbacks, and a communicator kept
+        # alive by a cycle until interpreter shutdown would take its gloo group down with it then.
+        me = weakref.ref(self)
+
+        def load(state: Any) -> None:
+            comm = me()
+            if comm is not None:
+                comm._load_from_peer(state)
+
+        def serve() -> dict[str, torch.Tensor]:
+            comm = me()
+            if comm is None:
+                raise RuntimeError("the TorchftCommunicator serving this state was closed")
+            return comm._state_for_peer()
+
+        manager.register_state_dict_fn(_STATE_KEY, load, serve)
         self._init_mode = "broadcast"
         self._quorum_ready = False  # a quorum has formed: ops have a group
         self._in_round = False
@@ -661,6 +677,6 @@ class TorchftCommunicator(_CollectiveEngine):
             self.manager.shutdown(wait=True)
         finally:
             try:
-                self._pg.abort(errored=False)
+                self._pg.abort(errored=False)  # drops the gloo group it holds
             finally:
                 self._store = None
