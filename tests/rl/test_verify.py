@@ -1,7 +1,7 @@
 """Verifiable rollouts: fingerprint + PRF-position log-prob checks.
 
 1,000 honest DigitSum rollouts must pass; rollouts made by other weights, a stale version claimed
-as fresh, edited tokens and edited log-probs must each be caught in >= 99% of 1,000 trials.
+as fresh, edited tokens and edited log-probs must each be caught in >= 999 of 1,000 trials.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_other_weights_caught(trained):
     assert all(v.reason == "fingerprint_mismatch" for v in honest_fp)
     forged = [dataclasses.replace(r, fingerprint=store.fingerprint(4)) for r in rs]
     verdicts = _verifier(store).verify(forged)
-    assert _caught(verdicts) >= 990
+    assert _caught(verdicts) >= 999
     assert {v.reason for v in verdicts if not v.ok} == {"logprob_mismatch"}
 
 
@@ -108,7 +108,7 @@ def test_stale_version_claimed_as_fresh_caught(trained):
     claimed = [dataclasses.replace(r, policy_version=4) for r in rs]
     assert all(v.reason == "fingerprint_mismatch" for v in _verifier(store).verify(claimed))
     forged = [dataclasses.replace(r, fingerprint=store.fingerprint(4)) for r in claimed]
-    assert _caught(_verifier(store).verify(forged)) >= 990
+    assert _caught(_verifier(store).verify(forged)) >= 999
     # the same rollouts, honestly labelled, pass
     assert _caught(_verifier(store).verify(rs)) == 0
 
@@ -123,7 +123,7 @@ def test_edited_tokens_caught(trained):
         j = int(torch.randint(0, 3, (), generator=g))
         ids[j] = (ids[j] + int(torch.randint(1, 14, (), generator=g))) % 14  # a different token
         edited.append(dataclasses.replace(r, completion_ids=ids))
-    assert _caught(_verifier(store).verify(edited)) >= 990
+    assert _caught(_verifier(store).verify(edited)) >= 999
 
 
 def test_edited_logprobs_caught(trained):
@@ -137,7 +137,7 @@ def test_edited_logprobs_caught(trained):
         sign = 1.0 if bool(torch.rand((), generator=g) < 0.5) else -1.0
         lp[j] += sign * (1e-3 + 0.5 * float(torch.rand((), generator=g)))
         edited.append(dataclasses.replace(r, behavior_logprobs=lp))
-    assert _caught(_verifier(store).verify(edited)) >= 990
+    assert _caught(_verifier(store).verify(edited)) >= 999
 
 
 def test_unknown_version_and_key_checks(trained):
