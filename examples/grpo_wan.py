@@ -20,32 +20,33 @@ on them with GRPO (β = 0.04), and syncs with the other learner through the meth
 greedy accuracy over the 20 targets, the bytes of every channel from the ledgers, and the
 learner-to-learner bytes against DDP-GRPO's (fp32 gradients all-reduced every step). Time on the
 WAN is the virtual clock of ``WanCommunicator`` (measured compute plus modelled communication).
-Expected output of the torchrun command above (the in-process path gives the same rewards; byte
-counts are exact)::
+Expected output of ``python examples/grpo_wan.py --inproc 2`` (byte counts are exact; the
+torchrun command prints the same rewards and channels, and a learner-to-learner total 32 bytes
+larger: gloo ends each row of the start check's all-gather with an 8-byte mark)::
 
     grpo_wan: 2 learners, method diloco-2bit, home_broadband, 16 prompts x 32 per learner, 400 steps
     steps      reward
-         1-50    0.047
-       51-100    0.185
-      101-150    0.416
-      151-200    0.652
-      201-250    0.839
-      251-300    0.932
-      301-350    0.970
-      351-400    0.977
-    reward 301-400: 0.974; greedy 20/20 targets
+         1-50    0.043
+       51-100    0.107
+      101-150    0.300
+      151-200    0.755
+      201-250    0.962
+      251-300    0.975
+      301-350    0.977
+      351-400    0.975
+    reward 301-400: 0.976; greedy 20/20 targets
     bytes of learner 0 (sent / received):
-      diloco/init                     277596 / 0
-      diloco/sync                     694880 / 694880
-      learners/init                       24 / 24
-      rollouts/local                      40 / 13056000
-      site/control                      9624 / 0
-      weights/local                110747036 / 0
-    learner-to-learner: 2785848 B (all tags, both learners, sent + received); DDP-GRPO sends 222051208 B (80x more)
-    simulated WAN clock: 49.1 s (exposed communication 9.2 s)
+      diloco/init                    277576 / 0
+      diloco/sync                    694880 / 694880
+      learners/init                      24 / 24
+      rollouts/local                   3200 / 33388800
+      site/control                     9624 / 0
+      weights/local               110748036 / 0
+    learner-to-learner: 3337392 B (all tags, all learners, sent + received); DDP-GRPO sends 444728144 B (133x more)
+    simulated WAN clock: 262.1 s (exposed communication 8.0 s)
 
-(about 90 s of wall time on 2 CPU cores, a progress line on stderr every 10% of the steps; the
-clock line includes measured compute, so it varies.)
+(about 4 minutes of wall time on 2 shared CPU cores, a progress line on stderr every 10% of the
+steps; the clock line includes measured compute, so it varies.)
 
 Options: ``--method`` (any name of ``thinwire.optim.METHODS``), ``--sync-every``,
 ``--remote-workers 1`` (a WAN worker fed int8 weight frames), ``--share 2 2`` (SAPO rollout
