@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from thinwire.optim._state import local
+
 __all__: list[str] = []
 
 
@@ -18,14 +20,16 @@ def first_nonfinite(
     """``(group index, param index)`` of the first non-finite outgoing tensor, or None.
 
     ``parts`` are ``(group index, params, outgoing tensors)``. One fused reduction decides the
-    common case; the per-tensor search runs only when something is non-finite.
+    common case; the per-tensor search runs only when something is non-finite. A sharded
+    (DTensor) tensor is checked on this rank's shard, which is what this rank sends: no
+    collective over its mesh.
     """
-    outgoing = [t for _, _, ts in parts for t in ts]
+    outgoing = [local(t) for _, _, ts in parts for t in ts]
     if not outgoing or bool(torch.stack([torch.isfinite(t).all() for t in outgoing]).all()):
         return None
     for gi, ps, ts in parts:
         for p, t in zip(ps, ts, strict=True):
-            if not bool(torch.isfinite(t).all()):
+            if not bool(torch.isfinite(local(t)).all()):
                 return gi, next(j for j, q in enumerate(param_groups[gi]["params"]) if q is p)
     return None
 

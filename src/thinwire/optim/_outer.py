@@ -45,7 +45,9 @@ from thinwire.optim._state import (
     check_groups,
     check_setting,
     check_shapes,
+    like,
     load_keeping_width,
+    local,
 )
 from thinwire.optim.functional import diloco_outer_step
 
@@ -593,8 +595,9 @@ class DiLoCoBase(SyncHooks, Optimizer):
                 self._round_failed(inf, exc)
                 inf.buckets[i] = (gi, ps, None)
                 continue
-            for p, v in zip(ps, vecs, strict=True):
-                self.state[p]["inflight"] = v.to(self.state[p]["anchor"].dtype, copy=True)
+            for p, v in zip(ps, vecs, strict=True):  # v: the local shard of Δ̄
+                anchor = self.state[p]["anchor"]
+                self.state[p]["inflight"] = like(anchor, v.to(anchor.dtype, copy=True))
             for p in ps:
                 self.state[p]["inflight_weight"] = torch.tensor(weight, dtype=torch.float64)
             inf.buckets[i] = (gi, ps, None)
@@ -752,14 +755,18 @@ class DiLoCoBase(SyncHooks, Optimizer):
 
     def _global_state(self) -> dict[str, torch.Tensor]:
         """What a peer that joins or heals needs: θ_g, the outer optimizer's tensors and the
-        step counters (``[inner step of the last sync, outer_step]``), by name, in parameter order."""
+        step counters (``[inner step of the last sync, outer_step]``), by name, in parameter order.
+
+        Sharded (DTensor) parameters give this rank's local shards: the communicator's group
+        holds one rank per site with the same shard, so what it exchanges is that shard.
+        """
         out: dict[str, torch.Tensor] = {}
         for name, p in self._param_names():
-            out[name] = self.state[p]["anchor"]
+            out[name] = local(self.state[p]["anchor"])
         for name, p in self._param_names():
             for k, v in sorted(self.outer.state.get(self.state[p]["anchor"], {}).items()):
                 if isinstance(v, torch.Tensor):
-                    out[f"{name} outer {k}"] = v
+                    out[f"{name} outer {k}"] = local(v)
         # The inner step of the last completed sync, not the current one: a peer that adopts this
         # state trains from θ_g for the same steps the others run before their next sync.
         K = self.sync_every // len(self._fragments)
@@ -781,8 +788,9 @@ class DiLoCoBase(SyncHooks, Optimizer):
         """
         names = self._param_names()
         outer: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        # (local shard of θ_g, its outer tensors): the state holds local shards (_global_state)
         for name, p in names:
-            outer[name] = (self.state[p]["anchor"], {})
+            outer[name] = (local(self.state[p]["anchor"]), {})
         for key, v in state.items():
             if not isinstance(v, torch.Tensor):
                 raise ValueError(f"global state {key!r} must be a tensor, got {type(v).__name__}")
@@ -822,29 +830,41 @@ class DiLoCoBase(SyncHooks, Optimizer):
                     self.state[p].pop("inflight_weight", None)
             self._inflight = None
         for name, p in names:
-            anchor, extra = outer[name]
-            anchor.copy_(state[name])
+            shard, extra = outer[name]
+            anchor = self.state[p]["anchor"]
+            shard.copy_(state[name])
             p.copy_(anchor)
             if extra:
                 self.outer.state[anchor] = {
-                    k: v.detach().to(anchor.device, copy=True) for k, v in extra.items()
+                    k: self._outer_tensor(anchor, shard, v) for k, v in extra.items()
                 }
             else:
                 self.outer.state.pop(anchor, None)
         counters = state["step counters"]
         self.inner_step, self.outer_step = (int(x) for x in counters.tolist())
 
+    @staticmethod
+    def _outer_tensor(anchor: torch.Tensor, shard: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A copy of a received outer-state tensor ``v``, laid out as ``anchor`` when it has the
+        shape of ``anchor``'s local ``shard`` (a momentum buffer), else plain (a step count)."""
+        v = v.detach().to(shard.device, copy=True)
+        return like(anchor, v) if v.shape == shard.shape else v
+
     def consistency_digest(self) -> str:
-        """SHA-256 of θ_g and the outer optimizer state: equal on every worker after each sync."""
+        """SHA-256 of θ_g and the outer optimizer state: equal on every worker after each sync.
+
+        With sharded (DTensor) parameters it digests this rank's local shards: equal on the
+        ranks of the communicator's group (one per site, same shard) after each sync.
+        """
         h = hashlib.sha256()
         for g in self.param_groups:
             for p in g["params"]:
-                h.update(self.state[p]["anchor"].contiguous().numpy().tobytes())
+                h.update(local(self.state[p]["anchor"]).contiguous().numpy().tobytes())
         for a in [a for og in self.outer.param_groups for a in og["params"]]:
             for k, v in sorted(self.outer.state.get(a, {}).items()):
                 h.update(k.encode())
                 if isinstance(v, torch.Tensor):
-                    h.update(v.detach().cpu().contiguous().numpy().tobytes())
+                    h.update(local(v).detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

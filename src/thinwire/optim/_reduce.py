@@ -57,6 +57,7 @@ from thinwire.compression import (
     make_bucket,
     robust_mean,
 )
+from thinwire.optim._state import local
 
 __all__: list[str] = []
 
@@ -234,12 +235,16 @@ class Reducer:
         With ``async_op=True`` leave ``tensors`` unchanged until ``result()``: a round whose
         all-reduced sum turns out bad re-reads them for its fallback gather.
 
+        Sharded (DTensor) ``tensors`` and ``residuals`` are reduced as their local shards (the
+        residuals are updated in place through them) and the means are plain local shards: the
+        communicator's group pairs this rank with the ranks holding the same shard.
+
         Collective: every rank must call this, in the same order, with the same ``tag``.
         """
-        pend = PendingReduce(self, list(tensors))
+        pend = PendingReduce(self, [local(t) for t in tensors])
         ef = None
         if residuals is not None and contribute:
-            ef = _EF(list(residuals), decay, scale, subtract)
+            ef = _EF([local(r) for r in residuals], decay, scale, subtract)
         for sl in split_buckets(pend.like, self.bucket_cap_mb):
             pend.parts.append(self._start_bucket(pend.like[sl], sl, ef, contribute, tag))
         if not async_op:

@@ -10,6 +10,12 @@ It also holds the checks ``load_state_dict`` runs before it changes anything: a 
 settings differ from the optimizer's would otherwise be loaded silently (``torch.optim`` copies
 the saved group settings over the constructor's), and the run would continue with other
 numerics than the ones the optimizer was built with.
+
+Sharded parameters (FSDP2's ``fully_shard``, or any ``torch.distributed.tensor.DTensor``): the
+optimizers keep their per-parameter state as DTensors laid out like the parameter, so that
+``torch.distributed.checkpoint`` saves it sharded, while everything that crosses a communicator
+is the plain local shard. :func:`local` and :func:`like` convert between the two at those few
+boundaries.
 """
 
 from __future__ import annotations
@@ -27,6 +33,44 @@ __all__: list[str] = []
 INIT_SYNC_MODES = ("broadcast", "check", "off")
 
 logger = logging.getLogger(__name__)
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+
+    _SHARDED: tuple[type, ...] = (DTensor,)
+else:  # a torch build without torch.distributed has no DTensor, so no sharded parameter
+    _SHARDED = ()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor ``t`` holds on this rank: a DTensor's local shard, else ``t`` itself.
+
+    The shard shares ``t``'s storage (in-place writes reach ``t``) and is detached from
+    autograd. Communicators, codecs and digests only ever see such plain tensors: a DTensor
+    operation there would run collectives of its own over the parameter's mesh.
+    """
+    if isinstance(t, _SHARDED):
+        return t.detach().to_local()  # type: ignore[attr-defined]
+    return t
+
+
+def like(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor ``t`` (of ``ref``'s local shape) laid out as ``ref``.
+
+    For a DTensor ``ref``: a DTensor over ``t`` (no copy) with ``ref``'s mesh, placements,
+    global shape and stride (passed explicitly: uneven shards would otherwise be given a wrong
+    global shape); for a plain ``ref``: ``t``.
+    """
+    if isinstance(ref, _SHARDED):
+        return DTensor.from_local(
+            t,
+            ref.device_mesh,  # type: ignore[attr-defined]
+            ref.placements,  # type: ignore[attr-defined]
+            run_check=False,
+            shape=ref.shape,
+            stride=ref.stride(),
+        )
+    return t
 
 
 def load_keeping_width(
