@@ -3,7 +3,8 @@
 ``ops`` runs every communicator op through a few rounds (a member leaves after the first, a
 round is voted down, the next one commits, the member comes back with a new Manager and heals)
 and saves what each op returned and recorded;
-``train`` trains DiLoCo on a teacher-student regression and writes one JSON line per round to
+``train`` trains DiLoCo (or, with ``"optimizer": "streaming"``, Streaming DiLoCo with two
+fragments) on a teacher-student regression and writes one JSON line per round to
 its log (quorum size and id, whether the round completed here, whether it was committed, the
 contributor count the sync hook saw), then the final eval loss and ``consistency_digest``. A
 ``train`` worker told ``die_at_round`` exits with ``os._exit`` inside that round, after its
@@ -35,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from thinwire.collectives import TorchftCommunicator
-from thinwire.optim import DiLoCo
+from thinwire.optim import DiLoCo, StreamingDiLoCo
 
 
 def _barrier(folder: str, replica: int, replicas: int, timeout: float = 120.0) -> None:
@@ -234,12 +235,14 @@ def run_train(cfg: dict[str, Any]) -> None:
     comm.die_at_round = cfg.get("die_at_round", -1)
     log = open(cfg["log"], "a")  # noqa: SIM115 - closed below
     model = _model()
-    opt = DiLoCo(
-        model.parameters(),
-        functools.partial(torch.optim.SGD, lr=cfg.get("inner_lr", 0.05)),
-        sync_every=cfg["sync_every"],
-        comm=comm,
-    )
+    inner = functools.partial(torch.optim.SGD, lr=cfg.get("inner_lr", 0.05))
+    if cfg.get("optimizer") == "streaming":  # two fragments, each overlapped one step
+        opt: Any = StreamingDiLoCo(
+            model.parameters(), inner, sync_every=cfg["sync_every"], fragments=2,
+            overlap_steps=1, comm=comm,
+        )  # fmt: skip
+    else:
+        opt = DiLoCo(model.parameters(), inner, sync_every=cfg["sync_every"], comm=comm)
 
     def hook(_opt: Any, info: Any) -> None:
         line = dict(comm._last, sync_step=info.sync_step, weight=info.weight, pid=os.getpid())

@@ -454,7 +454,9 @@ def test_ops_and_ledger_follow_the_quorum(tmp_path):
 STEPS, SYNC_EVERY, DIE_AT, HOLD_AT = 600, 10, 8, 12
 
 
-def _train(tmp: Path, addr: str, tag: str, die: bool) -> dict[int, list[dict[str, Any]]]:
+def _train(
+    tmp: Path, addr: str, tag: str, die: bool, **extra: Any
+) -> dict[int, list[dict[str, Any]]]:
     """Run three replicas (and, with ``die``, replica 2's restart); return each process's log."""
     (tmp / f"{tag}-barrier").mkdir()
     common = dict(
@@ -463,6 +465,7 @@ def _train(tmp: Path, addr: str, tag: str, die: bool) -> dict[int, list[dict[str
         steps=STEPS,
         sync_every=SYNC_EVERY,
         barrier=str(tmp / f"{tag}-barrier"),
+        **extra,
     )
     logs = {me: tmp / f"{tag}{me}.jsonl" for me in range(3)}
     procs: list[subprocess.Popen] = []
@@ -558,3 +561,19 @@ def test_killed_replica_heals_and_the_run_matches_an_uninterrupted_one(tmp_path)
         f"{t2 - t1:.1f} s"
     )
     assert abs(loss_faulty - loss_clean) <= 0.01 * loss_clean
+
+
+@pytest.mark.slow  # about 30 s: four processes start, one dies
+@pytest.mark.timeout(300)
+def test_a_restarted_replica_rejoins_streaming_diloco_at_the_others_fragment(tmp_path):
+    # Streaming DiLoCo syncs fragment j mod 2 in event j; a restarted replica's own counters
+    # would pick fragment 0. After healing it joins the event the others launch, at their point
+    # of the schedule: every live replica ends with the same global state and counters.
+    with lighthouse(min_replicas=2) as addr:
+        faulty = _train(tmp_path, addr, "stream", die=True, optimizer="streaming")
+    done = [faulty[k][-1] for k in (0, 1, 3)]
+    assert all(d.get("done") for d in done), done
+    assert len({d["digest"] for d in done}) == 1
+    assert len({(d["sync_step"], d["inner_step"]) for d in done}) == 1
+    first = [x for x in faulty[3] if "round" in x][0]
+    assert first["healed"] and first["committed"] and first["weight"] == 2.0

@@ -205,13 +205,15 @@ def test_reducer_drops_the_bad_row_and_counts_it(poison, weighted):
 
     def worker(comm, r):
         red = make_reducer(comm, None, weighted=weighted)
-        (out,), w = red.start([xs[r]]).result()
-        return out, w, dict(red.dropped)
+        (out,), w = red.start([xs[r]], tag="b0").result()
+        drops = [(x.tag, x.src, x.sent, x.recv) for x in comm.ledger.records if x.op == "drop"]
+        return out, w, dict(red.dropped), drops
 
-    for out, w, dropped in _threads(comms, worker):
+    for out, w, dropped, drops in _threads(comms, worker):
         assert torch.equal(out, (xs[0] + xs[2]) / 2)  # the same two float32 adds and one divide
         assert w == 2.0
         assert dropped == {1: 1}
+        assert drops == [("b0", 1, 0, 0)]  # in the ledger too: bucket tag, dropped peer, 0 bytes
 
 
 def test_reducer_with_only_bad_rows_reports_weight_zero():

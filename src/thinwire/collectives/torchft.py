@@ -152,9 +152,8 @@ class TorchftCommunicator(_CollectiveEngine):
     it, so a member that dies inside a ring op of a quorum larger than three can leave the
     others waiting up to ``timeout_s`` before the round fails (the vote is point to point: a
     death after the reductions is seen at once). A healed member adopts the live member's step
-    counters inside ``begin_round``, after the optimizer chose what to sync from its own, so a
-    restarted replica cannot rejoin Streaming DiLoCo with several fragments yet (its first round
-    would sync fragment 0 whatever fragment the others are at).
+    counters inside ``begin_round``; the optimizer then joins the event the others launch (for
+    Streaming DiLoCo, their fragment), not the one its own counters had chosen.
 
     This object creates the Manager, its process group and the TCPStore the Manager needs (one
     process per replica group), and shuts them down in :meth:`close`. Or pass ``manager`` and

@@ -506,6 +506,14 @@ class DiLoCoBase(SyncHooks, Optimizer):
             # rounds); it restarts from that θ_g and contributes from the next round on.
             logger.info("skipping round %d: state loaded from a live peer", self.outer_step)
             return
+        if start.healed:
+            # Healed at the start of this round (torchft): the loaded counters are the peers' at
+            # the launch of this event; join it at their point of the schedule, with the
+            # fragment their inner step selects (this worker's own counters chose another).
+            K = self.sync_every // len(self._fragments)
+            event = (self.inner_step + self.overlap_steps) // K - 1
+            fragment = event % len(self._fragments)
+            apply_at = self.inner_step + self.overlap_steps
         buckets = self._buckets(fragment)
         deltas = [
             [self.state[p]["anchor"] - p.detach().to(self.state[p]["anchor"].dtype) for p in ps]
@@ -767,11 +775,9 @@ class DiLoCoBase(SyncHooks, Optimizer):
             for k, v in sorted(self.outer.state.get(self.state[p]["anchor"], {}).items()):
                 if isinstance(v, torch.Tensor):
                     out[f"{name} outer {k}"] = local(v)
-        # The inner step of the last completed sync, not the current one: a peer that adopts this
-        # state trains from θ_g for the same steps the others run before their next sync.
-        K = self.sync_every // len(self._fragments)
-        synced_at = self.inner_step - self.inner_step % K
-        out["step counters"] = torch.tensor([synced_at, self.outer_step], dtype=torch.int64)
+        # Read right after a sync was applied (hivemind's snapshot) or when a round is launched
+        # (torchft's heal): a peer that adopts them runs the same schedule from that point on.
+        out["step counters"] = torch.tensor([self.inner_step, self.outer_step], dtype=torch.int64)
         return out
 
     @torch.no_grad()

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from thinwire.collectives import Communicator, Handle
+from thinwire.collectives import Communicator, Handle, OpRecord
 from thinwire.compression import (
     EF_FORMATS,
     STATUS_EMPTY,
@@ -273,9 +273,19 @@ class Reducer:
         return part.handle.wait()
 
     def _drop(self, rank: int, tag: str, what: str, reason: str) -> None:
-        """Log and count one peer's dropped contribution to one bucket."""
+        """Log and count one peer's dropped contribution to one bucket.
+
+        Counted in :attr:`dropped` and in the communicator's ledger: a ``"drop"`` record of
+        zero bytes under the bucket's tag, ``src`` = the dropped peer's rank, so a report of the
+        ledger shows who was dropped where.
+        """
         self.dropped[rank] += 1
         logger.warning("dropping the %s of peer %d (%s): %s", what, rank, tag, reason)
+        if self.comm is not None:
+            self.comm.ledger.add(
+                OpRecord("drop", "none", self.comm.engine, tag=tag, P=self.comm.world_size,
+                         rank=self.comm.rank, src=rank)
+            )  # fmt: skip
 
     def _present(self, status: torch.Tensor, tag: str) -> list[int]:
         """Pull the per-peer status once; log and drop bad frames; return contributing ranks."""
