@@ -136,7 +136,7 @@ class DeMo(SyncHooks, Optimizer):
             (collective; ledger tag ``"<method>/init"``): ``"broadcast"`` (default) takes rank
             0's parameters, as DDP does; ``"check"`` compares a digest per parameter and raises
             ``ValueError`` naming the first one that differs; ``"off"`` trusts the caller. An
-            elastic engine (hivemind) gives a late joiner the live peers' state instead.
+            elastic engine (hivemind, torchft) gives a late joiner the live peers' state instead.
 
     State (per parameter): ``delta`` (momentum, float32), ``pending`` (with ``overlap``, the
     aggregate to apply next step). ``state_dict()`` adds ``thinwire`` (step, pending lr, the

@@ -72,7 +72,7 @@ class DiLoCo(DiLoCoBase):
             (collective; ledger tag ``"<method>/init"``): ``"broadcast"`` (default) takes rank
             0's parameters, as DDP does; ``"check"`` compares a digest per parameter and raises
             ``ValueError`` naming the first one that differs; ``"off"`` trusts the caller. An
-            elastic engine (hivemind) gives a late joiner the live peers' state instead.
+            elastic engine (hivemind, torchft) gives a late joiner the live peers' state instead.
 
     State (per parameter): ``anchor`` (θ_g, fp32), ``residual`` (error feedback, fp32),
     ``inflight`` (a reduced Δ̄ awaiting its apply step). ``state_dict()`` adds ``inner``,

@@ -89,7 +89,7 @@ class SparseLoCo(DiLoCoBase):
             (collective; ledger tag ``"<method>/init"``): ``"broadcast"`` (default) takes rank
             0's parameters, as DDP does; ``"check"`` compares a digest per parameter and raises
             ``ValueError`` naming the first one that differs; ``"off"`` trusts the caller. An
-            elastic engine (hivemind) gives a late joiner the live peers' state instead.
+            elastic engine (hivemind, torchft) gives a late joiner the live peers' state instead.
 
     Param-group keys: ``outer_lr``, ``ef_decay`` (β), ``compressor`` (a settings mapping or
     None), ``error_feedback``; the constructor's ``error_decay`` fills ``ef_decay``.
