@@ -89,3 +89,16 @@ def test_hook_contract_errors(info: OptimInfo) -> None:
     opt.register_sync_post_hook(lambda o, s: "a value")
     with pytest.raises(RuntimeError, match=r"must return None, got str"):
         train(opt, model, batches(STEPS, 0), 0, STEPS)
+
+
+@pytest.mark.parametrize("info", [p for p in BY_NAME if p.id not in ("DeMo", "DataParallel")])
+def test_no_reduction_result_outlives_its_sync(info: OptimInfo) -> None:
+    # After the last sync applied, no parameter keeps the reduced update or its weight (they
+    # would be saved by state_dict and carried into every checkpoint).
+    model = tiny_model(0)
+    opt = info.make(list(model.parameters()), **info.group_kwargs)
+    k = opt.sync_every // len(opt._fragments)
+    train(opt, model, batches(3 * k, 0), 0, 3 * k)
+    assert opt.sync_step == 3
+    left = {key for st in opt.state.values() for key in st if key.startswith("inflight")}
+    assert left == set(), left

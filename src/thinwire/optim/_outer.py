@@ -622,7 +622,9 @@ class DiLoCoBase(SyncHooks, Optimizer):
         stepped = False
         total_weight = 0.0
         for gi, ps, _ in inf.buckets:
-            weight = float(self.state[ps[0]].pop("inflight_weight"))
+            weight = float(self.state[ps[0]]["inflight_weight"])
+            for p in ps:  # one scalar per param (state_dict saves it); none outlives the sync
+                self.state[p].pop("inflight_weight", None)
             total_weight = max(total_weight, weight)
             outer_group = self.outer.param_groups[gi]
             if self._outer_factory is None:  # per-group settings may have changed since
@@ -865,7 +867,9 @@ class DiLoCoBase(SyncHooks, Optimizer):
         h = hashlib.sha256()
         for g in self.param_groups:
             for p in g["params"]:
-                h.update(local(self.state[p]["anchor"]).contiguous().numpy().tobytes())
+                h.update(
+                    local(self.state[p]["anchor"]).detach().cpu().contiguous().numpy().tobytes()
+                )
         for a in [a for og in self.outer.param_groups for a in og["params"]]:
             for k, v in sorted(self.outer.state.get(a, {}).items()):
                 h.update(k.encode())
