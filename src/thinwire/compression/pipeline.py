@@ -242,7 +242,7 @@ class SparseCodec(Codec):
             idx, val = dct_topk(tiles, basis1, basis2, k, backend=self.backend)
         else:
             idx, val = topk_chunks(coeffs, k)  # (N, k) each, ascending indices
-        index_body = self._coder.encode(idx, g.chunk_len).contiguous().numpy().tobytes()
+        index_body = self._coder.encode(idx, g.chunk_len).contiguous().cpu().numpy().tobytes()
         value_body, deq = self.values.encode(val.reshape(-1), generator)
         body = index_body + value_body
         payload = pack_payload(self.codec_id, x.dtype, tuple(x.shape), self.settings, body)
