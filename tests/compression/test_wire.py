@@ -16,9 +16,12 @@ from thinwire.compression import (
     DenseBucket,
     Envelope,
     SparseBucket,
+    SparseMessage,
+    aggregate_sparse,
     build_codec,
     layout_digest,
 )
+from thinwire.compression import bucket as bucket_module
 from thinwire.compression.wire import STATUS_BODY, STATUS_CRC
 
 
@@ -139,3 +142,28 @@ def test_sparse_bucket_keeps_each_tensors_geometry(spec):
         dense = bucket.densify(i, sent[i])
         assert dense.shape == s
         torch.testing.assert_close(dense, codec.decode(codec.encode(x)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec", ["chunk(8) > topk(4, rule=density) > quant(2)", "chunk(8) > dct > topk(6)"]
+)
+@pytest.mark.parametrize("mode", ["index_mean", "global_mean"])
+def test_sparse_bucket_fold_is_the_same_in_any_block_size(spec, mode, monkeypatch):
+    # The CPU fold fills each tensor a block of bands at a time; one band per block, a few, and
+    # the whole tensor at once give the same bits, and (no transform) aggregate_sparse's bits.
+    codec = build_codec(spec)
+    gen = torch.Generator().manual_seed(5)
+    bucket = SparseBucket(codec, SHAPES)
+    xs = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(3)]
+    xs[2][0][:8] = xs[0][0][:8]  # peers 0 and 2 select the same entries there: slots shared
+    parts, status = bucket.decode(torch.stack([bucket.encode(x)[0] for x in xs]))
+    assert status.tolist() == [STATUS_OK] * 3
+    folds = []
+    for block in ({}, {"cpu": 1}, {"cpu": 3 * 64 * 8}):
+        monkeypatch.setattr(bucket_module, "_FOLD_BLOCK", block)
+        folds.append(bucket.aggregate(parts, [0, 2], mode))
+    for i, g in enumerate(bucket.geometries):
+        assert torch.equal(folds[0][i], folds[1][i]) and torch.equal(folds[0][i], folds[2][i])
+        if codec.transform == "none":
+            msgs = [SparseMessage(g, "none", parts[i].idx[p], parts[i].val[p]) for p in (0, 2)]
+            assert torch.equal(folds[0][i], aggregate_sparse(msgs, mode=mode))

@@ -34,6 +34,8 @@ single-stream functions are these row ops on one row plus their validation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -161,12 +163,28 @@ def pack_bits_rows(codes: Tensor, bits: int) -> Tensor:
     return out
 
 
+# An integer dtype as wide as the ``8 / bits`` one-byte slots of a byte, for bits 1, 2, 4.
+_SLOTS_DTYPE = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+@functools.cache
+def _slot_table(bits: int, device: torch.device) -> Tensor:
+    """``(256,)``: entry ``b`` holds the ``8 / bits`` codes of byte ``b``, one per byte, in a
+    single integer of that many bytes (only ever reinterpreted as bytes, never read as a number,
+    so the host's byte order does not matter)."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    codes = (torch.arange(256, dtype=torch.uint8)[:, None] >> shifts) & ((1 << bits) - 1)
+    return codes.contiguous().view(_SLOTS_DTYPE[8 // bits]).reshape(256).to(device)
+
+
 def _unpack_slots(buf: Tensor, bits: int) -> Tensor:
-    """Every code slot of each row (``8 / bits`` per byte, padding included): ``(R, nb * 8/bits)``."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=buf.device)
-    mask = (1 << bits) - 1
+    """Every code slot of each row (``8 / bits`` per byte, padding included): ``(R, nb * 8/bits)``.
+
+    One table lookup per byte: on CPU several times faster than shifting each slot out.
+    """
     rows, nbytes = buf.shape
-    return ((buf.unsqueeze(-1) >> shifts) & mask).reshape(rows, nbytes * (8 // bits))
+    slots = _slot_table(bits, buf.device).index_select(0, buf.int().reshape(-1))
+    return slots.view(torch.uint8).view(rows, nbytes * (8 // bits))
 
 
 def unpack_bits_rows(buf: Tensor, bits: int, n: int) -> Tensor:

@@ -227,8 +227,10 @@ def _index_mean_into(out: Tensor, pos: Tensor, val: Tensor, peers: int) -> Tenso
     # A slot's count is at most the number of peers: int8 up to 127 of them, else int32.
     dtype = torch.int8 if peers <= 127 else torch.int32
     count = torch.zeros(out.numel(), dtype=dtype, device=out.device)
-    count.index_add_(0, pos, torch.ones_like(pos, dtype=dtype))
-    return out.index_copy_(0, pos, out[pos] / count[pos].to(torch.float32))
+    count.index_add_(0, pos, torch.ones((), dtype=dtype, device=out.device).expand_as(pos))
+    # index_select, not out[pos]: the advanced-indexing gather is several times slower on CPU.
+    mean = out.index_select(0, pos) / count.index_select(0, pos)
+    return out.index_copy_(0, pos, mean)
 
 
 def decode_accumulate_torch(

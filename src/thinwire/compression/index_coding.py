@@ -149,7 +149,8 @@ def _check_rows_buf(buf: Tensor, expected: int, N: int, k: int, C: int) -> None:
 
 def _rows_ok(out: Tensor, C: int) -> Tensor:
     """``(R,)`` bool: every chunk of a row strictly increasing within ``[0, C)`` (sync-free)."""
-    ok = ((out >= 0) & (out < C)).flatten(1).all(dim=1)
+    # A strictly increasing chunk lies within [0, C) when its first and last entries do.
+    ok = ((out[..., 0] >= 0) & (out[..., -1] < C)).all(dim=1)
     if out.shape[-1] > 1:
         ok &= (out[..., 1:] > out[..., :-1]).flatten(1).all(dim=1)
     return ok
@@ -413,29 +414,40 @@ class EliasFanoIndexCoder(IndexCoder):
         return pack_bits_rows(bits.reshape(1, -1), 1).reshape(-1)
 
     def _unchecked_rows(self, buf: Tensor, N: int, k: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw decode of ``(R, nbytes)``: values ``(R, N, k)`` (unchecked), padding flags ``(R,)``
-        and the set-bit count of each high bit vector ``(R, N)``."""
+        """Raw decode of ``(R, nbytes)``: values ``(R, N, k)`` (unchecked; int32 where it holds
+        them, else int64), padding flags ``(R,)`` and the set-bit count of each high bit vector
+        ``(R, N)``."""
         low_bits, high_len = self.layout(k, C)
         low_len = k * low_bits
         chunk = low_len + high_len
         R = buf.shape[0]
+        # int32 (half the memory traffic of int64) wherever it holds every intermediate: values
+        # stay below 4 * C (as k * 2^L <= C) and histogram slots below R * N * (k + 2).
+        dtype = torch.int32 if max(4 * C, R * N * (k + 2)) < 2**31 else torch.int64
+        dev = buf.device
         bits = unpack_bits_rows(buf, 1, N * chunk).view(R, N, chunk)
-        high = bits[..., low_len:]
-        # Position of the j-th set bit (j = 1..k) of each high vector, without nonzero(): the
-        # first position where the running count of ones reaches j. A vector with fewer than j
-        # ones yields high_len (out of range; clamped by the caller, flagged by `counts`).
-        cdtype = torch.int32 if high_len < 2**31 else torch.int64
-        running = high.cumsum(dim=-1, dtype=cdtype)
-        counts = running[..., -1].to(torch.int64)
-        targets = torch.arange(1, k + 1, dtype=cdtype, device=buf.device)
-        pos = torch.searchsorted(running, targets.expand(R, N, k).contiguous())
+        # Position of the j-th set bit (j = 1..k) of each high vector, without nonzero() or a
+        # search: the number of positions whose running count of ones is below j, read off a
+        # histogram of the running counts (clamped at k + 1, past every j). A vector with fewer
+        # than j ones yields high_len (out of range; clamped by the caller, flagged by `counts`).
+        running = bits[..., low_len:].cumsum(dim=-1, dtype=dtype)
+        counts = running[..., -1].clone()
+        base = torch.arange(0, R * N * (k + 2), k + 2, dtype=dtype, device=dev).view(R, N, 1)
+        slots = running.clamp_(max=k + 1).add_(base).view(-1)  # flat histogram slots
+        hist = torch.zeros(R * N * (k + 2), dtype=dtype, device=dev)
+        hist.index_add_(0, slots, torch.ones((), dtype=dtype, device=dev).expand_as(slots))
+        pos = hist.view(R, N, k + 2).cumsum(dim=-1, dtype=dtype)[..., :k]
         # The unary code puts x_i's one at h_i + i.
-        rank = torch.arange(k, dtype=torch.int64, device=buf.device)
+        rank = torch.arange(k, dtype=dtype, device=dev)
         out = (pos - rank) << low_bits
         if low_bits:
+            # Assembled in uint8 where the low parts fit (a quarter of int32's memory traffic).
+            low_dtype = torch.uint8 if low_bits <= 8 else dtype
             low_view = bits[..., :low_len].reshape(R, N, k, low_bits)
+            low = torch.zeros(R, N, k, dtype=low_dtype, device=dev)
             for j in range(low_bits):
-                out |= low_view[..., j].to(torch.int64) << j
+                low |= low_view[..., j].to(low_dtype) << j
+            out |= low
         return out, padding_ok_rows(buf, N * chunk), counts
 
     def decode_rows(self, buf: Tensor, N: int, k: int, C: int) -> tuple[Tensor, Tensor]:
@@ -443,7 +455,7 @@ class EliasFanoIndexCoder(IndexCoder):
         _check_rows_buf(buf, self.nbytes(N, k, C), N, k, C)
         out, ok, counts = self._unchecked_rows(buf, N, k, C)
         ok = ok & (counts == k).all(dim=1) & _rows_ok(out, C)
-        return out.clamp_(0, C - 1), ok
+        return out.clamp_(0, C - 1).to(torch.int64), ok
 
     def _raise_invalid(self, buf: Tensor, N: int, k: int, C: int) -> None:
         low_bits, high_len = self.layout(k, C)

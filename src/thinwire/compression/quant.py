@@ -458,7 +458,8 @@ def _dequantize_2bit_core(
 ) -> Tensor:
     # Clamped so a bad code gathers a real centroid instead of reading out of bounds.
     idx = codes.long().clamp(max=n_bins - 1)
-    return torch.gather(side[..., 1:], -1, idx) + side[..., :1]
+    # mu is added to the n_bins centroids, not to every value: the same float sums, once each.
+    return torch.gather(side[..., 1:] + side[..., :1], -1, idx)
 
 
 # --- 1-bit sign ------------------------------------------------------------------------------

@@ -292,7 +292,8 @@ class ValueFormat:
         else:
             codes = raw
         code_range = _quant.code_range(self.name, **self.params)
-        if code_range is not None:
+        # A range spanning every code of the width holds by construction (2-bit's 4 bins).
+        if code_range not in (None, (0, (1 << self.bits) - 1)):
             lo, hi = code_range
             ok &= ((codes >= lo) & (codes <= hi)).all(dim=1)
         vals = _quant.QUANTIZER_CORES[self.name][1](codes, side, n, **self.params)
