@@ -82,8 +82,14 @@ def _records(tmp: Path, idx: int) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def _peer(idx: int, tmp_s: str, run_id: str, expected: int, crash_at: int, alone: str) -> None:
-    """Train until ``TARGET`` syncs (or crash after sync ``crash_at``); then serve until done."""
+def _peer(
+    idx: int, tmp_s: str, run_id: str, expected: int, crash_at: int, alone: str, hold_at: int
+) -> None:
+    """Train until ``TARGET`` syncs (or crash after sync ``crash_at``); then serve until done.
+
+    ``hold_at``: wait at that sync until a joiner announced itself (file ``joined``), so that a
+    slow start on a loaded machine cannot let the others finish before it joins.
+    """
     torch.set_num_threads(1)
     import multiprocessing
 
@@ -108,6 +114,7 @@ def _peer(idx: int, tmp_s: str, run_id: str, expected: int, crash_at: int, alone
         model.parameters(), functools.partial(torch.optim.SGD, lr=LR), sync_every=H, comm=comm
     )
     _log(tmp, idx, event="start", sync=opt.sync_step, t=time.time())
+    (tmp / f"up{idx}").write_text("")
 
     def hook(o: Any, info: Any) -> None:
         _log(tmp, idx, event="sync", sync=info.sync_step, committed=info.committed,
@@ -119,6 +126,9 @@ def _peer(idx: int, tmp_s: str, run_id: str, expected: int, crash_at: int, alone
     step = 0
     try:
         while opt.sync_step < TARGET:
+            if opt.sync_step == hold_at:
+                _wait(lambda: (tmp / "joined").exists(), 240, "the joiner")
+                hold_at = -1
             TASK.step(model, opt, idx, step)
             step += 1
     except AllPeersLeft as exc:
@@ -149,8 +159,12 @@ def spawn(tmp_path: Path):
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
 
-    def start(idx: int, run_id: str, expected: int, crash_at: int = -1, alone: str = "continue"):
-        p = ctx.Process(target=_peer, args=(idx, str(tmp_path), run_id, expected, crash_at, alone))
+    def start(
+        idx: int, run_id: str, expected: int, crash_at: int = -1, alone: str = "continue",
+        hold_at: int = -1,
+    ):  # fmt: skip
+        args = (idx, str(tmp_path), run_id, expected, crash_at, alone, hold_at)
+        p = ctx.Process(target=_peer, args=args)
         p.start()
         procs.append(p)
         return p
@@ -173,14 +187,16 @@ def spawn(tmp_path: Path):
 @pytest.mark.timeout(420)
 def test_crash_and_late_join_end_bit_identical(tmp_path: Path, spawn) -> None:
     run_id = f"elastic-{os.getpid()}-{time.monotonic_ns()}"
-    spawn(0, run_id, 3)
+    spawn(0, run_id, 3, hold_at=6)
     _wait(lambda: (tmp_path / "addr.json").exists(), 60, "peer 0's address")
-    spawn(1, run_id, 3)
+    spawn(1, run_id, 3, hold_at=6)
     crashed = spawn(2, run_id, 3, crash_at=3)
     crashed.join(240)
     assert crashed.exitcode == 17, crashed.exitcode
     _wait(lambda: any(r.get("sync", 0) >= 5 for r in _records(tmp_path, 0)), 240, "round 5")
     spawn(3, run_id, 3)
+    _wait(lambda: (tmp_path / "up3").exists(), 240, "the joiner's optimizer")
+    (tmp_path / "joined").write_text("")  # release the others, held at round 6
     done = {}
     for idx in (0, 1, 3):
         _wait(lambda i=idx: any(r["event"] == "done" for r in _records(tmp_path, i)), 300,
