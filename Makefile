@@ -6,7 +6,7 @@ PY ?= python3
 TORCH_PIN := torch==2.13.0
 LINT_PATHS := src tests benchmarks examples docs
 
-.PHONY: bench test lint clean
+.PHONY: bench test test-slow lint clean
 
 .venv-bench/ok: pyproject.toml
 	$(PY) -m venv .venv-bench
@@ -27,6 +27,11 @@ bench: .venv-bench/ok
 
 test: .venv/ok
 	TRITON_INTERPRET=1 .venv/bin/python -m pytest -q
+
+# The reliability suite and the acceptance runs (kill and resume, churn, hostile peers, joins,
+# heals): `slow`-marked, out of the default run; CI runs them after `make test`.
+test-slow: .venv/ok
+	TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m slow
 
 lint: .venv/ok
 	.venv/bin/ruff check $(LINT_PATHS)
