@@ -42,6 +42,7 @@ from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer
 from thinwire.optim._state import (
     INIT_SYNC_MODES,
     InflightWork,
+    check_fields,
     check_groups,
     check_setting,
     check_shapes,
@@ -655,11 +656,16 @@ class DiLoCoBase(SyncHooks, Optimizer):
                 self.inner.state.pop(p, None)
         self._inflight = None
         self.outer_step += 1
+        self._finish_round(inf, total_weight, committed=True)
+
+    def _finish_round(self, inf: _Inflight, weight: float, committed: bool) -> None:
+        """Record the round, tell the communicator it is over, run the sync hooks."""
         self.last_sync = {
             "fragment": inf.fragment,
             "inner_step": self.inner_step,
-            "weight": total_weight,
+            "weight": weight,
             "contributed": inf.contributed,
+            "committed": committed,
         }
         if self.comm is not None:
             self.comm.after_round(self.outer_step)
@@ -668,8 +674,9 @@ class DiLoCoBase(SyncHooks, Optimizer):
                 sync_step=self.outer_step,
                 inner_step=self.inner_step,
                 fragment=inf.fragment,
-                weight=total_weight,
+                weight=weight,
                 contributed=inf.contributed,
+                committed=committed,
             )
         )
 
@@ -688,25 +695,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
                 p.copy_(st["anchor"])
         self._inflight = None
         logger.warning("round %d discarded: θ_g unchanged", self.outer_step)
-        self.last_sync = {
-            "fragment": inf.fragment,
-            "inner_step": self.inner_step,
-            "weight": 0.0,
-            "contributed": inf.contributed,
-            "committed": False,
-        }
-        if self.comm is not None:
-            self.comm.after_round(self.outer_step)
-        self._after_sync(
-            SyncInfo(
-                sync_step=self.outer_step,
-                inner_step=self.inner_step,
-                fragment=inf.fragment,
-                weight=0.0,
-                contributed=inf.contributed,
-                committed=False,
-            )
-        )
+        self._finish_round(inf, 0.0, committed=False)
 
     @property
     def _sync_step(self) -> int:  # type: ignore[override]
@@ -953,17 +942,13 @@ class DiLoCoBase(SyncHooks, Optimizer):
 
     def _check_checkpoint(self, tw: dict[str, Any], sd: dict[str, Any]) -> None:
         """Every check ``load_state_dict`` runs before it changes anything."""
-        if tw.get("format") not in _FORMATS:
-            raise ValueError(
-                f"state_dict format must be in {{{', '.join(map(str, _FORMATS))}}}, "
-                f"got {tw.get('format')!r}"
-            )
-        for key in _FIELDS_V1 if tw["format"] == 1 else _FIELDS_V2:
-            if key not in tw:
-                raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
-        for key in ("state", "param_groups", "inner", "outer"):
-            if key not in sd:
-                raise ValueError(f"state_dict is missing field {key!r}")
+        check_fields(
+            tw,
+            sd,
+            _FORMATS,
+            {1: _FIELDS_V1, 2: _FIELDS_V2},
+            ("state", "param_groups", "inner", "outer"),
+        )
         ours = self._settings()
         if tw["format"] >= 2:  # format 1 did not record the class
             check_setting("optimizer", ours["optimizer"], tw["optimizer"])

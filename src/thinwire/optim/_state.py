@@ -107,6 +107,28 @@ def load_keeping_width(
                 st[k] = v.detach().to(device=p.device, copy=True)
 
 
+def check_fields(
+    tw: Mapping[str, Any],
+    sd: Mapping[str, Any],
+    formats: Sequence[int],
+    fields: Mapping[int, Sequence[str]],
+    top: Sequence[str],
+) -> None:
+    """The checkpoint's ``thinwire`` entry has a known format and that format's fields, and the
+    state dict its top-level fields; else ``ValueError`` naming what is missing."""
+    if tw.get("format") not in formats:
+        raise ValueError(
+            f"state_dict format must be in {{{', '.join(map(str, formats))}}}, "
+            f"got {tw.get('format')!r}"
+        )
+    for key in fields[tw["format"]]:
+        if key not in tw:
+            raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
+    for key in top:
+        if key not in sd:
+            raise ValueError(f"state_dict is missing field {key!r}")
+
+
 def check_setting(name: str, mine: Any, theirs: Any) -> None:
     """Raise ``ValueError`` unless the checkpoint's ``theirs`` equals the optimizer's ``mine``."""
     if mine != theirs:

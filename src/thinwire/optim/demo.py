@@ -33,6 +33,7 @@ from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, PendingReduce, Reducer
 from thinwire.optim._state import (
     INIT_SYNC_MODES,
     InflightWork,
+    check_fields,
     check_groups,
     check_setting,
     check_shapes,
@@ -513,17 +514,7 @@ class DeMo(SyncHooks, Optimizer):
 
     def _check_checkpoint(self, tw: dict[str, Any], sd: dict[str, Any]) -> None:
         """Every check ``load_state_dict`` runs before it changes anything."""
-        if tw.get("format") not in _FORMATS:
-            raise ValueError(
-                f"state_dict format must be in {{{', '.join(map(str, _FORMATS))}}}, "
-                f"got {tw.get('format')!r}"
-            )
-        for key in _FIELDS_V1 if tw["format"] == 1 else _FIELDS_V2:
-            if key not in tw:
-                raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
-        for key in ("state", "param_groups"):
-            if key not in sd:
-                raise ValueError(f"state_dict is missing field {key!r}")
+        check_fields(tw, sd, _FORMATS, {1: _FIELDS_V1, 2: _FIELDS_V2}, ("state", "param_groups"))
         ours = self._settings()
         if tw["format"] >= 2:
             for key, value in ours.items():
