@@ -121,6 +121,9 @@ SWEEP = [
     Run("DiLoCo 2-bit EF, int8 remote worker, β 0.04", 2, {**BETA, "method": "diloco-2bit"},
         {"workers": 0, "remote_workers": 1}),
     Run("DeMo sign, β 0.04", 2, {**BETA, "method": "demo-sign"}),
+    Run("DiLoCo 2-bit EF, outer lr 0.7, Nesterov 0.9, β 0.04", 2,
+        {**BETA, "method": "diloco-2bit",
+         "method_settings": {"outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True}}),
 ]  # fmt: skip
 
 

@@ -55,9 +55,9 @@ class GRPOConfig:
         beta: weight β of the k3 KL to a frozen copy of the starting policy. It keeps a prompt
             whose completions all failed from collapsing onto one wrong answer (a group with
             one reward value has zero advantage, so without the KL nothing ever moves it): on
-            DigitSum over 3 seeds, β = 0 left 1-4 of the 20 targets stuck at reward 0 in about
-            half the runs, one learner or several, compressed or not; β = 0.04 none
-            (``benchmarks/grpo.py``). Costs a reference forward per step and a copy of the
+            DigitSum, β = 0 left 1-4 of the 20 targets stuck at reward 0 in 6 of 12 runs (one
+            learner or two, compressed or not), β = 0.04 in none of 15 (``benchmarks/grpo.py``,
+            ``benchmarks/RESULTS.md``). Costs a reference forward per step and a copy of the
             weights; 0 needs no reference model. (default: 0.04, DeepSeekMath arXiv:2402.03300v3
             §4.2; TRL uses 0.0)
         loss_aggregation: ``"token_mean"`` (DAPO; TRL ``dapo``), ``"sequence_mean"`` (DSM;

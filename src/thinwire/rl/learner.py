@@ -41,10 +41,8 @@ from thinwire.rl.staleness import StalenessFilter
 __all__ = ["Batch", "Learner", "RL_METHOD_SETTINGS", "build_learner_optimizer", "collate"]
 
 #: Settings the RL layer puts over a method's own, by optimizer class: periodic averaging (outer
-#: lr 1, momentum 0) for the DiLoCo family. With a moving RL objective the pre-training outer
-#: momentum keeps pushing along stale directions; on DigitSum (2 learners, H = 10) outer lr 0.7
-#: with Nesterov 0.9 ended at 0.52-0.66 mean reward over steps 301-400, lr 1 with momentum 0 at
-#: 0.95-1.0 (see docs/choosing.md).
+#: lr 1, momentum 0) for the DiLoCo family, whose pre-training outer momentum keeps pushing a
+#: moving RL objective along stale directions (DigitSum measurements: docs/choosing.md).
 RL_METHOD_SETTINGS: dict[type, dict[str, object]] = {
     DiLoCo: {"outer_lr": 1.0, "outer_momentum": 0.0},
     StreamingDiLoCo: {"outer_lr": 1.0, "outer_momentum": 0.0, "mix_alpha": 0.0},
