@@ -242,19 +242,27 @@ class _CollectiveEngine(StaticRounds):
             raise CommError(f"{self.engine} communicator (rank {self.rank}) is closed")
 
     def _run(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` (which talks to peers); any error puts the communicator in ``failed``."""
+        """Run ``fn`` (which talks to peers); an error goes to :meth:`_fail` and is raised."""
         self._check_usable()
         try:
             return fn()
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
-            err = wrap_error(exc, f"{self.engine} {what} on rank {self.rank}")
-            self.failed = err
-            logger.error("communicator failed: %s", err)
+            err = wrap_error(exc, f"{self.engine} {what} on rank {self.rank}{self._where()}")
+            self._fail(err)
             if err is exc:
                 raise
             raise err from exc
+
+    def _where(self) -> str:
+        """Context appended to error messages after the rank (an elastic engine's round)."""
+        return ""
+
+    def _fail(self, err: CommError) -> None:
+        """A static group's state is unknown after a broken collective: stay ``failed``."""
+        self.failed = err
+        logger.error("communicator failed: %s", err)
 
     def _timeout(self, timeout: float | None) -> float:
         return self.timeout_s if timeout is None else float(timeout)

@@ -595,23 +595,14 @@ class TorchftCommunicator(_CollectiveEngine):
         if self._round_error is not None:
             raise self._round_error
 
-    def _run(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn``; an error fails this round only (the Manager hears of it), not the object."""
-        self._check_usable()
-        try:
-            return fn()
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            err = wrap_error(
-                exc, f"{self.engine} {what} on rank {self.rank} of quorum {self.epoch}"
-            )
-            self._round_error = err
-            self.manager.report_error(err)
-            logger.warning("round failed on this member: %s", err)
-            if err is exc:
-                raise
-            raise err from exc
+    def _where(self) -> str:
+        return f" of quorum {self.epoch}"
+
+    def _fail(self, err: CommError) -> None:
+        """An error fails this round only (the Manager hears of it), not the object."""
+        self._round_error = err
+        self.manager.report_error(err)
+        logger.warning("round failed on this member: %s", err)
 
     # ---------------------------------------------------------------------------- transport
     def _prim_allreduce(self, buf: torch.Tensor, op: str) -> _Pending:
