@@ -2,8 +2,8 @@
 
 Run (2-core CPU; one torch thread per learner, learners are threads)::
 
-    python benchmarks/grpo.py --only runs    # 1 vs 2 vs 4 learners, 3 seeds (~20 min)
-    python benchmarks/grpo.py --only sweep   # why compressed learners lost reward (~35 min)
+    python benchmarks/grpo.py --only runs    # 1 vs 2 vs 4 learners, 3 seeds (~40 min)
+    python benchmarks/grpo.py --only sweep   # why compressed learners lost reward (~45 min)
     python benchmarks/grpo.py --only verify  # verifier detection rates and cost (~1 min)
 
 Prints markdown for ``benchmarks/RESULTS.md``. Protocol: DigitSum, 400 steps, per step 1,024

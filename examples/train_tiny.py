@@ -23,7 +23,8 @@ Expected output (rank 0 prints; figures vary with the CPU, bytes do not)::
     ...
     done: eval 1.1x (floor 1.058), sent/rank 3,300,900 B, simulated ~50 s (exposed comm ~13 s)
 
-Methods: ddp, diloco-fp32, diloco-int8, diloco-int4, streaming-diloco, demo, demo-sign, sparseloco.
+Methods (the table of thinwire.optim.METHODS): ddp, diloco-fp32, diloco-int8, diloco-int4, diloco-2bit,
+streaming-diloco, demo, demo-sign, sparseloco.
 """
 
 from __future__ import annotations
