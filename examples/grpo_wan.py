@@ -115,13 +115,14 @@ def _ddp_bytes(args: argparse.Namespace, n: int) -> int:
     The ledger's formulas: a ring all-reduce of ``k`` values of ``b`` bytes moves
     ``2(n - 1) ceil(k/n) b`` bytes each way per learner. Per step: the ``P`` fp32 gradients, the
     two float64 loss normalisers, and per op the WAN clock's two float64 issue times (control).
-    Once: rank 0's parameters broadcast to the ``n - 1`` others, and the 16-byte start check
-    (8-byte length + fingerprint to each peer), with their clock exchanges.
+    Once: rank 0's parameters and int64 step count broadcast to the ``n - 1`` others (two ops,
+    one per dtype), and the 16-byte start check (8-byte length + fingerprint to each peer), with
+    the clock exchanges of those three ops.
     """
     ring = lambda k, b: 2 * (n - 1) * -(-k // n) * b  # noqa: E731
     clock = ring(2, 8)
     per_step = 2 * ring(P_TINY, 4) + 2 * ring(2, 8) + 2 * 2 * clock  # sent + received, 2 ops
-    start = 2 * (n - 1) * 4 * P_TINY + n * (2 * (n - 1) * 24 + 2 * 2 * clock)
+    start = 2 * (n - 1) * (4 * P_TINY + 8) + n * (2 * (n - 1) * 24 + 3 * 2 * clock)
     return n * args.steps * per_step + start
 
 

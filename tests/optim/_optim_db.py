@@ -770,9 +770,9 @@ _DP_INVALID = (
         {"bucket_cap_mb": 0.0}, ValueError, r"bucket_cap_mb must be in \(0\.0, inf\), got 0\.0"
     ),
     ErrorCase(
-        {"init_sync": "check"},
+        {"init_sync": "rank0"},
         ValueError,
-        r"init_sync must be in \{'broadcast', 'off'\}, got 'check'",
+        r"init_sync must be in \{'broadcast', 'check', 'off'\}, got 'rank0'",
     ),
     ErrorCase({"tag": 5}, TypeError, r"tag must be str, got int"),
     ErrorCase({"inner": 3}, TypeError, r"inner must be a callable param_groups -> Optimizer"),

@@ -18,12 +18,7 @@ from _optim_db import OPTIM_DB, OptimInfo, batches, run_ranks, tiny_model, train
 
 from thinwire.optim import DeMo, DiLoCo
 
-# The optimizers with a global state to agree on (TODO(integration): DataParallel joins).
-BY_NAME = [
-    pytest.param(info, id=info.name)
-    for info in OPTIM_DB
-    if info.name in ("DiLoCo", "LocalSGD", "StreamingDiLoCo", "SparseLoCo", "DeMo")
-]
+BY_NAME = [pytest.param(info, id=info.name) for info in OPTIM_DB]
 
 
 def _params(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -44,7 +39,8 @@ def test_broadcast_by_default_starts_every_rank_from_rank0(info: OptimInfo) -> N
     out = run_ranks(2, rank)
     want = _params(tiny_model(seed=0))
     numel = sum(p.numel() for p in want)
-    counters = 8 if info.name == "DeMo" else 16  # int64 [step] or [inner_step, outer_step]
+    # int64 [step] (DeMo, DataParallel) or [inner_step, outer_step] (the DiLoCo family)
+    counters = 8 if info.name in ("DeMo", "DataParallel") else 16
     for r, o in enumerate(out):
         assert all(torch.equal(a, b) for a, b in zip(o["start"], want, strict=True))
         assert all(torch.equal(v, out[0]["final"][k]) for k, v in o["final"].items())

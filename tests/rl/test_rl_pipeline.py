@@ -241,7 +241,9 @@ def test_learner_to_learner_bytes_match_the_formulas():
                                                       sync_every=2), learners=2)  # fmt: skip
     q4 = train(TinyCausalLM(seed=0), ENV, None, _cfg(steps=steps, method="diloco-int4",
                                                      sync_every=2), learners=2)  # fmt: skip
-    init = 4 * P  # rank 0's parameters broadcast to the other learner when the optimizer is built
+    # rank 0's parameters and int64 step count, broadcast to the other learner when the
+    # optimizer is built
+    init = 4 * P + 8
     check = 16 + 8  # the start check: a 16-byte fingerprint all-gather (+ 8-byte length header)
     int4 = -(-P * 4 // 8) + 4 * -(-P // 128) + 4  # 4-bit codes, a scale per 128 values, CRC32
     normaliser = steps * 16

@@ -62,6 +62,61 @@ def _unflatten(state: Mapping[str, torch.Tensor], flat: Mapping[torch.dtype, tor
     return out
 
 
+def agree_by_collectives(
+    comm: Any, fns: tuple[StateGetter, StateSetter] | None, mode: str, tag: str
+) -> None:
+    """Broadcast rank 0's state, or check that every rank holds the same one, over ``comm``.
+
+    ``"broadcast"`` sends one buffer per dtype from rank 0 (ledger: ``broadcast`` ops under
+    ``tag``) and loads the result through ``set_state`` on every rank, rank 0 included, so every
+    rank continues from bitwise the same tensors. ``"check"`` all-gathers an 8-byte digest per
+    tensor and raises ``ValueError`` naming the first tensor (in the state's order) whose digest
+    differs from rank 0's. ``comm`` is the engine itself or a wrapper of it (the WAN model times
+    and counts these ops like any other). Collective: every rank must call this.
+    """
+    check_choice("mode", mode, INIT_SYNC_MODES)
+    check_type("tag", tag, str)
+    if mode == "off" or comm.world_size == 1:
+        return
+    if fns is None:
+        raise RuntimeError(
+            "agree_initial_state needs attach_state() first (the optimizer calls it), by an "
+            "optimizer that is still alive"
+        )
+    get_state, set_state = fns
+    state = get_state()
+    if mode == "check":
+        _check_same_state(comm, state, tag)
+        return
+    flat = _flat_by_dtype(state)
+    for dt in sorted(flat, key=str):  # the same order on every rank
+        comm.broadcast(flat[dt], src=0, tag=tag)
+    set_state(_unflatten(state, flat))
+
+
+def _check_same_state(comm: Any, state: Mapping[str, torch.Tensor], tag: str) -> None:
+    mine = state_digests(state)
+    rows = comm.all_gather_bytes(b"".join(d for _, d in mine), tag=tag)
+    ref = rows[0]
+    for j, row in enumerate(rows):
+        if row == ref:
+            continue
+        if row is None or len(row) != len(ref):
+            raise ValueError(
+                f"init_sync='check': rank {j} holds {0 if row is None else len(row) // 8} "
+                f"state tensors, rank 0 holds {len(ref) // 8}; build every worker's model "
+                "and optimizer the same way"
+            )
+        first = next(
+            i for i in range(len(mine)) if row[8 * i : 8 * i + 8] != ref[8 * i : 8 * i + 8]
+        )
+        raise ValueError(
+            f"init_sync='check': {mine[first][0]} differs between rank 0 and rank {j}; "
+            "start every worker from the same weights (seed the model identically, or load "
+            "one checkpoint), or use init_sync='broadcast' to take rank 0's"
+        )
+
+
 def _weak(fn: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:
     """A weak reference to a bound method (a plain function is held strongly)."""
     if inspect.ismethod(fn):
@@ -119,51 +174,8 @@ class StaticRounds(AttachedState):
     world_size: int
 
     def agree_initial_state(self, mode: str = "broadcast", *, tag: str = "") -> None:
-        """Broadcast rank 0's attached state, or check that every rank holds the same one.
-
-        ``"broadcast"`` sends one buffer per dtype from rank 0 (ledger: ``broadcast`` ops under
-        ``tag``) and loads the result through ``set_state`` on every rank, rank 0 included, so
-        every rank continues from bitwise the same tensors. ``"check"`` all-gathers an 8-byte
-        digest per tensor and raises ``ValueError`` naming the first tensor (in the state's
-        order) whose digest differs from rank 0's. Collective: every rank must call this.
-        """
-        check_choice("mode", mode, INIT_SYNC_MODES)
-        check_type("tag", tag, str)
-        if mode == "off" or self.world_size == 1:
-            return
-        get_state, set_state = self._attached("agree_initial_state")
-        state = get_state()
-        if mode == "check":
-            self._check_same_state(state, tag)
-            return
-        comm: Any = self
-        flat = _flat_by_dtype(state)
-        for dt in sorted(flat, key=str):  # the same order on every rank
-            comm.broadcast(flat[dt], src=0, tag=tag)
-        set_state(_unflatten(state, flat))
-
-    def _check_same_state(self, state: Mapping[str, torch.Tensor], tag: str) -> None:
-        comm: Any = self
-        mine = state_digests(state)
-        rows = comm.all_gather_bytes(b"".join(d for _, d in mine), tag=tag)
-        ref = rows[0]
-        for j, row in enumerate(rows):
-            if row == ref:
-                continue
-            if row is None or len(row) != len(ref):
-                raise ValueError(
-                    f"init_sync='check': rank {j} holds {0 if row is None else len(row) // 8} "
-                    f"state tensors, rank 0 holds {len(ref) // 8}; build every worker's model "
-                    "and optimizer the same way"
-                )
-            first = next(
-                i for i in range(len(mine)) if row[8 * i : 8 * i + 8] != ref[8 * i : 8 * i + 8]
-            )
-            raise ValueError(
-                f"init_sync='check': {mine[first][0]} differs between rank 0 and rank {j}; "
-                "start every worker from the same weights (seed the model identically, or load "
-                "one checkpoint), or use init_sync='broadcast' to take rank 0's"
-            )
+        """See :func:`agree_by_collectives` (this engine's own ops). Collective."""
+        agree_by_collectives(self, self._state_fns, mode, tag)
 
     def begin_round(self, round: int) -> RoundStart:
         """Every member takes part and contributes: the group never changes."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from thinwire._validate import check_float, check_int, check_type
+from thinwire.collectives._rounds import AttachedState, agree_by_collectives
 from thinwire.collectives._wan_model import (
     PRESETS,
     NodeLink,
@@ -31,7 +32,14 @@ from thinwire.collectives._wan_model import (
     ring_rs_or_ag_time,
     suggest_timeout,
 )
-from thinwire.collectives.base import ByteLedger, Communicator, Handle, PeerInfo
+from thinwire.collectives.base import (
+    ByteLedger,
+    Communicator,
+    Handle,
+    PeerInfo,
+    StateGetter,
+    StateSetter,
+)
 
 __all__ = [
     "NodeLink",
@@ -65,7 +73,7 @@ class _Entry:
     watcher: threading.Thread | None = None
 
 
-class WanCommunicator:
+class WanCommunicator(AttachedState):
     """Any communicator, seen through a simulated WAN (``docs/design.md``, "The WAN model").
 
     **virtual** (default): nothing sleeps. The rank keeps ``clock`` (simulated seconds). Between
@@ -177,6 +185,21 @@ class WanCommunicator:
         if name == "inner":  # not yet set during __init__
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    # ---- rounds: forwarded, except that a static group's start-state agreement runs through
+    # this wrapper, so its broadcast is timed and counted like any op.
+    def attach_state(self, get_state: StateGetter, set_state: StateSetter) -> None:
+        """Kept here (weakly) for the start-state agreement, and given to ``inner``."""
+        super().attach_state(get_state, set_state)
+        self.inner.attach_state(get_state, set_state)
+
+    def agree_initial_state(self, mode: str = "broadcast", *, tag: str = "") -> None:
+        """An elastic engine's own protocol; on a static group, the collectives through this
+        wrapper (:func:`~thinwire.collectives._rounds.agree_by_collectives`)."""
+        if self.inner.elastic:
+            self.inner.agree_initial_state(mode, tag=tag)
+            return
+        agree_by_collectives(self, self._state_fns, mode, tag)
 
     def peers(self) -> list[PeerInfo]:
         """Peers of ``inner``."""

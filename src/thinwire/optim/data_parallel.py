@@ -25,11 +25,17 @@ from thinwire._validate import (
     check_param_tensors,
     check_type,
 )
-from thinwire.collectives import Communicator, Handle
+from thinwire.collectives import AllPeersLeft, CommError, Communicator, Handle, RoundStart
 from thinwire.optim._finite import first_nonfinite
 from thinwire.optim._hooks import SyncHooks, SyncInfo
 from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, split_buckets
-from thinwire.optim._state import check_groups, check_setting, check_shapes
+from thinwire.optim._state import (
+    INIT_SYNC_MODES,
+    check_fields,
+    check_groups,
+    check_setting,
+    check_shapes,
+)
 
 __all__ = ["DataParallel"]
 
@@ -39,7 +45,6 @@ InnerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 _FORMAT = 1
 _FIELDS = ("format", "optimizer", "step", "sync_step", "bucket_cap_mb", "shapes")
 _TORCH_GROUP_KEYS = ("params", "param_names", "initial_lr")
-_INIT_SYNC = ("broadcast", "off")
 
 
 class DataParallel(SyncHooks, Optimizer):
@@ -66,7 +71,9 @@ class DataParallel(SyncHooks, Optimizer):
             ``bucket_cap_mb``), range (0, inf); each bucket is one ``all_reduce``.
         init_sync: ``"broadcast"`` (default) copies rank 0's parameters to every worker when the
             optimizer is built (collective, ledger tag ``"ddp/init"``), as DDP's constructor
-            does; ``"off"`` trusts the caller.
+            does; ``"check"`` compares a digest per parameter and raises ``ValueError`` naming
+            the first one that differs; ``"off"`` trusts the caller. An elastic engine
+            (hivemind, torchft) gives a late joiner the live peers' parameters instead.
         tag: ledger tag of the gradient all-reduces (default: ``"ddp/grads"``).
 
     A parameter whose ``.grad`` is None is skipped (as ``torch.optim`` does); every worker must
@@ -106,7 +113,7 @@ class DataParallel(SyncHooks, Optimizer):
             raise TypeError(f"inner must be a callable param_groups -> Optimizer, got {inner!r}")
         self.comm = comm
         self.bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0.0, lo_open=True)
-        self.init_sync = check_choice("init_sync", init_sync, _INIT_SYNC)
+        self.init_sync = check_choice("init_sync", init_sync, INIT_SYNC_MODES)
         self.tag = check_type("tag", tag, str)
         self._inner_ready = False
         super().__init__(params, {})
@@ -124,8 +131,10 @@ class DataParallel(SyncHooks, Optimizer):
             check_keys(f"keys of param group {gi}", g, self._group_keys())
         self._inner_ready = True
         self.step_count = 0
-        if comm is not None and comm.world_size > 1 and self.init_sync == "broadcast":
-            self._broadcast_params()
+        if comm is not None:
+            # Serve the parameters to peers that join or heal; start every worker from one set.
+            comm.attach_state(self._global_state, self._load_global_state)
+            comm.agree_initial_state(self.init_sync, tag="ddp/init")
 
     # ---------------------------------------------------------------- construction helpers
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -145,18 +154,52 @@ class DataParallel(SyncHooks, Optimizer):
     def _group_keys(self) -> set[str]:
         return {*self.inner.defaults, *_TORCH_GROUP_KEYS}
 
+    def _global_state(self) -> dict[str, torch.Tensor]:
+        """The parameters (equal on every worker) and the step count: what a joiner needs."""
+        out: dict[str, torch.Tensor] = {
+            f"group {gi} param {j}": p.detach()
+            for gi, g in enumerate(self.param_groups)
+            for j, p in enumerate(g["params"])
+        }
+        out["step counters"] = torch.tensor([self.step_count], dtype=torch.int64)
+        return out
+
     @torch.no_grad()
-    def _broadcast_params(self) -> None:
-        assert self.comm is not None  # internal invariant: called with a communicator only
-        params = [p for g in self.param_groups for p in g["params"]]
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for dt in sorted(by_dtype, key=str):  # the same order on every rank
-            ps = by_dtype[dt]
-            flat = torch.cat([p.detach().reshape(-1) for p in ps])
-            self.comm.broadcast(flat, 0, tag="ddp/init")
-            torch.nn.utils.vector_to_parameters(flat, ps)
+    def _load_global_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Adopt rank 0's (or a live peer's) parameters and step; checked before any change.
+
+        Raises:
+            ValueError: other names, shapes or dtypes than this optimizer's, non-finite values.
+        """
+        mine = self._global_state()
+        if set(state) != set(mine):
+            extra = sorted(set(state) - set(mine)) or sorted(set(mine) - set(state))
+            raise ValueError(f"global state does not fit this optimizer: {extra[0]!r}")
+        for key, v in state.items():
+            want = mine[key]
+            if not isinstance(v, torch.Tensor) or v.shape != want.shape or v.dtype != want.dtype:
+                raise ValueError(
+                    f"global state {key!r} must be {want.dtype} of shape {tuple(want.shape)}"
+                )
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"global state {key!r} holds non-finite values")
+        if int(state["step counters"][0]) < 0:
+            raise ValueError("global state 'step counters' must be >= 0")
+        for key, p in mine.items():
+            if key != "step counters":
+                p.copy_(state[key])
+        self.step_count = self._sync_step = int(state["step counters"][0])
+
+    def _begin_round(self) -> RoundStart:
+        if self.comm is None:
+            return RoundStart()
+        try:
+            return self.comm.begin_round(self.step_count)
+        except CommError as exc:
+            if not self.comm.elastic or isinstance(exc, AllPeersLeft):
+                raise
+            logger.warning("step %d could not start its round (%s)", self.step_count, exc)
+            return RoundStart(take_part=False, contribute=False)
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -173,18 +216,48 @@ class DataParallel(SyncHooks, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.sync_grads()
-        self.inner.step()
-        self.step_count += 1
-        self._sync_step = self.step_count
+        start = self._begin_round()
+        if not start.take_part:
+            # The parameters were just replaced by a live peer's: this step's gradients belong
+            # to the old ones, so the step is skipped.
+            logger.info("skipping step %d: state loaded from a live peer", self.step_count)
+            return loss
+        ok, weight = True, float(self.comm.world_size if self.comm else 1)
+        try:
+            weight = self._sync_grads(start.contribute)
+        except CommError as exc:
+            if self.comm is None or not self.comm.elastic or isinstance(exc, AllPeersLeft):
+                raise
+            logger.warning("gradient exchange of step %d failed (%s)", self.step_count, exc)
+            ok = False
+        if self.comm is not None:
+            ok = self.comm.end_round(ok)
+        if ok and weight > 0:
+            self.inner.step()
+            self.step_count += 1
+            self._sync_step = self.step_count
+        else:  # every member discards the step alike: the parameters stay equal
+            logger.warning("step %d discarded: parameters unchanged", self.step_count)
+        if self.comm is not None:
+            self.comm.after_round(self._sync_step)
         self._after_sync(SyncInfo(sync_step=self._sync_step, inner_step=self.step_count,
-                                  weight=float(self.comm.world_size if self.comm else 1)))  # fmt: skip
+                                  weight=weight if ok else 0.0, contributed=start.contribute,
+                                  committed=ok and weight > 0))  # fmt: skip
         return loss
 
     def sync_grads(self) -> None:
         """Replace every ``.grad`` by its mean over the workers (no-op with one worker).
 
         Collective: every rank must call this with gradients on the same parameters.
+        """
+        self._sync_grads(True)
+
+    def _sync_grads(self, contribute: bool) -> float:
+        """:meth:`sync_grads`; returns the number of contributors (the mean's weight).
+
+        On an elastic engine every bucket carries a contributor weight (sum, then divide by
+        the summed weight), so a worker that sends weight 0 (``contribute=False``: it just
+        healed) is left out of the mean.
         """
         parts = [
             (gi, ps, [p.grad for p in ps])
@@ -198,7 +271,8 @@ class DataParallel(SyncHooks, Optimizer):
                 f"{self.step_count}; nothing was sent"
             )
         if self.comm is None or self.comm.world_size == 1:
-            return
+            return 1.0
+        weighted = self.comm.elastic
         # float32 buckets (float64 for float64 gradients), each one all_reduce, all in flight
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for _, _, gs in parts:
@@ -210,15 +284,26 @@ class DataParallel(SyncHooks, Optimizer):
             grads = by_dtype[wide]
             for sl in split_buckets(grads, self.bucket_cap_mb):
                 flat = torch.cat([gr.reshape(-1).to(wide) for gr in grads[sl]])
-                handle = self.comm.all_reduce(flat, "mean", async_op=True, tag=self.tag)
+                if weighted:
+                    w = torch.full((1,), float(contribute), dtype=wide, device=flat.device)
+                    flat = torch.cat([flat * float(contribute), w])
+                if weighted:
+                    handle = self.comm.all_reduce(flat, "sum", async_op=True, tag=self.tag)
+                else:
+                    handle = self.comm.all_reduce(flat, "mean", async_op=True, tag=self.tag)
                 assert isinstance(handle, Handle)  # internal invariant: async_op=True
                 pending.append((grads[sl], handle))
+        weight = float(self.comm.world_size)
         for bucket, handle in pending:
             mean = handle.wait()
+            if weighted:  # one host read per bucket: the contributor count
+                weight = float(mean[-1])
+                mean = mean[:-1] / weight if weight > 0 else mean[:-1]
             off = 0
             for gr in bucket:
                 gr.copy_(mean[off : off + gr.numel()].view_as(gr))
                 off += gr.numel()
+        return weight
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forward to the inner optimizer."""
@@ -253,13 +338,7 @@ class DataParallel(SyncHooks, Optimizer):
         tw = sd.pop("thinwire", None)
         if not isinstance(tw, dict):
             raise ValueError("state_dict must hold a 'thinwire' entry (saved by DataParallel)")
-        check_setting("format", _FORMAT, tw.get("format"))
-        for key in _FIELDS:
-            if key not in tw:
-                raise ValueError(f"state_dict['thinwire'] is missing field {key!r}")
-        for key in ("state", "param_groups", "inner"):
-            if key not in sd:
-                raise ValueError(f"state_dict is missing field {key!r}")
+        check_fields(tw, sd, (_FORMAT,), {_FORMAT: _FIELDS}, ("state", "param_groups", "inner"))
         check_setting("optimizer", type(self).__name__, tw["optimizer"])
         check_setting("bucket_cap_mb", self.bucket_cap_mb, tw["bucket_cap_mb"])
         check_groups(self.param_groups, sd["param_groups"], ())
