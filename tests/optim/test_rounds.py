@@ -17,7 +17,7 @@ import torch
 from _optim_db import DEFAULT_INNER, batches, run_ranks, tiny_model, train
 
 from thinwire.collectives import GroupTooSmall, InprocCommunicator
-from thinwire.optim import DeMo, DiLoCo, SparseLoCo
+from thinwire.optim import DataParallel, DeMo, DiLoCo, SparseLoCo
 
 H = 3
 BAD_ROUND = 1
@@ -124,3 +124,26 @@ def test_demo_discards_an_uncommitted_step() -> None:
     for o in run_ranks(2, rank, comm_cls=ElasticInproc):
         assert all(torch.equal(x, y) for x, y in zip(o["before"], o["after"], strict=True))
         assert [i.committed for i in o["infos"]] == [True, False, True, True]
+
+
+@pytest.mark.parametrize("how", ["uncommitted", "no_group"])
+def test_data_parallel_discards_a_failed_step(how: str) -> None:
+    def rank(comm: Any, r: int) -> dict[str, Any]:
+        comm.how = how
+        model = tiny_model(0)
+        opt = DataParallel(list(model.parameters()), DEFAULT_INNER, comm=comm)
+        infos: list[Any] = []
+        opt.register_sync_post_hook(lambda o, info: infos.append(info))
+        data = batches(4, r)
+        train(opt, model, data, 0, BAD_ROUND)
+        before = [p.detach().clone() for p in model.parameters()]
+        train(opt, model, data, BAD_ROUND, BAD_ROUND + 1)
+        after = [p.detach().clone() for p in model.parameters()]
+        train(opt, model, data, BAD_ROUND + 1, 4)
+        return {"before": before, "after": after, "infos": infos, "final": opt.sync_step}
+
+    for o in run_ranks(2, rank, comm_cls=ElasticInproc):
+        assert all(torch.equal(x, y) for x, y in zip(o["before"], o["after"], strict=True))
+        assert [i.committed for i in o["infos"]] == [True, False, True, True]
+        assert all(i.weight == 2.0 for i in o["infos"] if i.committed)
+        assert o["final"] == 3
