@@ -30,6 +30,9 @@ PACKAGES = [
     "thinwire.collectives",
     "thinwire.optim",
     "thinwire.rl",
+    "thinwire.rl.envs",
+    "thinwire.rl.policies",
+    "thinwire.rl.runtime",
     "thinwire.bench",
 ]
 
