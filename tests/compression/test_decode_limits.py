@@ -202,3 +202,22 @@ def test_limit_arguments_are_validated(bad):
         DenseCodec("fp32").decode(payload, max_numel=bad)
     with pytest.raises(err, match="numel"):
         DenseCodec("fp32").decode(payload, bad)
+
+
+def test_a_huge_declared_size_is_refused_before_the_body_is_checksummed(monkeypatch):
+    # The bound runs on the declared shape as soon as it is parsed: the body of an oversized
+    # payload is never copied or checksummed (zlib.crc32 is not called at all).
+    import zlib
+
+    from thinwire.compression import payload as payload_mod
+
+    codec = DenseCodec("fp32")
+    good = codec.encode(torch.zeros(64, 64))
+    calls = []
+    real = zlib.crc32
+    monkeypatch.setattr(payload_mod.zlib, "crc32", lambda *a: calls.append(1) or real(*a))
+    with pytest.raises(PayloadError, match=r"max_numel"):
+        codec.decode(good, max_numel=100)
+    assert calls == []
+    codec.decode(good)  # and an accepted one is checksummed as before
+    assert calls

@@ -149,16 +149,23 @@ class Codec(ABC):
             check_int("max_numel", max_numel, 0)
         elif dims is None and numel is None:
             max_numel = DEFAULT_MAX_NUMEL
-        header, body = unpack_payload(payload, codec_id=self.codec_id, settings=self.settings)
-        if dims is not None and header.shape != dims:
-            raise PayloadError(f"payload shape must be {dims}, got {header.shape}")
-        if numel is not None and header.numel != numel:
-            raise PayloadError(f"payload numel must be {numel}, got {header.numel}")
-        if max_numel is not None and header.numel > max_numel:
-            raise PayloadError(
-                f"payload numel must be in [0, {max_numel}] (max_numel), got {header.numel} "
-                f"for shape {header.shape}; pass shape= or max_numel= to decode a larger tensor"
-            )
+
+        def bounded(declared: tuple[int, ...]) -> None:
+            # Runs on the declared shape before the body is sliced or checksummed.
+            n = math.prod(declared)
+            if dims is not None and declared != dims:
+                raise PayloadError(f"payload shape must be {dims}, got {declared}")
+            if numel is not None and n != numel:
+                raise PayloadError(f"payload numel must be {numel}, got {n}")
+            if max_numel is not None and n > max_numel:
+                raise PayloadError(
+                    f"payload numel must be in [0, {max_numel}] (max_numel), got {n} for shape "
+                    f"{declared}; pass shape= or max_numel= to decode a larger tensor"
+                )
+
+        header, body = unpack_payload(
+            payload, codec_id=self.codec_id, settings=self.settings, check_shape=bounded
+        )
         want = self.body_nbytes(header.shape)
         if len(body) != want:
             raise PayloadError(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,7 @@ def unpack_payload(
     *,
     codec_id: int | None = None,
     settings: str | None = None,
+    check_shape: Callable[[tuple[int, ...]], None] | None = None,
 ) -> tuple[PayloadHeader, bytes]:
     """Parse and verify an envelope; return its header and body.
 
@@ -132,6 +134,9 @@ def unpack_payload(
         codec_id: if given, the codec id the payload must carry.
         settings: if given, the settings string the payload must carry (a payload encoded with
             other settings is foreign to this codec).
+        check_shape: if given, called with the declared shape as soon as it is parsed, before
+            the body is copied or checksummed (it raises :class:`PayloadError` for a shape the
+            caller does not accept: a huge declared size costs nothing then).
 
     Raises:
         PayloadError: naming the first field that is wrong.
@@ -160,6 +165,8 @@ def unpack_payload(
         raise PayloadError(f"payload truncated: {n} bytes, its header needs {head_len}")
     off = _PREFIX.size
     shape = struct.unpack_from(f"<{ndim}I", buf, off)
+    if check_shape is not None:
+        check_shape(tuple(shape))
     off += 4 * ndim
     raw_settings = buf[off : off + slen]
     off += slen
