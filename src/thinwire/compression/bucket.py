@@ -29,7 +29,12 @@ from thinwire._validate import check_type
 from thinwire.compression._dispatch import resolve_backend
 from thinwire.compression.aggregate import AGGREGATE_MODES
 from thinwire.compression.dct import dct_basis, idct_tiles
-from thinwire.compression.fused import _index_mean_into, dct_topk, decode_accumulate
+from thinwire.compression.fused import (
+    _index_mean_into,
+    dct_topk,
+    decode_accumulate,
+    ef_quantize_pack,
+)
 from thinwire.compression.pipeline import DenseCodec, SparseCodec
 from thinwire.compression.topk import topk_chunks_fast
 from thinwire.compression.wire import STATUS_BODY, STATUS_OK, Envelope, layout_digest
@@ -86,6 +91,38 @@ class DenseBucket:
         """
         body, deq, ok = self.codec.values.encode_tensor(flat.reshape(-1), generator)
         return self.envelope.seal(body, ok & contributes), deq, ok
+
+    def encode_ef(
+        self,
+        residual: Tensor,
+        flat: Tensor,
+        contributes: Tensor | bool = True,
+        *,
+        decay: float = 1.0,
+        scale: float = 1.0,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Error feedback and quantization in one pass: ``(frame, new_residual, ok)``.
+
+        Sends ``p = decay * residual + scale * flat`` quantized by :func:`ef_quantize_pack`
+        (the fused kernel on CUDA) and returns ``new_residual = p - transmitted`` (EF-SGD,
+        Karimireddy et al., ICML 2019, Alg. 2). When the quantizer's side data are not finite
+        (``ok`` False, a device bool) the frame is sent with flag 0 and the caller keeps its
+        old residual. The codec's value format must be in :data:`EF_FORMATS` with at most a
+        ``block`` parameter (2-bit: its default bins and range).
+        """
+        v = self.codec.values
+        packed, side, new = ef_quantize_pack(
+            residual.reshape(-1),
+            flat.reshape(-1),
+            decay=decay,
+            scale=scale,
+            fmt=v.name,
+            block=v.params.get("block"),
+            checked=False,
+        )
+        ok = torch.isfinite(side).all()
+        body = torch.cat([packed, side.reshape(-1).view(torch.uint8)])
+        return self.envelope.seal(body, ok & contributes), new, ok
 
     def decode(self, frames: Tensor) -> tuple[Tensor, Tensor]:
         """``(P, nbytes)`` frames -> ``(values (P, numel) float32, status (P,))``."""

@@ -51,7 +51,6 @@ from thinwire.compression import (
     SparseCodec,
     SparsePart,
     clip_scales,
-    ef_quantize_pack,
     error_feedback_subtract,
     error_feedback_update,
     make_bucket,
@@ -462,22 +461,12 @@ class DenseReducer(Reducer):
         )
 
     def _fused_ef(self, bucket, ef, sl, ts, contribute) -> torch.Tensor:
-        v = self.codec.values
-        residual = _flat(ef.residuals[sl])
-        packed, side, new = ef_quantize_pack(
-            residual,
-            _flat(ts),
-            decay=ef.decay,
-            scale=ef.scale,
-            fmt=v.name,
-            block=v.params.get("block"),
-            checked=False,
+        frame, new, ok = bucket.encode_ef(
+            _flat(ef.residuals[sl]), _flat(ts), contribute, decay=ef.decay, scale=ef.scale
         )
-        ok = torch.isfinite(side).all()
-        body = torch.cat([packed, side.reshape(-1).view(torch.uint8)])
         for r, nr in zip(ef.residuals[sl], _split(new, ts), strict=True):
             r.copy_(torch.where(ok, nr, r))
-        return bucket.envelope.seal(body, ok & contribute)
+        return frame
 
     def finish(self, part):
         bucket, like = part.bucket, part.like  # type: ignore[attr-defined]

@@ -8,9 +8,9 @@
   :mod:`thinwire.compression` per published version (its envelope: a keyed CRC32), sent by
   the caller through a communicator's ``broadcast``. Without a codec the frame carries the fp32
   weights themselves (lossless). With a lossy codec it carries the update since the last
-  version through :func:`thinwire.compression.ef_quantize_pack` with error feedback (EF-SGD,
-  Karimireddy et al., arXiv:1901.09847v2 §3) — the fused op the optimizers' wire path uses for
-  the same formats — so what the quantizer drops is sent with the next version, and the
+  version through :meth:`thinwire.compression.DenseBucket.encode_ef` with error feedback
+  (EF-SGD, Karimireddy et al., arXiv:1901.09847v2 §3) — the one implementation the optimizers'
+  wire path uses for the same formats — so what the quantizer drops is sent with the next version, and the
   publisher keeps, by decoding its own frame, a bit-exact copy (the *mirror*) of the weights the
   receivers rebuild: their fingerprints are known without asking them.
 """
@@ -32,7 +32,6 @@ from thinwire.compression import (
     DenseBucket,
     DenseCodec,
     build_codec,
-    ef_quantize_pack,
 )
 
 __all__ = [
@@ -218,15 +217,8 @@ class WeightPublisher:
             frame, _, _ = fr.bucket.encode(flat)
             self._mirror = fr.decode(frame)
         else:
-            fmt = fr.codec.values
-            packed, side, self._residual = ef_quantize_pack(
-                self._residual, flat - self._last, decay=1.0, fmt=fmt.name,
-                block=fmt.params.get("block"), checked=False,
-            )  # fmt: skip
-            ok = torch.isfinite(side).all()
-            frame = fr.bucket.envelope.seal(
-                torch.cat([packed, side.reshape(-1).view(torch.uint8)]), ok
-            )
+            frame, new, ok = fr.bucket.encode_ef(self._residual, flat - self._last)
+            self._residual = torch.where(ok, new, self._residual)
             self._mirror = self._mirror + fr.decode(frame)
         self._last = flat
         self.view.publish(_unflat(self._mirror, fr.like), version)
