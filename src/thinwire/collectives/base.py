@@ -200,7 +200,7 @@ class Handle(Generic[T]):
         self.group = group
         self.missing = missing
         self.t_done_virtual: float | None = None
-        self._wait_fn = wait_fn
+        self._wait_fn: Callable[[float | None], T] | None = wait_fn
         self._done_fn = done_fn
         self._lock = threading.Lock()
         self._finished = False
@@ -220,10 +220,15 @@ class Handle(Generic[T]):
         with self._lock:
             if not self._finished:
                 try:
+                    assert self._wait_fn is not None  # internal invariant: unfinished
                     self._value = self._wait_fn(timeout)
                 except BaseException as exc:  # re-raised below and on every later wait()
                     self._exc = exc
                 self._finished = True
+                # Drop the engine's work objects: a finished handle kept alive (in a reference
+                # cycle, or by the caller) must not keep a process group's work until
+                # interpreter shutdown, where gloo aborts the process when it is freed.
+                self._wait_fn = self._done_fn = None
                 callbacks, self._callbacks = self._callbacks, []
             else:
                 callbacks = []

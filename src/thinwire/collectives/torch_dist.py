@@ -13,6 +13,7 @@ then divides), ``dist.all_gather``, ``dist.all_to_all_single``, ``dist.isend``/`
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import struct
 import time
@@ -197,6 +198,10 @@ class TorchDistCommunicator(_CollectiveEngine):
         if self.closed:
             return
         self.closed = True
+        # Free unreachable objects that may still hold this group's work (handles in reference
+        # cycles) while the group is alive: freed after it, during interpreter shutdown, gloo
+        # aborts the process ("terminate called without an active exception").
+        gc.collect()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         # Drop this object's reference too: a gloo group destroyed only during interpreter
