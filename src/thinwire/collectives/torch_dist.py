@@ -12,11 +12,13 @@ then divides), ``dist.all_gather``, ``dist.all_to_all_single``, ``dist.isend``/`
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import gc
 import logging
 import struct
 import time
+import weakref
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +32,23 @@ from thinwire.collectives._engine import _CollectiveEngine, _Pending
 __all__ = ["TorchDistCommunicator"]
 
 logger = logging.getLogger(__name__)
+
+# Every live communicator, so that interpreter exit can release their groups first (below).
+_LIVE: weakref.WeakSet[TorchDistCommunicator] = weakref.WeakSet()
+_EXIT_HOOK = False
+
+
+def _release_at_exit() -> None:
+    """``atexit``: close every communicator still alive, then collect garbage.
+
+    A gloo group (or its work) freed during interpreter shutdown aborts the process ("terminate
+    called without an active exception"); a communicator held by an optimizer in a reference
+    cycle would otherwise keep its group until then, even after the caller destroyed it with
+    ``dist.destroy_process_group()``. ``atexit`` runs while the interpreter is whole.
+    """
+    for comm in list(_LIVE):
+        comm.close()
+    gc.collect()
 
 
 class _WorkPending(_Pending):
@@ -142,6 +161,11 @@ class TorchDistCommunicator(_CollectiveEngine):
             self._device = torch.device("cpu")
         self._global = [dist.get_global_rank(self._pg, r) for r in range(self.world_size)]
         self._mark_salt = zlib.crc32(struct.pack(f"<{self.world_size}q", *self._global))
+        global _EXIT_HOOK
+        _LIVE.add(self)
+        if not _EXIT_HOOK:
+            atexit.register(_release_at_exit)
+            _EXIT_HOOK = True
         logger.debug(
             "TorchDistCommunicator rank %d/%d on %s (owns group: %s)",
             self.rank,
@@ -194,7 +218,11 @@ class TorchDistCommunicator(_CollectiveEngine):
         return _WorkPending([work], lambda: None)
 
     def close(self) -> None:
-        """Stop using the group; destroy it if this object created it. Idempotent."""
+        """Stop using the group; destroy it if this object created it. Idempotent.
+
+        Interpreter exit closes every communicator still open (after the caller's own
+        ``dist.destroy_process_group()`` too: the communicator then only drops its reference).
+        """
         if self.closed:
             return
         self.closed = True
