@@ -91,8 +91,14 @@ def _reap():
 
 
 def _optimizer(model: torch.nn.Module, comm: Any) -> DiLoCo:
+    # init_sync="off": this test hands the state over itself (below) to check it bitwise; the
+    # engine's own hand-off is tested in test_elastic_hivemind.py.
     return DiLoCo(
-        model.parameters(), functools.partial(torch.optim.SGD, lr=LR), sync_every=H, comm=comm
+        model.parameters(),
+        functools.partial(torch.optim.SGD, lr=LR),
+        sync_every=H,
+        comm=comm,
+        init_sync="off",
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from thinwire.collectives.base import (
+    STEP_COUNTERS,
     AllPeersLeft,
     ByteLedger,
     CommError,
@@ -63,6 +64,7 @@ __all__ = [
     "Preset",
     "RoundMismatch",
     "RoundStart",
+    "STEP_COUNTERS",
     "TorchDistCommunicator",
     "TorchftCommunicator",
     "WanCommunicator",

@@ -46,6 +46,7 @@ from thinwire.collectives._hivemind_fetch import CHUNK_BYTES, pull_payload
 from thinwire.collectives._rounds import INIT_SYNC_MODES, AttachedState, state_digests
 from thinwire.collectives.accounting import LENGTH_HEADER_BYTES
 from thinwire.collectives.base import (
+    STEP_COUNTERS,
     ByteLedger,
     CommError,
     OpRecord,
@@ -62,9 +63,11 @@ _STATE_SLACK = 64 * 1024  # bytes a donor's serialized state may exceed twice ou
 
 
 def digest_of(state: Mapping[str, torch.Tensor]) -> str:
-    """16 hex digits identifying a state (names, dtypes, shapes and bytes of every tensor)."""
+    """16 hex digits identifying a state: names, dtypes, shapes and bytes of every tensor but
+    the step counters (read at different steps by peers at the same round)."""
     h = hashlib.blake2b(digest_size=8)
-    for name, d in sorted(state_digests(state)):
+    model = {k: v for k, v in state.items() if k != STEP_COUNTERS}
+    for name, d in sorted(state_digests(model)):
         h.update(name.encode())
         h.update(d)
     return h.hexdigest()
@@ -210,6 +213,9 @@ class HivemindRounds(AttachedState):
         but no peer delivered a state it accepts (it retries at the next round).
         """
         self._round = None
+        if self._state_fns is not None and self._box.round != round:
+            # The state changed outside a round (a checkpoint loaded, say): announce it as is.
+            self._publish(round)
         if self._state_fns is not None and not self._solo():
             best = self._canonical()
             if best is not None and best != self.peer_id:

@@ -33,6 +33,7 @@ __all__ = [
     "Communicator",
     "ReduceOpName",
     "RoundStart",
+    "STEP_COUNTERS",
     "StateGetter",
     "StateSetter",
 ]
@@ -256,6 +257,10 @@ class Handle(Generic[T]):
                 return
         fn(self)
 
+
+#: Name of the state entry that holds a worker's step counters (an int64 tensor). Two workers at
+#: the same round may read their counters some steps apart, so state digests leave it out.
+STEP_COUNTERS = "step counters"
 
 #: Returns the global training state a worker hands to a peer that joins or heals: named tensors
 #: (θ_g, the outer optimizer's state, step counters), read at the moment of the call.

@@ -34,7 +34,7 @@ from thinwire._validate import (
     check_param_tensors,
     check_type,
 )
-from thinwire.collectives import AllPeersLeft, CommError, Communicator, RoundStart
+from thinwire.collectives import STEP_COUNTERS, AllPeersLeft, CommError, Communicator, RoundStart
 from thinwire.compression import ROBUST_RULES, Codec, SparseCodec, build_codec
 from thinwire.optim._finite import amp_step_skipped, first_nonfinite
 from thinwire.optim._hooks import SyncHooks, SyncInfo
@@ -768,7 +768,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
                     out[f"{name} outer {k}"] = local(v)
         # Read right after a sync was applied (hivemind's snapshot) or when a round is launched
         # (torchft's heal): a peer that adopts them runs the same schedule from that point on.
-        out["step counters"] = torch.tensor([self.inner_step, self.outer_step], dtype=torch.int64)
+        out[STEP_COUNTERS] = torch.tensor([self.inner_step, self.outer_step], dtype=torch.int64)
         return out
 
     @torch.no_grad()
@@ -791,7 +791,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
         for key, v in state.items():
             if not isinstance(v, torch.Tensor):
                 raise ValueError(f"global state {key!r} must be a tensor, got {type(v).__name__}")
-            if key == "step counters":
+            if key == STEP_COUNTERS:
                 if v.dtype != torch.int64 or v.shape != (2,) or bool((v < 0).any()):
                     raise ValueError(f"global state 'step counters' must be 2 int64 >= 0, got {v}")
                 continue
@@ -815,7 +815,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise ValueError(f"global state {key!r} holds non-finite values")
         missing = [n for n, _ in names if n not in state] + (
-            [] if "step counters" in state else ["step counters"]
+            [] if STEP_COUNTERS in state else [STEP_COUNTERS]
         )
         if missing:
             raise ValueError(f"global state is missing {missing[0]!r}")
@@ -837,7 +837,7 @@ class DiLoCoBase(SyncHooks, Optimizer):
                 }
             else:
                 self.outer.state.pop(anchor, None)
-        counters = state["step counters"]
+        counters = state[STEP_COUNTERS]
         self.inner_step, self.outer_step = (int(x) for x in counters.tolist())
 
     @staticmethod

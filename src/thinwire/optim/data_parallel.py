@@ -25,7 +25,14 @@ from thinwire._validate import (
     check_param_tensors,
     check_type,
 )
-from thinwire.collectives import AllPeersLeft, CommError, Communicator, Handle, RoundStart
+from thinwire.collectives import (
+    STEP_COUNTERS,
+    AllPeersLeft,
+    CommError,
+    Communicator,
+    Handle,
+    RoundStart,
+)
 from thinwire.optim._finite import first_nonfinite
 from thinwire.optim._hooks import SyncHooks, SyncInfo
 from thinwire.optim._reduce import DEFAULT_BUCKET_CAP_MB, split_buckets
@@ -161,7 +168,7 @@ class DataParallel(SyncHooks, Optimizer):
             for gi, g in enumerate(self.param_groups)
             for j, p in enumerate(g["params"])
         }
-        out["step counters"] = torch.tensor([self.step_count], dtype=torch.int64)
+        out[STEP_COUNTERS] = torch.tensor([self.step_count], dtype=torch.int64)
         return out
 
     @torch.no_grad()
@@ -183,12 +190,12 @@ class DataParallel(SyncHooks, Optimizer):
                 )
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise ValueError(f"global state {key!r} holds non-finite values")
-        if int(state["step counters"][0]) < 0:
+        if int(state[STEP_COUNTERS][0]) < 0:
             raise ValueError("global state 'step counters' must be >= 0")
         for key, p in mine.items():
-            if key != "step counters":
+            if key != STEP_COUNTERS:
                 p.copy_(state[key])
-        self.step_count = self._sync_step = int(state["step counters"][0])
+        self.step_count = self._sync_step = int(state[STEP_COUNTERS][0])
 
     def _begin_round(self) -> RoundStart:
         if self.comm is None:

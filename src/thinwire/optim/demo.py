@@ -25,7 +25,7 @@ from thinwire._validate import (
     check_param_tensors,
     check_type,
 )
-from thinwire.collectives import AllPeersLeft, CommError, Communicator, RoundStart
+from thinwire.collectives import STEP_COUNTERS, AllPeersLeft, CommError, Communicator, RoundStart
 from thinwire.compression import SparseCodec
 from thinwire.optim._finite import amp_step_skipped, first_nonfinite
 from thinwire.optim._hooks import SyncHooks, SyncInfo
@@ -414,7 +414,7 @@ class DeMo(SyncHooks, Optimizer):
             for gi, g in enumerate(self.param_groups)
             for j, p in enumerate(g["params"])
         }
-        out["step counters"] = torch.tensor([self.step_count], dtype=torch.int64)
+        out[STEP_COUNTERS] = torch.tensor([self.step_count], dtype=torch.int64)
         return out
 
     @torch.no_grad()
@@ -437,18 +437,18 @@ class DeMo(SyncHooks, Optimizer):
                 )
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise ValueError(f"global state {key!r} holds non-finite values")
-        if int(state["step counters"][0]) < 0:
+        if int(state[STEP_COUNTERS][0]) < 0:
             raise ValueError("global state 'step counters' must be >= 0")
         self._resolve()
         for key, p in mine.items():
-            if key != "step counters":
+            if key != STEP_COUNTERS:
                 p.copy_(state[key])
         for _, ps, _, _ in self._pending:  # an aggregate of the replaced parameters is void
             for p in ps:
                 self.state[p].pop("pending", None)
                 self.state[p].pop("pending_weight", None)
         self._pending = []
-        self.step_count = int(state["step counters"][0])
+        self.step_count = int(state[STEP_COUNTERS][0])
 
     @property
     def _sync_step(self) -> int:  # type: ignore[override]
