@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from thinwire.collectives import STEP_COUNTERS
+
 __all__: list[str] = []
 
 #: Values of the optimizers' ``init_sync`` (see ``Communicator.agree_initial_state``).
@@ -192,6 +194,45 @@ def check_shapes(
             if got is not None:
                 check_setting(f"shape of param {j} of group {gi}", tuple(p.shape), got)
             i += 1
+
+
+def params_and_step(groups: Sequence[Mapping[str, Any]], step: int) -> dict[str, torch.Tensor]:
+    """A joiner's global state for optimizers whose parameters are equal on every worker after
+    each sync (DDP, DeMo): the parameters by ``"group G param J"`` and the step counter under
+    ``STEP_COUNTERS`` (the key the communicators leave out of their state digests)."""
+    out: dict[str, torch.Tensor] = {
+        f"group {gi} param {j}": p.detach()
+        for gi, g in enumerate(groups)
+        for j, p in enumerate(g["params"])
+    }
+    out[STEP_COUNTERS] = torch.tensor([step], dtype=torch.int64)
+    return out
+
+
+def check_params_and_step(state: Mapping[str, Any], mine: Mapping[str, torch.Tensor]) -> int:
+    """Check a peer's :func:`params_and_step` against this optimizer's before anything changes
+    (a peer may be faulty or hostile) and return its step.
+
+    Raises:
+        ValueError: other names, shapes or dtypes than ``mine``, non-finite values, a negative
+            step.
+    """
+    if set(state) != set(mine):
+        extra = sorted(set(state) - set(mine)) or sorted(set(mine) - set(state))
+        raise ValueError(f"global state does not fit this optimizer: {extra[0]!r}")
+    for key, v in state.items():
+        want = mine[key]
+        if not isinstance(v, torch.Tensor) or v.shape != want.shape or v.dtype != want.dtype:
+            raise ValueError(
+                f"global state {key!r} must be {want.dtype} of shape {tuple(want.shape)}, "
+                f"got {v!r:.60}"
+            )
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"global state {key!r} holds non-finite values")
+    step = int(state[STEP_COUNTERS][0])
+    if step < 0:
+        raise ValueError(f"global state 'step counters' must be >= 0, got {step}")
+    return step
 
 
 # ------------------------------------------------------------------ in-flight work at exit

@@ -40,8 +40,10 @@ from thinwire.optim._state import (
     INIT_SYNC_MODES,
     check_fields,
     check_groups,
+    check_params_and_step,
     check_setting,
     check_shapes,
+    params_and_step,
 )
 
 __all__ = ["DataParallel"]
@@ -163,13 +165,7 @@ class DataParallel(SyncHooks, Optimizer):
 
     def _global_state(self) -> dict[str, torch.Tensor]:
         """The parameters (equal on every worker) and the step count: what a joiner needs."""
-        out: dict[str, torch.Tensor] = {
-            f"group {gi} param {j}": p.detach()
-            for gi, g in enumerate(self.param_groups)
-            for j, p in enumerate(g["params"])
-        }
-        out[STEP_COUNTERS] = torch.tensor([self.step_count], dtype=torch.int64)
-        return out
+        return params_and_step(self.param_groups, self.step_count)
 
     @torch.no_grad()
     def _load_global_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -179,23 +175,11 @@ class DataParallel(SyncHooks, Optimizer):
             ValueError: other names, shapes or dtypes than this optimizer's, non-finite values.
         """
         mine = self._global_state()
-        if set(state) != set(mine):
-            extra = sorted(set(state) - set(mine)) or sorted(set(mine) - set(state))
-            raise ValueError(f"global state does not fit this optimizer: {extra[0]!r}")
-        for key, v in state.items():
-            want = mine[key]
-            if not isinstance(v, torch.Tensor) or v.shape != want.shape or v.dtype != want.dtype:
-                raise ValueError(
-                    f"global state {key!r} must be {want.dtype} of shape {tuple(want.shape)}"
-                )
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise ValueError(f"global state {key!r} holds non-finite values")
-        if int(state[STEP_COUNTERS][0]) < 0:
-            raise ValueError("global state 'step counters' must be >= 0")
+        step = check_params_and_step(state, mine)
         for key, p in mine.items():
             if key != STEP_COUNTERS:
                 p.copy_(state[key])
-        self.step_count = self._sync_step = int(state[STEP_COUNTERS][0])
+        self.step_count = self._sync_step = step
 
     def _begin_round(self) -> RoundStart:
         if self.comm is None:

@@ -35,9 +35,11 @@ from thinwire.optim._state import (
     InflightWork,
     check_fields,
     check_groups,
+    check_params_and_step,
     check_setting,
     check_shapes,
     load_keeping_width,
+    params_and_step,
 )
 from thinwire.optim.functional import demo_update
 
@@ -409,13 +411,7 @@ class DeMo(SyncHooks, Optimizer):
     def _global_state(self) -> dict[str, torch.Tensor]:
         """What a peer that joins or heals needs: the parameters (equal on every replica) and
         the step counter. The momentum is this worker's own and stays."""
-        out: dict[str, torch.Tensor] = {
-            f"group {gi} param {j}": p.detach()
-            for gi, g in enumerate(self.param_groups)
-            for j, p in enumerate(g["params"])
-        }
-        out[STEP_COUNTERS] = torch.tensor([self.step_count], dtype=torch.int64)
-        return out
+        return params_and_step(self.param_groups, self.step_count)
 
     @torch.no_grad()
     def _load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -425,20 +421,7 @@ class DeMo(SyncHooks, Optimizer):
             ValueError: other names, shapes or dtypes than this optimizer's, non-finite values.
         """
         mine = self._global_state()
-        if set(state) != set(mine):
-            extra = sorted(set(state) - set(mine)) or sorted(set(mine) - set(state))
-            raise ValueError(f"global state does not fit this optimizer: {extra[0]!r}")
-        for key, v in state.items():
-            want = mine[key]
-            if not isinstance(v, torch.Tensor) or v.shape != want.shape or v.dtype != want.dtype:
-                raise ValueError(
-                    f"global state {key!r} must be {want.dtype} of shape {tuple(want.shape)}, "
-                    f"got {v!r:.60}"
-                )
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise ValueError(f"global state {key!r} holds non-finite values")
-        if int(state[STEP_COUNTERS][0]) < 0:
-            raise ValueError("global state 'step counters' must be >= 0")
+        step = check_params_and_step(state, mine)
         self._resolve()
         for key, p in mine.items():
             if key != STEP_COUNTERS:
@@ -448,7 +431,7 @@ class DeMo(SyncHooks, Optimizer):
                 self.state[p].pop("pending", None)
                 self.state[p].pop("pending_weight", None)
         self._pending = []
-        self.step_count = int(state[STEP_COUNTERS][0])
+        self.step_count = step
 
     @property
     def _sync_step(self) -> int:  # type: ignore[override]
