@@ -452,7 +452,9 @@ def test_wrapper_sleep_mode_wall_time():
         return time.perf_counter() - t0
 
     for wall in _ranks(2, cfg, fn):
-        assert T * scale <= wall <= T * scale * 1.1 + 0.05  # sleep mode: T to T + 10 % + 50 ms
+        # Sleep mode waits the scaled time T * scale = 0.3 s; the upper bound leaves a loaded CI
+        # machine 0.2 s of scheduling slack and still fails an unscaled wait (T = 0.6 s).
+        assert T * scale <= wall <= T * scale + 0.2
 
 
 def test_wrapper_single_rank_and_measured_compute():
