@@ -156,14 +156,18 @@ def _check_direct_ledger(handles, by_rank: list[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def duo():
-    peers = _swarm(2, "tw-duo", expected_world_size=2, round_wait_timeout=2.0)
+    peers = _swarm(
+        2, "tw-duo", expected_world_size=2, round_wait_timeout=2.0, allreduce_timeout=10.0
+    )
     yield peers
     _close(peers)
 
 
 @pytest.fixture(scope="module")
 def trio():
-    peers = _swarm(3, "tw-trio", expected_world_size=3, round_wait_timeout=5.0)
+    peers = _swarm(
+        3, "tw-trio", expected_world_size=3, round_wait_timeout=5.0, allreduce_timeout=10.0
+    )
     yield peers
     _close(peers)
 

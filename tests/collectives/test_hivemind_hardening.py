@@ -279,7 +279,9 @@ def test_forged_membership_records_are_refused(exposed):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_many_gathers_leave_nothing_served():
-    peers = _swarm(2, "tw-serve", expected_world_size=2, round_wait_timeout=2.0)
+    peers = _swarm(
+        2, "tw-serve", expected_world_size=2, round_wait_timeout=2.0, allreduce_timeout=10.0
+    )
     try:
         payloads = [bytes([k]) * (4 << 20) for k in range(2)]  # 4 MB each, 8 gathers
         for r in range(8):
@@ -319,7 +321,9 @@ def test_dead_peer_is_forgotten_with_expected_world_size():
 
 @pytest.fixture(scope="module")
 def trio():
-    peers = _swarm(3, "tw-exact", expected_world_size=3, round_wait_timeout=5.0)
+    peers = _swarm(
+        3, "tw-exact", expected_world_size=3, round_wait_timeout=5.0, allreduce_timeout=10.0
+    )
     yield peers
     _close(peers)
 
