@@ -43,7 +43,9 @@ TASK = Regression(batch=64)
 SYNC_TAG = "diloco/sync/f0/g0"  # the tag DiLoCo gives its one bucket (fragment 0, group 0)
 # Matchmaking 1 s (enough on loopback; request_timeout below it). A full group forms as
 # soon as 4 peers are found (expected_world_size is hivemind's target group size); with a peer
-# away, a round waits round_wait_timeout for it and then matches the three that are there.
+# away, a round waits round_wait_timeout for it and then matches the three that are there; the
+# butterfly of a formed group gets allreduce_timeout (10 s: a loaded CI machine needs more than
+# the 1 s round wait, and a round that times out would fail the test's every-round check).
 KW = dict(
     host_maddrs=("/ip4/127.0.0.1/tcp/0",),
     matchmaking_time=1.0,
@@ -51,6 +53,7 @@ KW = dict(
     heartbeat_s=1.0,
     next_chunk_timeout=5.0,
     round_wait_timeout=1.0,
+    allreduce_timeout=10.0,
     expected_world_size=P,
 )
 
