@@ -3,6 +3,8 @@ no progress event lost when the ranks exit, and spawned ranks' warnings in the C
 
 from __future__ import annotations
 
+import json
+import math
 import queue
 import struct
 from pathlib import Path
@@ -10,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from thinwire.bench import BenchConfig, run_bench
-from thinwire.bench.harness import _drain
-from thinwire.bench.report import make_figure, summarize, write_outputs
+from thinwire.bench.harness import _drain, _nan_for_null
+from thinwire.bench.report import json_safe, make_figure, summarize, write_outputs
 
 pytest.importorskip("matplotlib")
 
@@ -100,3 +102,18 @@ def test_spawned_gloo_rank_logs_in_the_cli_format(capfd):
     err = capfd.readouterr().err
     lines = [ln for ln in err.splitlines() if "needs timeout_s" in ln]
     assert lines and all(ln.startswith("thinwire: WARNING: op ") for ln in lines), err[-2000:]
+
+
+def test_rank_file_is_strict_json_and_reads_nan_back():
+    # The per-rank hand-off file: NaN (no train loss at step 0, no floor with --data) is written
+    # as null, so the file parses with NaN refused, and summarize() gets NaN back.
+    res = [{"loss_floor": math.nan, "curve": [{"step": 0, "train_loss": math.nan, "x": 1.5}]}]
+    text = json.dumps(json_safe(res), allow_nan=False)
+
+    def refuse(name: str) -> float:
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    json.loads(text, parse_constant=refuse)
+    back = json.loads(text, object_hook=_nan_for_null)
+    assert math.isnan(back[0]["loss_floor"]) and math.isnan(back[0]["curve"][0]["train_loss"])
+    assert back[0]["curve"][0]["x"] == 1.5 and back[0]["curve"][0]["step"] == 0

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from thinwire.bench.methods import METHODS, build_optimizer
+from thinwire.bench.report import json_safe
 from thinwire.bench.tiny import ByteCorpus, MarkovLanguage, TinyConfig, TinyGPT, param_hash
 from thinwire.collectives import (
     PRESETS,
@@ -235,6 +236,11 @@ def _run_method(
     }
 
 
+def _nan_for_null(d: dict[str, Any]) -> dict[str, Any]:
+    """A rank file's object with its nulls (non-finite floats, see ``json_safe``) as NaN."""
+    return {k: math.nan if v is None else v for k, v in d.items()}
+
+
 def run_rank(comm: Communicator, cfg: BenchConfig, progress: Any = None) -> list[dict[str, Any]]:
     """Every method and seed of ``cfg`` on this rank; returns one result per (seed, method)."""
     torch.set_num_threads(1)
@@ -270,7 +276,9 @@ def _gloo_worker(
         )
         comm = TorchDistCommunicator(timeout_s=cfg.timeout_s)
         res = run_rank(comm, cfg, progress if rank == 0 else None)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+        # Strict JSON: NaN (no train loss at step 0, eval on ranks > 0, no floor with --data)
+        # is written as null and read back as NaN (_nan_for_null); no field is None otherwise.
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(json_safe(res), allow_nan=False))
     except BaseException:
         Path(out_dir, f"rank{rank}.error").write_text(traceback.format_exc())
         raise
@@ -360,5 +368,5 @@ def run_bench(cfg: BenchConfig, on_event: Any = None) -> list[list[dict[str, Any
                 raise RuntimeError(
                     f"benchmark rank {r} exited with code {procs[r].exitcode} and no result"
                 )
-            out.append(json.loads(f.read_text()))
+            out.append(json.loads(f.read_text(), object_hook=_nan_for_null))
         return out

@@ -232,7 +232,7 @@ class WanConfig:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise to JSON (schema in :meth:`from_json`); also write to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=2)
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text

@@ -282,7 +282,7 @@ def run_netcheck(
             _teardown(made)
     result["pass"] = all(r["pass"] for r in result["results"] if r["gates"])
     if out is not None:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(out).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
 
