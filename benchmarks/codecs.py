@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _provenance import git_commit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -409,15 +410,6 @@ def profile(shape: tuple[int, int], top: int = 10, calls: int = 3) -> list[str]:
 # --- main ------------------------------------------------------------------------------------
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _provenance(args: argparse.Namespace) -> str:
     cmd = shlex.join([".venv/bin/python", "benchmarks/codecs.py", *sys.argv[1:]])
     dirty = subprocess.run(
@@ -426,7 +418,7 @@ def _provenance(args: argparse.Namespace) -> str:
     return (
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
         f"(shared); torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        f"thinwire {thinwire.__version__}, commit {_commit()}"
+        f"thinwire {thinwire.__version__}, commit {git_commit()}"
         f"{' + uncommitted changes' if dirty else ''}; median of {args.repeats} interleaved "
         f"repeats (baseline/thinwire alternating); command: `{cmd}`"
     )

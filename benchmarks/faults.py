@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _provenance import git_commit
 
 import thinwire
 
@@ -268,12 +268,7 @@ def straggler() -> list[str]:
 
 
 def _provenance(args: argparse.Namespace) -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     cmd = "python benchmarks/faults.py" + (" --long" if args.long else "")
     return (
         f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "

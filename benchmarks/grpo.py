@@ -24,11 +24,11 @@ import argparse
 import dataclasses
 import platform
 import statistics
-import subprocess
 import time
 from typing import Any
 
 import torch
+from _provenance import git_commit
 
 from thinwire.rl import GRPOConfig, PolicyStore, Rollout, RolloutVerifier
 from thinwire.rl.envs import DigitSumEnv
@@ -210,8 +210,7 @@ def main() -> None:
     args = ap.parse_args()
     parts, seeds = args.only.split(","), [int(s) for s in args.seeds.split(",")]
     pick = [int(i) for i in args.pick.split(",")] if args.pick else None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"  # fmt: skip
+    commit = git_commit()
     lines = [f"CPU: {platform.machine()}, 1 torch thread per learner (learners are threads); "
              f"torch {torch.__version__}; commit {commit}; command: `python benchmarks/grpo.py "
              f"--only {args.only} --steps {args.steps} --seeds {args.seeds}`", ""]  # fmt: skip

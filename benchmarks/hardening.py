@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _provenance import git_commit
 
 import thinwire
 
@@ -912,12 +913,7 @@ def butterfly() -> Result:
 
 # ------------------------------------------------------------------------------------ report
 def _provenance(args: argparse.Namespace) -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     # the code measured is src/ and the tests' scenarios; say so if either differs from HEAD
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "tests"]).returncode
     if dirty:

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _provenance import git_commit
 
 import thinwire
 from thinwire.compression import (
@@ -198,15 +198,6 @@ def run_cpu_reference(sizes: list[int], repeats: int = 3) -> list[str]:
     return lines
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _provenance(command: str) -> str:
     import triton
 
@@ -218,7 +209,7 @@ def _provenance(command: str) -> str:
     return (
         f"{torch.cuda.get_device_name(0)} ({dev.total_memory / 2**30:.0f} GiB); "
         f"torch {torch.__version__}, triton {triton.__version__}, thinwire {thinwire.__version__}, "
-        f"commit {_commit()}, {datetime.date.today().isoformat()}; backends: triton (kernel) vs "
+        f"commit {git_commit()}, {datetime.date.today().isoformat()}; backends: triton (kernel) vs "
         f"torch (reference); launch constants NUM_WARPS={_common.NUM_WARPS}, TILE={efq.TILE}, "
         f"FUSED_MAX_BLOCK={efq.FUSED_MAX_BLOCK}, NORMALIZE_TILE={dec.NORMALIZE_TILE}; "
         f"command: `{command}`"

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from _provenance import git_commit
 
 from thinwire.bench import BenchConfig, run_bench
 
@@ -74,9 +74,7 @@ def main() -> None:
             lines.append(
                 f"| {method} | {key} | {v:g} | {scores[i]:.4f} | {'*' if i == best else ''} |"
             )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     prov = (
         f"inproc engine, {args.world_size} ranks, {args.steps} steps, H={args.inner_steps}, seeds {args.seeds}, "
         f"no WAN; torch {torch.__version__}, commit {commit}; {time.perf_counter() - t0:.0f} s; "
