@@ -106,32 +106,14 @@ def test_a_failed_round_is_discarded_and_training_goes_on(kind: str, how: str) -
         assert o["final"] == 3  # rounds 0, 1 (retried) and 2 were applied
 
 
-def test_demo_discards_an_uncommitted_step() -> None:
-    def rank(comm: Any, r: int) -> dict[str, Any]:
-        comm.how = "uncommitted"
-        model = tiny_model(0)
-        opt = DeMo(list(model.parameters()), 1e-2, topk=4, chunk=4, comm=comm)
-        infos: list[Any] = []
-        opt.register_sync_post_hook(lambda o, info: infos.append(info))
-        data = batches(4, r)
-        train(opt, model, data, 0, BAD_ROUND)
-        before = [p.detach().clone() for p in model.parameters()]
-        train(opt, model, data, BAD_ROUND, BAD_ROUND + 1)
-        after = [p.detach().clone() for p in model.parameters()]
-        train(opt, model, data, BAD_ROUND + 1, 4)
-        return {"before": before, "after": after, "infos": infos}
+def _every_step_bad_round(make: Any, how: str) -> list[dict[str, Any]]:
+    """Two ranks of an every-step optimizer whose sync at step BAD_ROUND fails as ``how`` says:
+    the parameters before and after that step, every SyncInfo and the final sync step."""
 
-    for o in run_ranks(2, rank, comm_cls=ElasticInproc):
-        assert all(torch.equal(x, y) for x, y in zip(o["before"], o["after"], strict=True))
-        assert [i.committed for i in o["infos"]] == [True, False, True, True]
-
-
-@pytest.mark.parametrize("how", ["uncommitted", "no_group"])
-def test_data_parallel_discards_a_failed_step(how: str) -> None:
     def rank(comm: Any, r: int) -> dict[str, Any]:
         comm.how = how
         model = tiny_model(0)
-        opt = DataParallel(list(model.parameters()), DEFAULT_INNER, comm=comm)
+        opt = make(list(model.parameters()), comm)
         infos: list[Any] = []
         opt.register_sync_post_hook(lambda o, info: infos.append(info))
         data = batches(4, r)
@@ -142,7 +124,24 @@ def test_data_parallel_discards_a_failed_step(how: str) -> None:
         train(opt, model, data, BAD_ROUND + 1, 4)
         return {"before": before, "after": after, "infos": infos, "final": opt.sync_step}
 
-    for o in run_ranks(2, rank, comm_cls=ElasticInproc):
+    return run_ranks(2, rank, comm_cls=ElasticInproc)
+
+
+def test_demo_discards_an_uncommitted_step() -> None:
+    def make(ps: list[torch.Tensor], comm: Any) -> DeMo:
+        return DeMo(ps, 1e-2, topk=4, chunk=4, comm=comm)
+
+    for o in _every_step_bad_round(make, "uncommitted"):
+        assert all(torch.equal(x, y) for x, y in zip(o["before"], o["after"], strict=True))
+        assert [i.committed for i in o["infos"]] == [True, False, True, True]
+
+
+@pytest.mark.parametrize("how", ["uncommitted", "no_group"])
+def test_data_parallel_discards_a_failed_step(how: str) -> None:
+    def make(ps: list[torch.Tensor], comm: Any) -> DataParallel:
+        return DataParallel(ps, DEFAULT_INNER, comm=comm)
+
+    for o in _every_step_bad_round(make, how):
         assert all(torch.equal(x, y) for x, y in zip(o["before"], o["after"], strict=True))
         assert [i.committed for i in o["infos"]] == [True, False, True, True]
         assert all(i.weight == 2.0 for i in o["infos"] if i.committed)
