@@ -10,9 +10,9 @@
   weights themselves (lossless). With a lossy codec it carries the update since the last
   version through :meth:`thinwire.compression.DenseBucket.encode_ef` with error feedback
   (EF-SGD, Karimireddy et al., arXiv:1901.09847v2 §3) — the one implementation the optimizers'
-  wire path uses for the same formats — so what the quantizer drops is sent with the next version, and the
-  publisher keeps, by decoding its own frame, a bit-exact copy (the *mirror*) of the weights the
-  receivers rebuild: their fingerprints are known without asking them.
+  wire path uses for the same formats — so what the quantizer drops is sent with the next
+  version, and the publisher keeps, by decoding its own frame, a bit-exact copy (the *mirror*)
+  of the weights the receivers rebuild: their fingerprints are known without asking them.
 """
 
 from __future__ import annotations
